@@ -1,0 +1,70 @@
+"""The `lm4lv` console command: a table of subcommands, each a thin wrapper over lm4lv_core."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lm4lv_core import __version__
+from lm4lv_core.errors import LM4LVError
+
+from . import cmd_data, cmd_generate, cmd_mae, cmd_quickstart, cmd_train
+
+app = typer.Typer(
+    name="lm4lv",
+    help="LM4LV: restore images with a frozen LLM, an MAE and two linear adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+COMMANDS = {
+    "train": cmd_train.train,
+    "generate": cmd_generate.generate,
+    "eval": cmd_data.evaluate,
+    "make-data": cmd_data.make_data,
+    "ft-mae": cmd_mae.ft_mae,
+    "recon-mae": cmd_mae.recon_mae,
+    "quickstart": cmd_quickstart.quickstart,
+}
+for _name, _fn in COMMANDS.items():
+    app.command(_name)(_fn)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lm4lv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """LM4LV: restore images with a frozen LLM, an MAE and two linear adapters."""
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LM4LVError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
