@@ -1,13 +1,145 @@
-"""`lm4lv make-data` and `lm4lv eval`."""
+"""`lm4lv make-data` and `lm4lv eval`: parse options, call lm4lv_core, render with rich."""
 
-from lm4lv_core.errors import LM4LVError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import contextlib
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lm4lv_core.makedata import DEFAULT_PROMPT, SIZE_POLICY
+
+err_console = Console(stderr=True)
+_MAX_LISTED = 10
 
 
-def make_data() -> None:
-    """Build a restoration dataset from clean images (not available in this version yet)."""
-    raise LM4LVError("`lm4lv make-data` is not available in this version yet")
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
-def evaluate() -> None:
-    """Score restored images with PSNR / SSIM / LPIPS (not available in this version yet)."""
-    raise LM4LVError("`lm4lv eval` is not available in this version yet")
+def _list_degradations() -> None:
+    from lm4lv_core.degrade import describe
+
+    table = Table(title="degradations (NAME:k=v,... ; chain with +)")
+    table.add_column("name", style="bold")
+    table.add_column("effect")
+    table.add_column("parameters = default (range): meaning")
+    for row in describe():
+        name = row["name"] + (f"\n({', '.join(row['aliases'])})" if row["aliases"] else "")
+        table.add_row(name, row["help"], "\n".join(row["params"]) or "-")
+    Console().print(table)
+    typer.echo("Numeric values may be ranges lo..hi and any value a choice a|b|c, drawn per "
+               "image, e.g. noise:sigma=10..50, rotate:angle=90|270.")
+
+
+def _unmatched(console: Console, label: str, names: list[str]) -> None:
+    if names:
+        shown = ", ".join(names[:_MAX_LISTED]) + (" ..." if len(names) > _MAX_LISTED else "")
+        console.print(f"[yellow]{len(names)} {label}:[/] {shown}")
+
+
+def make_data(
+    clean_dir: Optional[Path] = typer.Argument(None, help="Folder of clean images (recursive)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder to create."),
+    degradation: List[str] = typer.Option(
+        [], "--degradation", "-d",
+        help="NAME[:k=v,...], chain with + (e.g. blur:sigma=2+noise:sigma=15); repeatable."),
+    size: int = typer.Option(224, help=f"Output size: {SIZE_POLICY}."),
+    seed: int = typer.Option(0, help="Seed of the degradations and of the test split."),
+    test_fraction: float = typer.Option(0.1, help="Share of clean images held out for test."),
+    test_dir: Optional[Path] = typer.Option(
+        None, help="Separate folder of clean test images (replaces --test-fraction)."),
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="Human turn; <image> is the degraded image."),
+    workers: int = typer.Option(1, help="Processes; outputs do not depend on it."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset previously made here."),
+    lq: Optional[Path] = typer.Option(None, "--lq", help="Pair existing degraded images..."),
+    hq: Optional[Path] = typer.Option(None, "--hq", help="...with these clean images."),
+    list_: bool = typer.Option(False, "--list", help="List the degradations and exit."),
+) -> None:
+    """Build a restoration dataset: hq/, lq/<degradation>/, train.json, test.json, manifest.json.
+
+    With --lq/--hq, existing images are paired by relative path or file name (extensions may
+    differ) and only the JSON files are written; --size does not apply.
+    """
+    if list_:
+        _list_degradations()
+        return
+    from lm4lv_core.errors import ConfigError
+    from lm4lv_core.makedata import MakeDataConfig, make_data as build
+
+    if out is None:
+        raise ConfigError("--out DATA_DIR is required")
+    cfg = MakeDataConfig(out=out, clean_dir=clean_dir, degradations=degradation, size=size,
+                         seed=seed, test_fraction=test_fraction, test_dir=test_dir,
+                         prompt=prompt, workers=workers, overwrite=overwrite, lq_dir=lq,
+                         hq_dir=hq)
+    with _progress("make-data") as update:
+        res = build(cfg, progress=update)
+    console = Console()
+    if res.mode == "pair":
+        console.print(f"paired {res.n_images} images -> {res.n_train} train, {res.n_test} test "
+                      "samples")
+        _unmatched(console, "unpaired LQ files", res.unmatched_lq)
+        _unmatched(console, "unpaired HQ files", res.unmatched_hq)
+    else:
+        console.print(f"{res.n_images} images x {len(res.degradations)} degradation(s) -> "
+                      f"{res.n_train} train, {res.n_test} test samples "
+                      f"({', '.join(res.degradations)})")
+    console.print(f"wrote {res.out}")
+
+
+def evaluate(
+    metric: str = typer.Argument(..., help="psnr | ssim | lpips (or a comma list, or all)."),
+    gt: Path = typer.Argument(..., help="Ground-truth image or folder."),
+    pred: Path = typer.Argument(..., help="Restored image or folder (paired by path / name)."),
+    crop_border: int = typer.Option(4, help="Pixels removed from each side before scoring."),
+    y_channel: bool = typer.Option(False, "--y-channel", help="Score BT.601 luma (PSNR/SSIM)."),
+    resize_to_smaller: bool = typer.Option(
+        False, "--resize-to-smaller", help="Resize both images of a pair to the smaller size "
+        "(bicubic) instead of failing on a size mismatch."),
+    lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex | vgg."),
+    lpips_weights: Optional[Path] = typer.Option(
+        None, help="torchvision backbone state dict (else the torch hub cache is used)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write summary + rows here."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write per-image rows here."),
+) -> None:
+    """Score restored images against ground truth with PSNR / SSIM / LPIPS."""
+    from lm4lv_core.metrics import HIGHER_IS_BETTER, evaluate_paths
+
+    with _progress("eval") as update:
+        report = evaluate_paths(metric, gt, pred, crop_border=crop_border, y_channel=y_channel,
+                                resize_to_smaller=resize_to_smaller, lpips_net=lpips_net,
+                                lpips_weights=lpips_weights, progress=update)
+    if json_file:
+        report.write_json(json_file)
+    if csv_file:
+        report.write_csv(csv_file)
+    console = Console()
+    opts = f"crop_border={crop_border}" + (", Y channel" if y_channel else ", RGB")
+    table = Table(title=f"{gt} vs {pred} ({opts})")
+    table.add_column("metric", style="bold")
+    table.add_column("mean", justify="right")
+    table.add_column("min", justify="right")
+    table.add_column("max", justify="right")
+    table.add_column("count", justify="right")
+    for m in report.metrics:
+        vals = [r[m] for r in report.rows]
+        arrow = "↑" if HIGHER_IS_BETTER[m] else "↓"
+        table.add_row(f"{m.upper()} {arrow}", f"{report.mean(m):.4f}", f"{min(vals):.4f}",
+                      f"{max(vals):.4f}", str(report.count))
+    console.print(table)
+    _unmatched(console, "ground-truth images without a prediction", report.unmatched_gt)
+    _unmatched(console, "predictions without a ground-truth image", report.unmatched_pred)

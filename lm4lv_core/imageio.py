@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -53,3 +55,53 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     files = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
              and not p.name.startswith(".")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+@dataclass
+class Pairing:
+    """Result of :func:`pair_images`: ``pairs`` as (key, a_path, b_path) sorted by key, and
+    the files of each side that found no partner."""
+
+    pairs: list[tuple[str, Path, Path]]
+    only_a: list[Path]
+    only_b: list[Path]
+
+
+def _by_key(root: Path, files: list[Path], key: Callable[[Path], str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for f in files:
+        k = key(f)
+        if k in out:
+            raise LM4LVError(f"{root}: {out[k].relative_to(root)} and {f.relative_to(root)} "
+                             "have the same name apart from the extension; keep one")
+        out[k] = f
+    return out
+
+
+def pair_images(root_a: str | os.PathLike, root_b: str | os.PathLike) -> Pairing:
+    """Pair the images of two folders (recursive).
+
+    Files pair by relative path without extension (``x/a.png`` with ``x/a.jpg``); files left
+    over then pair by bare file stem when that stem is unique on both sides (``a.png`` with
+    ``out/a.png``). Two files of one folder that differ only by extension are an error.
+    """
+    root_a, root_b = Path(root_a), Path(root_b)
+    for r in (root_a, root_b):
+        if not r.is_dir():
+            raise LM4LVError(f"{r}: not a folder")
+    files_a, files_b = list_images(root_a), list_images(root_b)
+    rel = lambda root: (lambda p: p.relative_to(root).with_suffix("").as_posix())  # noqa: E731
+    a, b = _by_key(root_a, files_a, rel(root_a)), _by_key(root_b, files_b, rel(root_b))
+    pairs = [(k, a.pop(k), b.pop(k)) for k in sorted(set(a) & set(b))]
+    stems_a: dict[str, list[str]] = {}
+    stems_b: dict[str, list[str]] = {}
+    for k, p in a.items():
+        stems_a.setdefault(p.stem, []).append(k)
+    for k, p in b.items():
+        stems_b.setdefault(p.stem, []).append(k)
+    for stem in sorted(set(stems_a) & set(stems_b)):
+        if len(stems_a[stem]) == 1 and len(stems_b[stem]) == 1:
+            ka, kb = stems_a[stem][0], stems_b[stem][0]
+            pairs.append((ka, a.pop(ka), b.pop(kb)))
+    pairs.sort(key=lambda t: t[0])
+    return Pairing(pairs, sorted(a.values()), sorted(b.values()))

@@ -1,0 +1,348 @@
+"""Build LM4LV restoration datasets: clean images + degradations -> PNG pairs + JSON.
+
+Layout of ``DATA_DIR`` (relative paths of the clean images are kept, extensions become
+``.png``)::
+
+    hq/<rel>.png                  clean image after the size policy
+    lq/<degradation>/<rel>.png    degraded image, one folder per --degradation
+    test/hq/..., test/lq/...      only with a separate test folder (``test_dir``)
+    train.json, test.json         samples in the LM4LV JSON format, absolute paths
+    manifest.json                 every parameter, the seed and package versions
+
+Size policy (``size > 0``): the shorter side is resized to ``size`` with Pillow's bicubic filter
+(antialiased when shrinking), then the centre ``size x size`` square is cropped; ``size = 0``
+keeps the original size. Degradations are applied after this.
+
+Reproducibility: the generator of each (image, degradation) is seeded from the seed, the
+image's output path and the degradation index, so outputs are byte-identical whatever the
+number of workers. The output is built in a hidden sibling folder and renamed into place at
+the end; on any error that folder is removed and ``DATA_DIR`` is untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .degrade import Pipeline, parse_spec
+from .errors import ConfigError, LM4LVError
+from .fsutil import write_json_atomic
+from .imageio import list_images, load_rgb, pair_images, save_png
+
+DEFAULT_PROMPT = "<image> <task>"
+SIZE_POLICY = ("shorter side resized to SIZE (bicubic, antialiased), then centre-cropped to "
+               "SIZE x SIZE; SIZE 0 keeps the original size")
+OUR_ENTRIES = ("hq", "lq", "test", "train.json", "test.json", "manifest.json")
+_SPLIT_TAG = 0x5B1A
+
+
+@dataclass
+class MakeDataConfig:
+    """Options of ``lm4lv make-data``. Either ``clean_dir`` + ``degradations`` (build mode) or
+    ``lq_dir`` + ``hq_dir`` (pairing mode: existing images are referenced, not copied)."""
+
+    out: Path
+    clean_dir: Path | None = None
+    degradations: list[str] = field(default_factory=list)
+    size: int = 224
+    seed: int = 0
+    test_fraction: float = 0.1
+    test_dir: Path | None = None
+    prompt: str = DEFAULT_PROMPT
+    workers: int = 1
+    overwrite: bool = False
+    lq_dir: Path | None = None
+    hq_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("out", "clean_dir", "test_dir", "lq_dir", "hq_dir"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, Path(v).expanduser().resolve())
+        self.degradations = list(self.degradations)
+        if self.pairing:
+            if self.lq_dir is None or self.hq_dir is None:
+                raise ConfigError("pairing mode needs both --lq and --hq")
+            if self.clean_dir is not None or self.degradations or self.test_dir is not None:
+                raise ConfigError("--lq/--hq pair existing images: do not also give CLEAN_DIR, "
+                                  "--degradation or --test-dir")
+        else:
+            if self.clean_dir is None:
+                raise ConfigError("give CLEAN_DIR (a folder of clean images) or --lq and --hq")
+            if not self.degradations:
+                raise ConfigError("give at least one --degradation (`--list` shows them)")
+        if self.size < 0:
+            raise ConfigError(f"--size must be >= 0, got {self.size}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if not 0.0 <= self.test_fraction <= 1.0:
+            raise ConfigError(f"--test-fraction must be in [0, 1], got {self.test_fraction}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.prompt.count("<image>") != 1:
+            raise ConfigError("--prompt must contain <image> exactly once (the degraded image)")
+        for src in (self.clean_dir, self.test_dir, self.lq_dir, self.hq_dir):
+            if src is not None and (self.out == src or src in self.out.parents):
+                raise ConfigError(f"--out {self.out} must not be inside the input folder {src}")
+
+    @property
+    def pairing(self) -> bool:
+        return self.lq_dir is not None or self.hq_dir is not None
+
+
+@dataclass
+class MakeDataResult:
+    out: Path
+    mode: str
+    n_images: int
+    n_train: int
+    n_test: int
+    degradations: list[str]
+    unmatched_lq: list[str] = field(default_factory=list)
+    unmatched_hq: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- per image
+
+
+def apply_size_policy(img: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bicubic) and centre-crop; 0 = unchanged."""
+    if size > 0 and img.size != (size, size):
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def image_rng(seed: int, key: str, index: int) -> np.random.Generator:
+    """Generator for one (image, degradation): independent of processing order."""
+    words = np.frombuffer(hashlib.sha256(key.encode("utf-8")).digest()[:16], dtype="<u4")
+    return np.random.default_rng(np.random.SeedSequence([seed, *map(int, words), index]))
+
+
+@dataclass(frozen=True)
+class _Job:
+    src: Path
+    key: str           # output path relative to the root, e.g. "hq/a/b.png" -> "a/b.png"
+    prefix: str        # "" or "test/"
+    root: Path         # folder being built
+    size: int
+    seed: int
+    pipelines: tuple[tuple[str, Pipeline], ...]
+
+
+def _process(job: _Job) -> str:
+    hq = apply_size_policy(load_rgb(job.src), job.size)
+    save_png(hq, job.root / f"{job.prefix}hq" / job.key)
+    for i, (slug, pipe) in enumerate(job.pipelines):
+        lq = pipe(hq, image_rng(job.seed, job.prefix + job.key, i))
+        save_png(lq, job.root / f"{job.prefix}lq" / slug / job.key)
+    return job.key
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_out(cfg: MakeDataConfig) -> None:
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise LM4LVError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise LM4LVError(f"--out {out} is not empty; choose a new folder or pass --overwrite "
+                             "to replace a dataset made by lm4lv make-data")
+        if not (out / "manifest.json").is_file():
+            raise LM4LVError(f"--out {out} has no manifest.json, so it was not made by lm4lv "
+                             "make-data; refusing to overwrite it")
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` into ``out``; only lm4lv's own entries are replaced."""
+    if not out.exists() or not any(out.iterdir()):
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    for name in OUR_ENTRIES:
+        if (out / name).exists():
+            os.replace(out / name, trash / name)
+    for child in sorted(tmp.iterdir()):
+        os.replace(child, out / child.name)
+    tmp.rmdir()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _split(keys: list[str], fraction: float, seed: int) -> set[str]:
+    """Seeded permutation; at least one image per split when there are two or more."""
+    n = len(keys)
+    n_test = int(round(fraction * n))
+    if n > 1 and fraction > 0:
+        n_test = max(1, n_test)
+    if n > 1 and fraction < 1:
+        n_test = min(n - 1, n_test)
+    perm = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_TAG])).permutation(n)
+    return {keys[i] for i in perm[:n_test]}
+
+
+def _sample(prompt: str, lq: Path, hq: Path, test: bool) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "image": [str(lq)] if test else [str(lq), str(hq)],
+        "conversations": [{"from": "human", "value": prompt},
+                          {"from": "gpt", "value": "" if test else "<image>"}],
+        "task_type": "conversation",
+    }
+    if test:
+        s["target"] = str(hq)
+    return s
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import scipy
+
+    return {"lm4lv": __version__, "python": platform.python_version(),
+            "numpy": np.__version__, "pillow": PIL.__version__, "scipy": scipy.__version__}
+
+
+def _collect(root: Path, what: str) -> dict[str, Path]:
+    if not root.is_dir():
+        raise LM4LVError(f"{what} {root}: not a folder")
+    files = list_images(root)
+    if not files:
+        raise LM4LVError(f"{what} {root}: no images found (looked for "
+                         "png/jpg/jpeg/webp/bmp/tif/tiff, recursively)")
+    out: dict[str, Path] = {}
+    for f in files:
+        key = f.relative_to(root).with_suffix(".png").as_posix()
+        if key in out:
+            raise LM4LVError(f"{root}: {out[key].relative_to(root)} and {f.relative_to(root)} "
+                             f"would both be written as {key}; rename one")
+        out[key] = f
+    return out
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def make_data(cfg: MakeDataConfig,
+              progress: Callable[[int, int], None] | None = None) -> MakeDataResult:
+    """Build the dataset described by ``cfg`` into ``cfg.out`` (see the module docstring)."""
+    if cfg.pairing:
+        return pair_data(cfg)
+    pipes = [parse_spec(s) for s in cfg.degradations]
+    slugs = [p.slug for p in pipes]
+    dupes = {s for s in slugs if slugs.count(s) > 1}
+    if dupes:
+        raise ConfigError(f"degradation given twice: {', '.join(sorted(dupes))}")
+    train_src = _collect(cfg.clean_dir, "CLEAN_DIR")
+    test_src = _collect(cfg.test_dir, "--test-dir") if cfg.test_dir else {}
+    _check_out(cfg)
+    test_keys = (set() if cfg.test_dir else _split(sorted(train_src), cfg.test_fraction,
+                                                    cfg.seed))
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.partial-", dir=cfg.out.parent))
+    pipelines = tuple(zip(slugs, pipes))
+    jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines)
+            for key, src in sorted(train_src.items())]
+    jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines)
+             for key, src in sorted(test_src.items())]
+    try:
+        if cfg.workers == 1 or len(jobs) == 1:
+            for i, job in enumerate(jobs):
+                _process(job)
+                if progress:
+                    progress(i + 1, len(jobs))
+        else:
+            ctx = mp.get_context("spawn")  # no fork of a threaded parent
+            with ctx.Pool(min(cfg.workers, len(jobs))) as pool:
+                chunk = max(1, len(jobs) // (cfg.workers * 8))
+                for i, _ in enumerate(pool.imap(_process, jobs, chunksize=chunk)):
+                    if progress:
+                        progress(i + 1, len(jobs))
+        train, test = [], []
+        for job in jobs:
+            is_test = bool(job.prefix) or job.key in test_keys
+            hq = cfg.out / f"{job.prefix}hq" / job.key
+            for slug in slugs:
+                lq = cfg.out / f"{job.prefix}lq" / slug / job.key
+                (test if is_test else train).append(_sample(cfg.prompt, lq, hq, is_test))
+        write_json_atomic(tmp / "train.json", train)
+        write_json_atomic(tmp / "test.json", test)
+        n_test_imgs = len(test_src) or len(test_keys)
+        manifest = {
+            "tool": "lm4lv make-data", "mode": "degrade", "clean_dir": str(cfg.clean_dir),
+            "test_dir": str(cfg.test_dir) if cfg.test_dir else None, "size": cfg.size,
+            "size_policy": SIZE_POLICY, "seed": cfg.seed,
+            "test_fraction": None if cfg.test_dir else cfg.test_fraction, "prompt": cfg.prompt,
+            "degradations": [{"spec": s, "canonical": p.spec, "folder": f"lq/{p.slug}",
+                              "steps": [{"name": st.name, "params": st.params()}
+                                        for st in p.steps]}
+                             for s, p in zip(cfg.degradations, pipes)],
+            "counts": {"images": len(jobs), "train_images": len(jobs) - n_test_imgs,
+                       "test_images": n_test_imgs, "train_samples": len(train),
+                       "test_samples": len(test)},
+            "versions": _versions(),
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+        _commit(tmp, cfg.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MakeDataResult(cfg.out, "degrade", len(jobs), len(train), len(test), slugs)
+
+
+def pair_data(cfg: MakeDataConfig) -> MakeDataResult:
+    """Pairing mode: reference existing LQ/HQ images (paired by relative path / stem)."""
+    assert cfg.lq_dir is not None and cfg.hq_dir is not None
+    pairing = pair_images(cfg.lq_dir, cfg.hq_dir)
+    only_lq = [p.relative_to(cfg.lq_dir).as_posix() for p in pairing.only_a]
+    only_hq = [p.relative_to(cfg.hq_dir).as_posix() for p in pairing.only_b]
+    if not pairing.pairs:
+        raise LM4LVError(f"no image of --lq {cfg.lq_dir} pairs with one of --hq {cfg.hq_dir} "
+                         f"by relative path or name ({len(only_lq)} LQ and {len(only_hq)} HQ "
+                         "images unpaired)")
+    for _, lq, hq in pairing.pairs:
+        for p in (lq, hq):
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except Exception as e:  # noqa: BLE001 - any decoder error means unreadable
+                raise LM4LVError(f"{p}: cannot read image ({e})") from None
+    _check_out(cfg)
+    test_keys = _split([k for k, _, _ in pairing.pairs], cfg.test_fraction, cfg.seed)
+    train = [_sample(cfg.prompt, lq, hq, False) for k, lq, hq in pairing.pairs
+             if k not in test_keys]
+    test = [_sample(cfg.prompt, lq, hq, True) for k, lq, hq in pairing.pairs if k in test_keys]
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.partial-", dir=cfg.out.parent))
+    try:
+        write_json_atomic(tmp / "train.json", train)
+        write_json_atomic(tmp / "test.json", test)
+        write_json_atomic(tmp / "manifest.json", {
+            "tool": "lm4lv make-data", "mode": "pair", "lq_dir": str(cfg.lq_dir),
+            "hq_dir": str(cfg.hq_dir), "seed": cfg.seed, "test_fraction": cfg.test_fraction,
+            "prompt": cfg.prompt,
+            "counts": {"pairs": len(pairing.pairs), "train_samples": len(train),
+                       "test_samples": len(test)},
+            "unpaired_lq": only_lq, "unpaired_hq": only_hq, "versions": _versions()})
+        _commit(tmp, cfg.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MakeDataResult(cfg.out, "pair", len(pairing.pairs), len(train), len(test), [],
+                          only_lq, only_hq)

@@ -1,0 +1,322 @@
+"""Image quality metrics: PSNR, SSIM (scikit-image) and LPIPS (the ``lpips`` package).
+
+Protocol (as in the LM4LV evaluation): images are 8-bit RGB, ``crop_border`` pixels are
+removed from every side before scoring, PSNR uses a data range of 255 and is 100 dB for
+identical images, SSIM uses an 11x11 Gaussian window with sigma 1.5 (population covariance,
+K1=0.01, K2=0.03) averaged over channels. ``y_channel=True`` scores the ITU-R BT.601 luma
+(Y in [16, 235], from ``skimage.color.rgb2ycbcr``) instead of RGB.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ConfigError, LM4LVError
+from .fsutil import write_json_atomic, write_text_atomic
+from .imageio import load_rgb, pair_images
+
+METRICS = ("psnr", "ssim", "lpips")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
+PSNR_IDENTICAL = 100.0
+LPIPS_NETS = ("alex", "vgg")
+
+
+# --------------------------------------------------------------------------- PSNR / SSIM
+
+
+def _prepare(gt: np.ndarray, pred: np.ndarray, crop_border: int,
+             y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.shape != pred.shape:
+        raise LM4LVError(f"image sizes differ: {gt.shape} vs {pred.shape}")
+    if gt.ndim != 3 or gt.shape[2] != 3 or gt.dtype != np.uint8 or pred.dtype != np.uint8:
+        raise ValueError("metrics take HxWx3 uint8 RGB arrays")
+    if crop_border < 0:
+        raise ConfigError(f"crop_border must be >= 0, got {crop_border}")
+    if crop_border:
+        if min(gt.shape[:2]) <= 2 * crop_border:
+            raise LM4LVError(f"image of size {gt.shape[1]}x{gt.shape[0]} is too small for "
+                             f"crop_border={crop_border}")
+        gt = gt[crop_border:-crop_border, crop_border:-crop_border]
+        pred = pred[crop_border:-crop_border, crop_border:-crop_border]
+    if y_channel:
+        from skimage.color import rgb2ycbcr
+
+        return rgb2ycbcr(gt)[..., 0], rgb2ycbcr(pred)[..., 0]
+    return gt.astype(np.float64), pred.astype(np.float64)
+
+
+def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = 4, y_channel: bool = False) -> float:
+    """PSNR in dB of two HxWx3 uint8 RGB images (data range 255; identical images -> 100)."""
+    from skimage.metrics import mean_squared_error, peak_signal_noise_ratio
+
+    a, b = _prepare(gt, pred, crop_border, y_channel)
+    if mean_squared_error(a, b) == 0:
+        return PSNR_IDENTICAL
+    return float(peak_signal_noise_ratio(a, b, data_range=255))
+
+
+def ssim(gt: np.ndarray, pred: np.ndarray, crop_border: int = 4, y_channel: bool = False) -> float:
+    """SSIM of two HxWx3 uint8 RGB images: 11x11 Gaussian window (sigma 1.5), averaged
+    over channels (or on the Y channel)."""
+    from skimage.metrics import structural_similarity
+
+    a, b = _prepare(gt, pred, crop_border, y_channel)
+    if min(a.shape[:2]) < 11:
+        raise LM4LVError(f"SSIM needs images of at least 11x11 pixels after cropping, "
+                         f"got {a.shape[1]}x{a.shape[0]}")
+    return float(structural_similarity(
+        a, b, data_range=255, channel_axis=None if y_channel else -1, gaussian_weights=True,
+        sigma=1.5, use_sample_covariance=False, K1=0.01, K2=0.03))
+
+
+# --------------------------------------------------------------------------- LPIPS
+
+
+def lpips_backbone_file(net: str) -> str:
+    """File name torchvision uses for the ImageNet backbone of ``net`` (alex | vgg)."""
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    w = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}[net]
+    return os.path.basename(w.url)
+
+
+def lpips_cache_dir() -> Path:
+    """``$TORCH_HOME/hub/checkpoints`` (torch hub cache; ``~/.cache/torch`` by default)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _load_backbone(lp: Any, net: str, weights: Path) -> None:
+    """Copy a torchvision ``alexnet``/``vgg16`` state dict (``features.*``) into LPIPS."""
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the user's file
+        raise LM4LVError(f"{weights}: cannot read LPIPS backbone weights ({e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    target = lp.net.state_dict()
+    new = {}
+    for key in target:  # slice{k}.{i}.weight <- features.{i}.weight
+        _, idx, pname = key.split(".")
+        src = f"features.{idx}.{pname}"
+        if src not in sd or tuple(sd[src].shape) != tuple(target[key].shape):
+            raise LM4LVError(f"{weights}: not a torchvision {net} backbone state dict "
+                             f"({src} missing or of the wrong shape)")
+        new[key] = sd[src]
+    lp.net.load_state_dict(new)
+
+
+class LPIPSModule(torch.nn.Module):
+    """Frozen LPIPS distance; see :func:`build_lpips`."""
+
+    def __init__(self, lp: torch.nn.Module, net: str) -> None:
+        super().__init__()
+        self.lpips = lp
+        self.net_name = net
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "LPIPSModule":  # always eval: dropout stays off
+        return super().train(False)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images in [0, 1] -> per-sample distance (N,)."""
+        return self.lpips(pred, target, normalize=True).reshape(pred.shape[0])
+
+
+def build_lpips(net: str = "alex", weights: str | os.PathLike | None = None,
+                random_backbone: bool = False) -> LPIPSModule:
+    """A frozen LPIPS module usable as a metric or a loss.
+
+    ``module(pred, target)`` takes two float tensors of shape (N, 3, H, W) **in [0, 1]** and
+    returns the per-sample distance, shape (N,). Gradients flow to the inputs; the module's
+    own parameters are frozen and it always stays in eval mode (no dropout), even inside a
+    model switched to ``train()``.
+
+    The ImageNet backbone comes from ``weights`` (a torchvision state dict file) or from the
+    torch hub cache (``$TORCH_HOME/hub/checkpoints/<torchvision file name>``); nothing is
+    downloaded. ``random_backbone=True`` uses a random backbone (for tests only: its values
+    are not LPIPS). The linear calibration heads ship with the ``lpips`` package.
+    """
+    import lpips
+
+    if net not in LPIPS_NETS:
+        raise ConfigError(f"unknown LPIPS network {net!r}; valid: {', '.join(LPIPS_NETS)}")
+    path: Path | None = None
+    if not random_backbone:
+        if weights is not None:
+            path = Path(weights)
+            if not path.is_file():
+                raise LM4LVError(f"{path}: LPIPS backbone weights file not found")
+        else:
+            name = lpips_backbone_file(net)
+            path = lpips_cache_dir() / name
+            if not path.is_file():
+                raise LM4LVError(
+                    f"LPIPS ({net}) needs the ImageNet backbone weights {name}, which are not in "
+                    f"{path.parent} and cannot be downloaded offline: copy {name} into that "
+                    f"folder (or set TORCH_HOME), or pass --lpips-weights FILE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lp = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    if path is not None:
+        _load_backbone(lp, net, path)
+
+    return LPIPSModule(lp, net)
+
+
+def lpips_score(module: LPIPSModule, gt: np.ndarray, pred: np.ndarray, crop_border: int = 4) -> float:
+    """LPIPS of two HxWx3 uint8 RGB images with a module from :func:`build_lpips`."""
+    a, b = _prepare(gt, pred, crop_border, False)
+    dev = next(module.parameters()).device
+    ta = torch.from_numpy(a / 255.0).permute(2, 0, 1)[None].float().to(dev)
+    tb = torch.from_numpy(b / 255.0).permute(2, 0, 1)[None].float().to(dev)
+    with torch.inference_mode():
+        return float(module(tb, ta)[0])
+
+
+# --------------------------------------------------------------------------- pairs / folders
+
+
+@dataclass
+class EvalReport:
+    """Per-image rows (``name``, ``gt``, ``pred`` and one value per metric) and summary."""
+
+    metrics: list[str]
+    rows: list[dict[str, Any]]
+    unmatched_gt: list[str] = field(default_factory=list)
+    unmatched_pred: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean([r[metric] for r in self.rows])) if self.rows else math.nan
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": {m: self.mean(m) for m in self.metrics},
+                "settings": self.settings, "unmatched_gt": self.unmatched_gt,
+                "unmatched_pred": self.unmatched_pred}
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, {**self.summary(), "images": self.rows})
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["name", "gt", "pred", *self.metrics],
+                           lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        write_text_atomic(path, buf.getvalue())
+
+
+def _match_sizes(gt: np.ndarray, pred: np.ndarray, resize_to_smaller: bool,
+                 name: str) -> tuple[np.ndarray, np.ndarray]:
+    if gt.shape == pred.shape:
+        return gt, pred
+    if not resize_to_smaller:
+        raise LM4LVError(f"{name}: sizes differ (GT {gt.shape[1]}x{gt.shape[0]}, prediction "
+                         f"{pred.shape[1]}x{pred.shape[0]}); pass --resize-to-smaller to "
+                         "resize both to the smaller size")
+    h, w = min(gt.shape[0], pred.shape[0]), min(gt.shape[1], pred.shape[1])
+
+    def fit(x: np.ndarray) -> np.ndarray:
+        if x.shape[:2] == (h, w):
+            return x
+        return np.asarray(Image.fromarray(x).resize((w, h), Image.Resampling.BICUBIC))
+
+    return fit(gt), fit(pred)
+
+
+def score_pairs(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]],
+                metrics: Sequence[str] = ("psnr", "ssim"), crop_border: int = 4,
+                y_channel: bool = False, resize_to_smaller: bool = False,
+                lpips_net: str = "alex", lpips_weights: str | os.PathLike | None = None,
+                lpips_module: Any = None,
+                progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Score (gt, pred) image file pairs. LPIPS ignores ``y_channel`` (it needs RGB)."""
+    metrics = validate_metrics(metrics)
+    pairs = list(pairs)
+    if "lpips" in metrics and lpips_module is None:
+        lpips_module = build_lpips(lpips_net, lpips_weights)
+    rows = []
+    for i, (g, p) in enumerate(pairs):
+        name = Path(p).name
+        gt_img = np.asarray(load_rgb(g))
+        pr_img = np.asarray(load_rgb(p))
+        gt_img, pr_img = _match_sizes(gt_img, pr_img, resize_to_smaller, str(p))
+        row: dict[str, Any] = {"name": name, "gt": str(g), "pred": str(p)}
+        for m in metrics:
+            if m == "psnr":
+                row[m] = psnr(gt_img, pr_img, crop_border, y_channel)
+            elif m == "ssim":
+                row[m] = ssim(gt_img, pr_img, crop_border, y_channel)
+            else:
+                row[m] = lpips_score(lpips_module, gt_img, pr_img, crop_border)
+        rows.append(row)
+        if progress:
+            progress(i + 1, len(pairs))
+    settings = {"crop_border": crop_border, "y_channel": y_channel,
+                "resize_to_smaller": resize_to_smaller}
+    if "lpips" in metrics:
+        settings["lpips_net"] = getattr(lpips_module, "net_name", lpips_net)
+    return EvalReport(list(metrics), rows, settings=settings)
+
+
+def validate_metrics(metrics: Sequence[str] | str) -> list[str]:
+    """Accept names or a comma list (``psnr,ssim``; ``all``); unknown names raise."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    out: list[str] = []
+    for item in metrics:
+        for m in filter(None, (s.strip().lower() for s in item.split(","))):
+            names = list(METRICS) if m == "all" else [m]
+            for n in names:
+                if n not in METRICS:
+                    raise ConfigError(f"unknown metric {m!r}; valid: {', '.join(METRICS)}, all")
+                if n not in out:
+                    out.append(n)
+    if not out:
+        raise ConfigError(f"no metric given; valid: {', '.join(METRICS)}, all")
+    return out
+
+
+def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: str | os.PathLike,
+                   **kwargs: Any) -> EvalReport:
+    """Score two files, or two folders paired by relative path / stem (see
+    :func:`lm4lv_core.imageio.pair_images`). Keyword arguments go to :func:`score_pairs`."""
+    metrics = validate_metrics(metrics)
+    gt, pred = Path(gt), Path(pred)
+    for p in (gt, pred):
+        if not p.exists():
+            raise LM4LVError(f"{p}: no such file or folder")
+    if gt.is_file() != pred.is_file():
+        raise LM4LVError("GT and PRED must both be files or both be folders")
+    if gt.is_file():
+        report = score_pairs([(gt, pred)], metrics, **kwargs)
+        report.rows[0]["name"] = pred.name
+        return report
+    pairing = pair_images(gt, pred)
+    if not pairing.pairs:
+        raise LM4LVError(f"no image in {pred} matches one in {gt} by relative path or name "
+                         f"({len(pairing.only_a)} GT, {len(pairing.only_b)} predicted images)")
+    report = score_pairs([(a, b) for _, a, b in pairing.pairs], metrics, **kwargs)
+    for row, (key, _, _) in zip(report.rows, pairing.pairs):
+        row["name"] = key
+    report.unmatched_gt = [p.relative_to(gt).as_posix() for p in pairing.only_a]
+    report.unmatched_pred = [p.relative_to(pred).as_posix() for p in pairing.only_b]
+    return report
