@@ -1,0 +1,126 @@
+"""Typed configs that round-trip through YAML. Validation happens in ``__post_init__``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+from .fsutil import write_text_atomic
+
+C = TypeVar("C")
+
+TEMPLATES = ("default", "vicuna_v1.1", "llama2", "simple", "chat_template")
+
+
+@dataclass
+class ModuleSpec:
+    """A registered vision part: its registry ``name`` and constructor keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be > 0, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig:
+    """Where the frozen parts come from and what trains.
+
+    ``llm`` is a Hugging Face causal-LM folder. ``encoder`` / ``decoder`` / ``adapter`` /
+    ``deadapter`` are registry specs (MAE folders for the default ``mae`` encoder/decoder).
+    """
+
+    llm: str
+    encoder: ModuleSpec
+    decoder: ModuleSpec
+    adapter: ModuleSpec = field(default_factory=lambda: ModuleSpec("linear"))
+    deadapter: ModuleSpec = field(default_factory=lambda: ModuleSpec("linear"))
+    num_task_tokens: int = 10
+    template: str = "default"
+    system_prompt: str | None = None
+    gpt_prefix: str = ""
+    num_visual_tokens: int | None = None
+    vision_loss: str = "feature_mse"
+    vision_loss_weight: float = 1.0
+    text_loss_weight: float = 1.0
+    train_adapter: bool = True
+    train_deadapter: bool = True
+    train_encoder: bool = False
+    train_decoder: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = ModuleSpec(**self.encoder)
+        if isinstance(self.decoder, dict):
+            self.decoder = ModuleSpec(**self.decoder)
+        if isinstance(self.adapter, dict):
+            self.adapter = ModuleSpec(**self.adapter)
+        if isinstance(self.deadapter, dict):
+            self.deadapter = ModuleSpec(**self.deadapter)
+        if isinstance(self.lora, dict):
+            self.lora = LoraConfig(**self.lora)
+        if self.num_task_tokens < 0:
+            raise ConfigError(f"num_task_tokens must be >= 0, got {self.num_task_tokens}")
+        if self.template not in TEMPLATES:
+            raise ConfigError(f"unknown template {self.template!r}; valid: {', '.join(TEMPLATES)}")
+        if self.num_visual_tokens is not None and self.num_visual_tokens <= 0:
+            raise ConfigError(f"num_visual_tokens must be > 0, got {self.num_visual_tokens}")
+        if self.vision_loss_weight < 0 or self.text_loss_weight < 0:
+            raise ConfigError("loss weights must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+    """Build a dataclass from a dict, rejecting unknown keys with a clear message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data

@@ -1,0 +1,1 @@
+"""Dataset file format, sequence building and batching."""

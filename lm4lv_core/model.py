@@ -1,0 +1,262 @@
+"""LM4LV: a frozen causal LM, a vision encoder/decoder, two adapters and K task tokens.
+
+Reads top to bottom: build (``from_config`` / ``from_pretrained``), freeze, embed a batch
+(vectorised scatter of visual and task embeddings), run the LLM backbone for hidden states, and
+compute the losses outside the LLM (text cross-entropy on gpt tokens, vision loss on the hidden
+state *before* each target image slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig, from_dict, load_yaml, save_yaml
+from .data.dataset import Batch
+from .data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
+from .errors import ConfigError
+from .fsutil import atomic_path
+from .losses import text_cross_entropy, zero_touching
+from .registry import VISION_LOSSES
+from .vision import build_adapter, build_decoder, build_encoder
+
+CONFIG_FILE = "lm4lv.yaml"
+WEIGHTS_FILE = "trainable.safetensors"
+LORA_DIR = "lora"
+
+
+@dataclass
+class LM4LVOutput:
+    loss: torch.Tensor
+    text_loss: torch.Tensor
+    vision_loss: torch.Tensor
+    vision_pred: torch.Tensor | None = None    # [T, N, d_v] predicted features of target images
+    target_images: torch.Tensor | None = None  # [T] indices into batch.pixels
+
+
+def load_llm(path: str, dtype: torch.dtype | None = None):
+    """Any Hugging Face causal LM folder and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else \
+            AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot load a causal LM folder ({e})") from None
+    return llm, tokenizer
+
+
+class LM4LV(nn.Module):
+    def __init__(self, config: ModelConfig, llm: nn.Module, tokenizer, encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.decoder = decoder
+        d_llm = llm.get_input_embeddings().embedding_dim
+        d_v = encoder.dim
+        if decoder.dim != d_v:
+            raise ConfigError(f"encoder width {d_v} and decoder width {decoder.dim} differ")
+        self.num_visual_tokens = min(config.num_visual_tokens or encoder.num_tokens, encoder.num_tokens)
+        self.adapter = build_adapter(config.adapter, d_v, d_llm)
+        self.deadapter = build_adapter(config.deadapter, d_llm, d_v)
+        std = float(llm.get_input_embeddings().weight.detach().float().std())
+        self.task_tokens = nn.Parameter(torch.randn(config.num_task_tokens, d_llm) * std)
+        self.vision_loss_fn = VISION_LOSSES.get(config.vision_loss)
+        if config.vision_loss == "pixel_l1" and self.num_visual_tokens != decoder.num_tokens:
+            raise ConfigError("vision_loss 'pixel_l1' needs all visual tokens the decoder expects")
+        self.builder = SequenceBuilder(tokenizer, template=config.template,
+                                       num_task_tokens=config.num_task_tokens,
+                                       num_visual_tokens=self.num_visual_tokens,
+                                       gpt_prefix=config.gpt_prefix, system_prompt=config.system_prompt)
+        self._apply_trainability()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "LM4LV":
+        llm, tokenizer = load_llm(config.llm, dtype)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if config.lora.enabled:
+            llm = _wrap_lora(llm, config)
+        model = cls(config, llm, tokenizer, build_encoder(config.encoder), build_decoder(config.decoder))
+        return model.to(dtype) if dtype else model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "LM4LV":
+        """Rebuild a model saved by ``save_pretrained``: frozen parts from their recorded folders."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"{path}: not an lm4lv model folder (no {CONFIG_FILE})")
+        config = from_dict(ModelConfig, load_yaml(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+        lora = config.lora.enabled
+        config.lora.enabled = False  # the saved adapter is loaded below instead of a fresh one
+        model = cls.from_config(config)
+        if lora:
+            from peft import PeftModel
+
+            config.lora.enabled = True
+            model.llm = PeftModel.from_pretrained(model.llm, str(path / LORA_DIR), is_trainable=True)
+            model._apply_trainability()
+        model.load_trainable_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+        return model.to(dtype) if dtype else model
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``lm4lv.yaml``, ``trainable.safetensors`` (adapters, task tokens, any trained
+        encoder/decoder) and, with LoRA, a PEFT adapter folder ``lora/``.
+
+        ``state_dict`` overrides the module's own tensors (e.g. gathered ZeRO-3 parameters).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        keep = self._saved_prefixes()
+        weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()
+                   if k.startswith(keep) or k == "task_tokens"}
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            save_file(weights, str(tmp), metadata={"format": "pt"})
+        if self.config.lora.enabled:
+            from peft import get_peft_model_state_dict
+
+            lora_sd = {k[len("llm."):]: v for k, v in sd.items() if k.startswith("llm.") and "lora_" in k}
+            peft_sd = get_peft_model_state_dict(self.llm, state_dict=lora_sd or None)
+            self.llm.save_pretrained(str(path / LORA_DIR), state_dict=peft_sd)
+        save_yaml(self.config, path / CONFIG_FILE)
+
+    def _saved_prefixes(self) -> tuple[str, ...]:
+        keep = ["adapter.", "deadapter."]
+        if self.config.train_encoder:
+            keep.append("encoder.")
+        if self.config.train_decoder:
+            keep.append("decoder.")
+        return tuple(keep)
+
+    # ---------------------------------------------------------------- trainables
+    def _apply_trainability(self) -> None:
+        cfg = self.config
+        for name, p in self.named_parameters():
+            is_lora = cfg.lora.enabled and "lora_" in name
+            p.requires_grad_(is_lora)
+        self.task_tokens.requires_grad_(True)
+        for module, flag in ((self.adapter, cfg.train_adapter), (self.deadapter, cfg.train_deadapter),
+                             (self.encoder, cfg.train_encoder), (self.decoder, cfg.train_decoder)):
+            for p in module.parameters():
+                p.requires_grad_(flag)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if unexpected:
+            raise ConfigError(f"unexpected weights: {', '.join(unexpected[:5])}")
+        if strict:
+            want = {n for n, p in self.named_parameters() if p.requires_grad}
+            lost = sorted(want & set(missing))
+            if lost:
+                raise ConfigError(f"missing trainable weights: {', '.join(lost[:5])}")
+
+    def print_trainable_parameters(self) -> str:
+        total = sum(p.numel() for p in self.parameters())
+        train = sum(p.numel() for p in self.trainable_parameters())
+        msg = f"trainable params: {train:,} || all params: {total:,} || trainable%: {100 * train / total:.4f}"
+        print(msg)
+        return msg
+
+    # ------------------------------------------------------------------ forward
+    def backbone(self) -> nn.Module:
+        """The LLM without its LM head (``get_decoder`` of any HF causal LM, through PEFT)."""
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return llm.get_decoder()
+
+    def lm_head(self) -> nn.Module:
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return llm.get_output_embeddings()
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[M, 3, H, W]`` in [0, 1] → ``[M, N, d_v]`` (first N visual tokens)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_encoder):
+            return self.encoder(pixels)[:, : self.num_visual_tokens]
+
+    def embed(self, input_ids: torch.Tensor, slot_type: torch.Tensor, slot_image: torch.Tensor,
+              slot_pos: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with visual and task slots filled in (one vectorised scatter each)."""
+        emb = self.llm.get_input_embeddings()(input_ids)
+        img = slot_type == SLOT_IMAGE
+        task = slot_type == SLOT_TASK
+        if img.any():
+            vis = self.adapter(features[slot_image[img], slot_pos[img]].to(self.adapter_dtype))
+            emb = emb.masked_scatter(img.unsqueeze(-1), vis.to(emb.dtype))
+        if task.any():
+            emb = emb.masked_scatter(task.unsqueeze(-1), self.task_tokens[slot_pos[task]].to(emb.dtype))
+        return emb
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return next(self.adapter.parameters()).dtype
+
+    def hidden_states(self, batch: Batch, features: torch.Tensor | None) -> torch.Tensor:
+        emb = self.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos, features)
+        out = self.backbone()(inputs_embeds=emb, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, batch: Batch) -> LM4LVOutput:
+        feats = batch.features if batch.features is not None else (
+            self.encode_images(batch.pixels) if batch.pixels.shape[0] else None)
+        h = self.hidden_states(batch, feats)
+        h_prev = h[:, :-1]
+        # text: the hidden state at t-1 predicts token t of a gpt value
+        labels = batch.labels[:, 1:]
+        has_text = labels != IGNORE_INDEX
+        if has_text.any():
+            logits = self.lm_head()(h_prev[has_text])
+            text_loss = text_cross_entropy(logits, labels[has_text])
+        else:
+            text_loss = zero_touching(self.lm_head().parameters()).to(h.device)
+        # vision: the hidden state at t-1 predicts the feature of target slot t
+        tmask = batch.target_mask[:, 1:]
+        if tmask.any():
+            n = self.num_visual_tokens
+            pred = self.deadapter(h_prev[tmask].to(self.adapter_dtype)).view(-1, n, feats.shape[-1])
+            img_ids = batch.slot_image[:, 1:][tmask].view(-1, n)[:, 0]
+            target = feats[img_ids]
+            vision_loss = self.vision_loss_fn(pred, target, batch.pixels[img_ids], self.decoder)
+        else:
+            pred = img_ids = None
+            vision_loss = zero_touching(self.deadapter.parameters()).to(h.device)
+        text_loss = text_loss + zero_touching([self.task_tokens, *self.adapter.parameters()]).to(h.device)
+        loss = self.config.text_loss_weight * text_loss + self.config.vision_loss_weight * vision_loss
+        return LM4LVOutput(loss, text_loss.detach(), vision_loss.detach(), pred, img_ids)
+
+    @torch.no_grad()
+    def decode_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``[M, N, d_v]`` → images ``[M, 3, H, W]`` in [0, 1]."""
+        return self.decoder(features.to(next(self.decoder.parameters()).dtype)).float()
+
+
+def _wrap_lora(llm: nn.Module, config: ModelConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lc = config.lora
+    names = {n.rsplit(".", 1)[-1] for n, _ in llm.named_modules()}
+    missing = [t for t in lc.target_modules if t not in names]
+    if missing:
+        raise ConfigError(f"LoRA target module(s) {', '.join(missing)} not found in {config.llm}; "
+                          f"e.g. {', '.join(sorted(n for n in names if 'proj' in n or 'attn' in n)[:8])}")
+    peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                              target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(llm, peft_cfg)

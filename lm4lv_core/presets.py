@@ -1,0 +1,207 @@
+"""Named model presets. ``tiny*`` presets build small random-initialised Hugging Face folders
+offline (an LLM with a tokenizer trained on the spot, and an MAE), so every loading path is the
+real ``from_pretrained`` path. Folders are built once per machine under ``$LM4LV_HOME/presets``
+(default ``~/.cache/lm4lv``) and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, ModuleSpec
+from .errors import ConfigError
+
+PRESET_VERSION = 1
+
+_CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "### Human: ### Assistant: USER: ASSISTANT: [INST] [/INST] <<SYS>> <</SYS>>",
+    "<Img> </Img> <image> <task> A picture of",
+    "Restore the image. Remove the noise, the blur and the rain from the photo.",
+    "a cat sitting on a wooden table next to a cup of coffee",
+    "an astronaut standing in front of the flag, a rocket in the sky",
+    "olive oil is a healthy ingredient used liberally in cooking",
+    "the physical and chemical breakdown of rocks by weathering",
+    "three golden letters of a deluxe alphabet, randomly rotated",
+    "the quick brown fox jumps over the lazy dog 0123456789",
+]
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n"
+    "{% else %}<|assistant|>{{ m['content'] }}</s>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    llm_family: str  # "llama" | "gpt2"
+    llm_hidden: int
+    llm_layers: int
+    llm_heads: int
+    image_size: int
+    patch_size: int
+    mae_hidden: int
+    mae_layers: int
+    mae_heads: int
+    dec_hidden: int
+    dec_layers: int
+    num_task_tokens: int = 10
+
+
+PRESETS: dict[str, TinySpec] = {
+    # fast tests: 32 px, 8 px patches → 1 + 16 visual tokens
+    "tiny": TinySpec("llama", 64, 2, 4, 32, 8, 32, 2, 2, 32, 1),
+    # the same with a GPT-2 LLM: proves nothing is Llama-specific
+    "tiny-gpt2": TinySpec("gpt2", 64, 2, 4, 32, 8, 32, 2, 2, 32, 1),
+    # the real MAE geometry (224 px, 16 px patches → 197 visual tokens) with small widths
+    "tiny-224": TinySpec("llama", 128, 2, 4, 224, 16, 64, 2, 4, 64, 1),
+}
+
+
+def preset_home() -> Path:
+    return Path(os.environ.get("LM4LV_HOME", Path.home() / ".cache" / "lm4lv")) / "presets"
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.chat_template = _CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def _build_llm(spec: TinySpec, vocab: int, tok, out_dir: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if spec.llm_family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=spec.llm_hidden, intermediate_size=spec.llm_hidden * 2,
+                          num_hidden_layers=spec.llm_layers, num_attention_heads=spec.llm_heads,
+                          num_key_value_heads=spec.llm_heads, max_position_embeddings=2048, **ids)
+        model = LlamaForCausalLM(cfg)
+    elif spec.llm_family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=spec.llm_hidden, n_layer=spec.llm_layers,
+                         n_head=spec.llm_heads, n_positions=2048, **ids)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ConfigError(f"unknown LLM family {spec.llm_family!r}")
+    model.save_pretrained(str(out_dir))
+
+
+def _build_mae(spec: TinySpec, out_dir: Path) -> None:
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = ViTMAEConfig(image_size=spec.image_size, patch_size=spec.patch_size, hidden_size=spec.mae_hidden,
+                       num_hidden_layers=spec.mae_layers, num_attention_heads=spec.mae_heads,
+                       intermediate_size=spec.mae_hidden * 4, decoder_hidden_size=spec.dec_hidden,
+                       decoder_num_hidden_layers=spec.dec_layers, decoder_num_attention_heads=spec.mae_heads,
+                       decoder_intermediate_size=spec.dec_hidden * 4, mask_ratio=0.0, norm_pix_loss=False)
+    ViTMAEForPreTraining(cfg).save_pretrained(str(out_dir))
+
+
+def build_preset_folders(name: str, out_dir: Path, seed: int = 0) -> None:
+    """Write ``out_dir/llm`` (model + tokenizer) and ``out_dir/mae`` for a tiny preset."""
+    spec = _spec(name)
+    torch.manual_seed(seed)
+    tok = build_tokenizer(out_dir / "llm")
+    _build_llm(spec, len(tok), tok, out_dir / "llm")
+    _build_mae(spec, out_dir / "mae")
+
+
+def _spec(name: str) -> TinySpec:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_dir(name: str) -> Path:
+    """The built folders of preset ``name`` (built now if this machine has not built them yet)."""
+    _spec(name)
+    target = preset_home() / f"{name}-v{PRESET_VERSION}"
+    if (target / "mae" / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_preset_folders(name, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: use its folders
+            if not (target / "mae" / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` pointing at the preset's folders; keyword overrides replace fields."""
+    d = preset_dir(name)
+    mae = str(d / "mae")
+    cfg = dict(llm=str(d / "llm"), encoder=ModuleSpec("mae", {"path": mae}),
+               decoder=ModuleSpec("mae", {"path": mae}), num_task_tokens=_spec(name).num_task_tokens)
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def resolve_model_config(*, preset: str | None = None, llm: str | None = None, mae: str | None = None,
+                         mae_decoder: str | None = None, vision_config: str | None = None,
+                         **overrides) -> ModelConfig:
+    """The model config from either ``preset`` or real folders (``llm`` + ``mae`` or a vision YAML).
+
+    A vision YAML may hold ``encoder``, ``decoder``, ``adapter`` and ``deadapter`` entries, each
+    ``{name: ..., kwargs: {...}}``. ``overrides`` with value ``None`` are ignored.
+    """
+    from .config import load_yaml
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if preset:
+        if llm or mae:
+            raise ConfigError("use either --preset or --llm/--mae, not both")
+        cfg = preset_config(preset)
+        base = {k: getattr(cfg, k) for k in ("llm", "encoder", "decoder", "num_task_tokens")}
+    else:
+        if not llm:
+            raise ConfigError("a model is needed: --preset NAME, or --llm PATH with --mae PATH")
+        if not Path(llm).is_dir():
+            raise ConfigError(f"--llm {llm}: folder not found")
+        base = {"llm": str(Path(llm).resolve())}
+        if mae:
+            if not Path(mae).is_dir():
+                raise ConfigError(f"--mae {mae}: folder not found")
+            base["encoder"] = ModuleSpec("mae", {"path": str(Path(mae).resolve())})
+            base["decoder"] = ModuleSpec("mae", {"path": str(Path(mae).resolve())})
+    if vision_config:
+        vc = load_yaml(vision_config)
+        for key in ("encoder", "decoder", "adapter", "deadapter"):
+            if key in vc:
+                base[key] = ModuleSpec(**vc[key]) if isinstance(vc[key], dict) else ModuleSpec(str(vc[key]))
+        unknown = set(vc) - {"encoder", "decoder", "adapter", "deadapter"}
+        if unknown:
+            raise ConfigError(f"{vision_config}: unknown key(s) {', '.join(sorted(unknown))}; "
+                              "valid: encoder, decoder, adapter, deadapter")
+    if mae_decoder:
+        if not Path(mae_decoder).is_dir():
+            raise ConfigError(f"--mae-decoder {mae_decoder}: folder not found")
+        base["decoder"] = ModuleSpec("mae", {"path": str(Path(mae_decoder).resolve())})
+    if "encoder" not in base or "decoder" not in base:
+        raise ConfigError("vision parts are needed: --mae PATH or --vision-config FILE")
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,88 @@
+"""MAE encoder and decoder from a Hugging Face ``ViTMAEForPreTraining`` folder.
+
+The encoder runs with mask ratio 0 and keeps patch order (``noise = arange(N)``), so its output is
+``[B, 1 + N, d_v]`` (CLS first). The decoder maps such features back to pixels: decoder
+transformer → unpatchify → de-normalisation with the ImageNet statistics the MAE was trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import DECODERS, ENCODERS
+from .base import VisionDecoder, VisionEncoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_mae(path: str):
+    """Load a ``ViTMAEForPreTraining`` folder with mask ratio 0."""
+    from transformers import ViTMAEForPreTraining
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return ViTMAEForPreTraining.from_pretrained(path, mask_ratio=0.0)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot load an MAE (ViTMAEForPreTraining) folder ({e})") from None
+
+
+class _Normalise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+
+def _patch_order_noise(batch: int, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device, dtype=torch.float32).expand(batch, n)
+
+
+@ENCODERS.register("mae")
+class MAEEncoder(VisionEncoder, _Normalise):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        mae = load_mae(path)
+        self.vit = mae.vit
+        cfg = mae.config
+        self.path = path
+        self.dim = cfg.hidden_size
+        self.image_size = cfg.image_size
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.num_tokens = 1 + self.num_patches
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = (pixels.to(self.mean.dtype) - self.mean) / self.std
+        x = x.to(self.vit.embeddings.patch_embeddings.projection.weight.dtype)
+        noise = _patch_order_noise(x.shape[0], self.num_patches, x.device)
+        return self.vit(pixel_values=x, noise=noise).last_hidden_state
+
+
+@DECODERS.register("mae")
+class MAEDecoder(VisionDecoder, _Normalise):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        mae = load_mae(path)
+        self.decoder = mae.decoder
+        cfg = mae.config
+        self.path = path
+        self.patch_size = cfg.patch_size
+        self.dim = cfg.hidden_size
+        self.image_size = cfg.image_size
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.num_tokens = 1 + self.num_patches
+
+    def forward(self, features: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """``clamp=False`` keeps gradients for pixels outside [0, 1] (used when training)."""
+        b, n, _ = features.shape
+        if n != self.num_tokens:
+            raise ValueError(f"MAE decoder expects {self.num_tokens} tokens, got {n}")
+        ids_restore = torch.arange(self.num_patches, device=features.device).expand(b, -1)
+        patches = self.decoder(features, ids_restore).logits  # [B, N, p*p*3]
+        p, g = self.patch_size, self.image_size // self.patch_size
+        x = patches.float().reshape(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)
+        x = x * self.std + self.mean
+        return x.clamp(0.0, 1.0) if clamp else x

@@ -1,0 +1,63 @@
+"""Shared fixtures: offline environment, tiny presets, small image datasets on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Offline and CPU everywhere, for this process and the workers it launches.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LM4LV_HOME", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "lm4lv_home"))
+
+REFERENCE = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from lm4lv_core.presets import preset_config
+
+    return preset_config("tiny")
+
+
+def _skimage_rgb(name: str, size: int) -> np.ndarray:
+    import skimage.data
+    from PIL import Image
+
+    arr = getattr(skimage.data, name)()
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
+    return np.asarray(Image.fromarray(arr[..., :3]).resize((size, size), Image.BICUBIC))
+
+
+def write_pairs(root: Path, n: int = 4, size: int = 32, sigma: float = 40.0, seed: int = 0,
+                names=("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "coins")) -> Path:
+    """Write ``n`` noisy/clean pairs from scikit-image samples and a training data file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "hq").mkdir(parents=True, exist_ok=True)
+    (root / "lq").mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        clean = _skimage_rgb(names[i % len(names)], size)
+        noisy = np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(clean).save(root / "hq" / f"{i}.png")
+        Image.fromarray(noisy).save(root / "lq" / f"{i}.png")
+        samples.append({"image": [f"lq/{i}.png", f"hq/{i}.png"],
+                        "conversations": [{"from": "human", "value": "<image> <task>"},
+                                          {"from": "gpt", "value": "<image>"}],
+                        "task_type": "conversation"})
+    (root / "train.json").write_text(json.dumps(samples, indent=1))
+    return root / "train.json"
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_pairs(tmp_path / "data")

@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from lm4lv_cli.app import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command_and_version():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("train", "generate", "eval", "ft-mae", "recon-mae", "make-data", "quickstart"):
+        assert cmd in res.output
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("lm4lv ")
+
+
+def test_train_dry_run_shows_first_prompt(pairs_file, tmp_path):
+    res = runner.invoke(app, ["train", "--data", str(pairs_file), "--preset", "tiny", "--out",
+                              str(tmp_path / "run"), "--dry-run", "--gpt-prefix", "Here:"])
+    assert res.exit_code == 0, res.output
+    assert "4 samples" in res.output and "[image 1: 17 slots, target]" in res.output
+    assert "Here:" in res.output and "target image slots: 17" in res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_is_one_line_error_and_nonzero_exit(tmp_path, pairs_file):
+    (pairs_file.parent / "lq" / "2.png").write_bytes(b"broken")
+    proc = subprocess.run([sys.executable, "-m", "lm4lv_cli.app", "train", "--data", str(pairs_file),
+                           "--preset", "tiny", "--out", str(tmp_path / "run"), "--dry-run"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "sample 2" in err[0] and "2.png" in err[0]
+    assert not (tmp_path / "run").exists()
