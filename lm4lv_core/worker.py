@@ -1,0 +1,43 @@
+"""Entry point of every launched worker: ``python -m lm4lv_core.worker KIND JOB.yaml``.
+
+Launchers (``deepspeed``, ``accelerate launch``, ``torchrun``) start this module once per
+process; it reads the job file written by the parent command and calls the job's function.
+A single worker runs the same function in-process, without a launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any, Callable
+
+from .config import load_yaml
+from .errors import ConfigError
+
+# job kind → "module:function"; each function takes the job dict.
+JOBS: dict[str, str] = {
+    "train": "lm4lv_core.engine.run:train_job",
+    "generate": "lm4lv_core.generate_job:generate_job",
+    "ft-mae": "lm4lv_core.mae:ft_mae_job",
+    "recon-mae": "lm4lv_core.mae:recon_mae_job",
+}
+
+
+def job_function(kind: str) -> Callable[[dict[str, Any]], Any]:
+    if kind not in JOBS:
+        raise ConfigError(f"unknown job kind {kind!r}; valid: {', '.join(JOBS)}")
+    module, fn = JOBS[kind].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lm4lv-worker")
+    parser.add_argument("kind", choices=sorted(JOBS))
+    parser.add_argument("job", help="job YAML written by the lm4lv command")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # added by deepspeed
+    args = parser.parse_args(argv)
+    job_function(args.kind)(load_yaml(args.job))
+
+
+if __name__ == "__main__":
+    main()
