@@ -43,9 +43,11 @@ def _patch_order_noise(batch: int, n: int, device: torch.device) -> torch.Tensor
 
 @ENCODERS.register("mae")
 class MAEEncoder(VisionEncoder, _Normalise):
-    def __init__(self, path: str) -> None:
+    """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
+
+    def __init__(self, path: str | None = None, mae=None) -> None:
         super().__init__()
-        mae = load_mae(path)
+        mae = mae if mae is not None else load_mae(path)
         self.vit = mae.vit
         cfg = mae.config
         self.path = path
@@ -63,9 +65,11 @@ class MAEEncoder(VisionEncoder, _Normalise):
 
 @DECODERS.register("mae")
 class MAEDecoder(VisionDecoder, _Normalise):
-    def __init__(self, path: str) -> None:
+    """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
+
+    def __init__(self, path: str | None = None, mae=None) -> None:
         super().__init__()
-        mae = load_mae(path)
+        mae = mae if mae is not None else load_mae(path)
         self.decoder = mae.decoder
         cfg = mae.config
         self.path = path
