@@ -12,7 +12,7 @@ import importlib
 from typing import Any, Callable
 
 from .config import load_yaml
-from .errors import ConfigError
+from .errors import ConfigError, LM4LVError
 
 # job kind → "module:function"; each function takes the job dict.
 JOBS: dict[str, str] = {
@@ -20,6 +20,7 @@ JOBS: dict[str, str] = {
     "generate": "lm4lv_core.generate_job:generate_job",
     "ft-mae": "lm4lv_core.mae:ft_mae_job",
     "recon-mae": "lm4lv_core.mae:recon_mae_job",
+    "probe": "lm4lv_core.launch:probe_job",  # reports what each worker saw (launcher checks)
 }
 
 
@@ -36,7 +37,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("job", help="job YAML written by the lm4lv command")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # added by deepspeed
     args = parser.parse_args(argv)
-    job_function(args.kind)(load_yaml(args.job))
+    try:
+        job_function(args.kind)(load_yaml(args.job))
+    except LM4LVError as e:
+        # the parent (lm4lv_core.launch.run_job) reports this message once all workers exit
+        import os
+        import sys
+        from pathlib import Path
+
+        job = Path(args.job)
+        rank = int(os.environ.get("RANK", "0"))
+        job.with_name(f"{job.stem}.error.rank{rank}").write_text(str(e), encoding="utf-8")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

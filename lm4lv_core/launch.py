@@ -1,0 +1,188 @@
+"""Start the workers of a job with a real launcher, or in-process for a single worker.
+
+Every command that can run on several processes (train, generate, ft-mae, ...) writes its job as
+YAML and calls :func:`run_job`. Workers run ``python -m lm4lv_core.worker KIND JOB.yaml``:
+
+* one worker on one node: the job function runs in this process, with ``RANK=0``,
+  ``WORLD_SIZE=1``, ``LOCAL_RANK=0``, ``MASTER_ADDR`` and a free ``MASTER_PORT`` set for its
+  duration (DeepSpeed needs them, otherwise it looks for MPI);
+* several workers: ``deepspeed --num_gpus N --master_port P [--hostfile H --num_nodes M]
+  --module lm4lv_core.worker ...``, or ``accelerate launch --multi_gpu --num_processes N
+  --main_process_port P -m lm4lv_core.worker ...`` (with ``ACCELERATE_USE_CPU=true`` when there is
+  no GPU: without it accelerate silently starts independent processes), or ``torchrun``.
+
+A worker that fails with an lm4lv error writes its message beside the job file; :func:`run_job`
+raises it as one :class:`LM4LVError` once the launcher has exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import save_yaml
+from .errors import ConfigError, LM4LVError
+
+LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
+ENGINES = ("deepspeed", "accelerate")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
+def error_file(job_path: Path, rank: int) -> Path:
+    """Where worker ``rank`` writes the message of an lm4lv error that stopped it."""
+    return job_path.with_name(f"{job_path.stem}.error.rank{rank}")
+
+
+def default_launcher(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    return engine
+
+
+def launcher_command(kind: str, job_path: Path, *, nproc: int, launcher: str, num_nodes: int = 1,
+                     hostfile: str | None = None, master_port: int | None = None) -> list[str]:
+    """The command line that starts ``nproc`` workers per node for ``kind``."""
+    port = str(master_port or free_port())
+    worker = ["lm4lv_core.worker", kind, str(job_path)]
+    py = sys.executable
+    if launcher == "deepspeed":
+        cmd = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port]
+        if hostfile:
+            cmd += ["--hostfile", str(hostfile)]
+        if num_nodes > 1:
+            cmd += ["--num_nodes", str(num_nodes)]
+        return cmd + ["--module"] + worker
+    if hostfile or num_nodes > 1:
+        raise ConfigError(f"--hostfile/--num-nodes need the deepspeed launcher; with {launcher}, "
+                          "start the command on every node with its own launcher")
+    if launcher == "accelerate":
+        cmd = [py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+        return cmd + ["-m"] + worker
+    if launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", port, "-m"] + worker
+    raise ConfigError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
+
+
+def launcher_env(launcher: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if not has_cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        if launcher == "accelerate":
+            env["ACCELERATE_USE_CPU"] = "true"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+@contextlib.contextmanager
+def single_worker_env(master_port: int | None = None) -> Iterator[None]:
+    """``RANK=0 WORLD_SIZE=1 ...`` for an in-process worker; the old values come back after."""
+    new = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port or free_port())}
+    if not has_cuda():
+        new["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _worker_errors(job_path: Path) -> list[str]:
+    msgs = []
+    for f in sorted(job_path.parent.glob(f"{job_path.stem}.error.rank*")):
+        msg = f.read_text(encoding="utf-8").strip()
+        if msg and msg not in msgs:
+            msgs.append(msg)
+    return msgs
+
+
+def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "deepspeed",
+            job_dir: str | os.PathLike, num_nodes: int = 1, hostfile: str | None = None,
+            master_port: int | None = None, launcher: str | None = None) -> Any:
+    """Run job ``kind`` (a key of ``lm4lv_core.worker.JOBS``) on ``nproc`` workers per node.
+
+    ``job`` (plain YAML-able data) is written to ``job_dir/KIND-job.yaml``. ``launcher`` defaults
+    to the engine's own (``deepspeed`` or ``accelerate``); ``torchrun`` is also accepted. A single
+    worker on a single node runs in-process and the job function's return value is returned.
+    Raises :class:`LM4LVError` when a worker fails.
+    """
+    from . import worker
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    if num_nodes < 1:
+        raise ConfigError(f"--num-nodes must be >= 1, got {num_nodes}")
+    launcher = launcher or default_launcher(engine)
+    fn = worker.job_function(kind)
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job_path = job_dir / f"{kind}-job.yaml"
+    for f in job_dir.glob(f"{job_path.stem}.error.rank*"):
+        f.unlink()
+    save_yaml(job, job_path)
+    if nproc == 1 and num_nodes == 1 and not hostfile:
+        import torch.distributed as tdist
+
+        was_initialized = tdist.is_available() and tdist.is_initialized()
+        with single_worker_env(master_port):
+            try:
+                return fn(job)
+            finally:
+                if not was_initialized and tdist.is_available() and tdist.is_initialized():
+                    tdist.destroy_process_group()
+    cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
+                           hostfile=hostfile, master_port=master_port)
+    try:
+        rc = subprocess.call(cmd, env=launcher_env(launcher))
+    except FileNotFoundError as e:
+        raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
+    errors = _worker_errors(job_path)
+    if errors:
+        raise LM4LVError("; ".join(errors))
+    if rc != 0:
+        raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}); see the output above")
+    return None
+
+
+def probe_job(job: dict[str, Any]) -> dict[str, int]:
+    """Join the process group and write ``probe-rankN.json`` (rank, world size, all-reduced sum)
+    into ``job["out"]``: a cheap check that a launcher really started connected workers."""
+    import json
+
+    import torch
+
+    from . import dist
+
+    dist.init_distributed()
+    total = dist.all_reduce_mean(torch.tensor([float(dist.rank())])) * dist.world_size()
+    seen = {"rank": dist.rank(), "world_size": dist.world_size(), "rank_sum": int(total.item())}
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"probe-rank{seen['rank']}.json").write_text(json.dumps(seen), encoding="utf-8")
+    if job.get("fail"):
+        raise LM4LVError(str(job["fail"]))
+    return seen
