@@ -1,0 +1,261 @@
+"""Training backends: DeepSpeed (ZeRO 0–3, bf16/fp16) and accelerate (data parallel).
+
+Both expose the same small surface to ``loop.Trainer``: ``wrap`` (model + torch AdamW + LambdaLR),
+``forward`` (the module to call), ``backward``, ``step`` (only at accumulation boundaries),
+``gathered`` (full parameters under ZeRO-3), ``full_trainable_state_dict``, ``save`` / ``load``
+of the optimizer, scheduler and weights into a checkpoint folder.
+
+DeepSpeed never builds JIT ops here: the optimizer is a torch ``AdamW`` and the shared-memory
+comm op is switched off before ``deepspeed.initialize``. Its checkpoint files are read back with
+``torch.load(weights_only=True)``, allowing only DeepSpeed's three checkpoint types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..checkpoint import WEIGHTS_FILE, load_weights, save_weights
+from ..config import load_yaml
+from ..errors import ConfigError
+from .config import TrainConfig
+
+DS_TAG = "ckpt"
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                             foreach=False)
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = dist.device()
+        self.module: nn.Module | None = None
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+
+    @property
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def optimizer_param_count(self) -> int:
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def gathered(self, params: Iterable[nn.Parameter]) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def full_trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full-size trainable tensors on every rank (collective under ZeRO-3)."""
+        named = self.trainable
+        with self.gathered([p for _, p in named]):
+            return {n: p.detach().float().cpu().clone() for n, p in named}
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+def _weights_only_load(path: str, map_location=None):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def setup(self) -> None:
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of the shm op
+        deepspeed.init_distributed(dist_backend=dist.backend_name(), verbose=False)
+
+    def ds_config(self) -> dict[str, Any]:
+        c = self.cfg
+        conf: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": c.micro_batch,
+            "gradient_accumulation_steps": c.grad_accum,
+            "train_batch_size": c.micro_batch * c.grad_accum * dist.world_size(),
+            "gradient_clipping": c.grad_clip,
+            "zero_optimization": {"stage": c.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**12,
+            "wall_clock_breakdown": False,
+        }
+        if c.precision == "bf16":
+            conf["bf16"] = {"enabled": True}
+        elif c.precision == "fp16":
+            conf["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        if c.deepspeed_config:
+            _deep_update(conf, _read_mapping(c.deepspeed_config))
+        return conf
+
+    def wrap(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, self.cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=self.ds_config())
+        self.engine.checkpoint_engine.load = _weights_only_load
+        self.module = self.engine.module
+        self._torch_optimizer = opt
+        self.device = self.engine.device
+
+    def optimizer_param_count(self) -> int:
+        """Elements of the parameters the optimizer updates (ZeRO: the groups it partitions)."""
+        groups = getattr(self.optimizer, "bit16_groups", None) or getattr(self.optimizer, "fp16_groups", None)
+        if groups is None:
+            groups = [g["params"] for g in self._torch_optimizer.param_groups]
+        return sum(getattr(p, "ds_numel", p.numel()) for g in groups for p in g)
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.engine
+
+    def no_sync(self, boundary: bool) -> ContextManager:
+        return contextlib.nullcontext()  # DeepSpeed reduces only at accumulation boundaries itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scaled by 1 / grad_accum inside
+
+    def step(self, boundary: bool) -> None:
+        self.engine.step()  # steps optimizer + scheduler only at the boundary
+
+    def gathered(self, params: Iterable[nn.Parameter]) -> ContextManager:
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def save(self, ckpt: Path, weights: dict[str, torch.Tensor]) -> None:
+        if dist.is_main():
+            save_weights(weights, ckpt / WEIGHTS_FILE)
+        self.engine.save_checkpoint(str(ckpt / "deepspeed"), tag=DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=True)
+
+    def load(self, ckpt: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag=DS_TAG, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise ConfigError(f"{ckpt}: DeepSpeed checkpoint could not be loaded")
+
+
+# ----------------------------------------------------------------------------- accelerate
+class AccelerateBackend(Backend):
+    name = "accelerate"
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.cfg.precision]
+        if mp == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("--precision fp16 needs a GPU with --engine accelerate; use bf16 on CPU")
+        self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision=mp,
+                                       kwargs_handlers=[InitProcessGroupKwargs(backend=dist.backend_name())])
+        self.device = self.accelerator.device
+
+    def wrap(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(params, self.cfg)
+        self.model, self.optimizer = self.accelerator.prepare(model, opt)
+        # the scheduler stays unprepared: accelerate would step it once per process
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        self.module = self.accelerator.unwrap_model(self.model)
+        self._torch_optimizer = opt
+
+    def optimizer_param_count(self) -> int:
+        return sum(p.numel() for g in self._torch_optimizer.param_groups for p in g["params"])
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.model
+
+    def no_sync(self, boundary: bool) -> ContextManager:
+        return contextlib.nullcontext() if boundary else self.accelerator.no_sync(self.model)
+
+    def autocast(self) -> ContextManager:
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss / self.cfg.grad_accum)
+
+    def step(self, boundary: bool) -> None:
+        if not boundary:
+            return
+        if self.cfg.grad_clip:
+            self.accelerator.clip_grad_norm_([p for _, p in self.trainable], self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, ckpt: Path, weights: dict[str, torch.Tensor]) -> None:
+        if not dist.is_main():
+            return
+        save_weights(weights, ckpt / WEIGHTS_FILE)
+        state = {"optimizer": self._torch_optimizer.state_dict()}
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        torch.save(state, ckpt / "optimizer.pt")
+        sd = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        (ckpt / "scheduler.json").write_text(json.dumps(sd), encoding="utf-8")
+
+    def load(self, ckpt: Path) -> None:
+        weights = load_weights(ckpt / WEIGHTS_FILE)
+        want = {n for n, _ in self.trainable}
+        if set(weights) != want:
+            raise ConfigError(f"{ckpt}: trainable weights do not match the model "
+                              f"(missing {sorted(want - set(weights))[:3]}, extra {sorted(set(weights) - want)[:3]})")
+        with torch.no_grad():
+            for n, p in self.trainable:
+                p.copy_(weights[n].to(p.dtype))
+        state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        self._torch_optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        sd = json.loads((ckpt / "scheduler.json").read_text(encoding="utf-8"))
+        sd["lr_lambdas"] = [None]
+        self.scheduler.load_state_dict(sd)
+
+
+def make_backend(cfg: TrainConfig) -> Backend:
+    return {"deepspeed": DeepSpeedBackend, "accelerate": AccelerateBackend}[cfg.engine](cfg)
+
+
+def _read_mapping(path: str) -> dict[str, Any]:
+    if str(path).endswith(".json"):
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--deepspeed-config {path}: cannot read JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--deepspeed-config {path}: expected a JSON object")
+        return data
+    return load_yaml(path)
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v

@@ -1,0 +1,99 @@
+"""``TrainConfig``: how to train (engine, workers, optimiser, schedule, saving).
+
+Defaults follow the reference recipe: AdamW with β = (0.9, 0.95), lr 3e-4, no weight decay,
+gradient clipping at 1.0, 10 % linear warmup then cosine decay. The run directory's
+``config.yaml`` holds ``{task, train, model}`` fully resolved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import ConfigError
+
+ENGINES = ("deepspeed", "accelerate")
+LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    image_root: str | None = None
+    # workers
+    engine: str = "deepspeed"
+    launcher: str | None = None  # default: the engine's own launcher; torchrun also works
+    nproc: int = 1
+    num_nodes: int = 1
+    hostfile: str | None = None
+    master_port: int | None = None
+    zero_stage: int = 0
+    deepspeed_config: str | None = None  # JSON/YAML merged over the generated DeepSpeed config
+    precision: str = "fp32"
+    # optimisation
+    micro_batch: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    max_steps: int | None = None
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
+    # saving and logging
+    save_every: int = 500
+    keep_checkpoints: int = 3  # newest complete step checkpoints kept; 0 keeps all
+    preview_every: int = 200
+    preview_samples: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    cache_features: bool = False
+    num_workers: int = 0
+    record_order: bool = False  # write data_order.csv (sample indices of every step and rank)
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        need(self.launcher is None or self.launcher in LAUNCHERS,
+             f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        need(self.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        need(self.engine == "deepspeed" or self.zero_stage == 0,
+             "--zero-stage needs --engine deepspeed (accelerate runs plain data parallel here)")
+        for name in ("nproc", "num_nodes", "micro_batch", "grad_accum", "epochs", "save_every",
+                     "preview_every"):
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        need(self.preview_samples >= 0, f"preview_samples must be >= 0, got {self.preview_samples}")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.stop_after is None or self.stop_after >= 1, f"--stop-after must be >= 1, got {self.stop_after}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(not (self.resume and self.overwrite), "use either --resume or --overwrite, not both")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def world_launch_size(self) -> int:
+        return self.nproc * self.num_nodes
+
+
+def train_config_keys() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split flat options into (TrainConfig fields, the rest)."""
+    keys = train_config_keys()
+    return ({k: v for k, v in options.items() if k in keys},
+            {k: v for k, v in options.items() if k not in keys})

@@ -1,0 +1,125 @@
+"""LM4LV training as a ``TrainTask``: adapters, task tokens (and opt-in LoRA / encoder / decoder)
+learn the text and vision losses of ``LM4LV.forward``.
+
+With ``cache_features`` the frozen encoder runs once per distinct image before training and the
+batches carry the features (``Batch.features``) instead of re-encoding pixels every step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .. import dist
+from ..config import ModelConfig, from_dict, to_dict
+from ..data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
+from ..data.format import load_checked
+from ..errors import ConfigError
+from .config import TrainConfig
+from .task import Gather, TrainTask, no_gather
+
+
+class LM4LVTask(TrainTask):
+    name = "lm4lv"
+    metric_names = ("loss", "text_loss", "vision_loss")
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(job)
+        self.model_config = from_dict(ModelConfig, job["model"], source="model config")
+        self.train_config = from_dict(TrainConfig, job["train"], source="train config")
+        self.cache: dict[str, torch.Tensor] | None = None
+        self.model = None
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"model": to_dict(self.model_config)}
+
+    def build_model(self) -> nn.Module:
+        from ..model import LM4LV
+
+        self.model = LM4LV.from_config(self.model_config)
+        self.model.train()
+        return self.model
+
+    def dataset(self) -> Sequence[Any]:
+        c = self.train_config
+        samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
+        return LM4LVDataset(samples, self.model.builder, self.model.encoder.image_size)
+
+    def collate(self, items: list[Any]) -> Batch:
+        batch = collate(items, pad_id=self.model.tokenizer.pad_token_id)
+        if self.cache is not None and batch.pixels.shape[0]:
+            batch.features = torch.stack([self.cache[p] for it in items for p in it.sample.images])
+        return batch
+
+    def prepare(self, model: nn.Module, dataset: Sequence[Any], device: torch.device) -> None:
+        if not self.train_config.cache_features:
+            return
+        check_cache_allowed(self.model_config)
+        paths = sorted({p for s in dataset.samples for p in s.images})
+        from ..data.dataset import image_to_tensor
+        from ..imageio import load_rgb
+
+        cache: dict[str, torch.Tensor] = {}
+        size = model.encoder.image_size
+        with torch.no_grad():
+            for i in range(0, len(paths), 16):
+                chunk = paths[i:i + 16]
+                pixels = torch.stack([image_to_tensor(load_rgb(p), size) for p in chunk]).to(device)
+                feats = model.encode_images(pixels).cpu()
+                cache.update(zip(chunk, feats))
+        self.cache = cache
+        if dist.is_main():
+            print(f"cached encoder features of {len(cache)} images", flush=True)
+
+    def loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        out = model(batch)
+        return {"loss": out.loss, "text_loss": out.text_loss, "vision_loss": out.vision_loss}
+
+    def preview_items(self, dataset: Sequence[Any], n: int) -> list[int]:
+        out = []
+        for i, s in enumerate(dataset.samples):
+            if len(out) >= n:
+                break
+            if "gpt" in s.image_turns():
+                out.append(i)
+        return out
+
+    def preview(self, model: nn.Module, batch: Batch, path: Path | None, gather: Gather = no_gather) -> None:
+        """One row per target image: degraded input | teacher-forced prediction | target."""
+        out = model(batch)
+        if out.vision_pred is None:
+            return
+        with gather(model.decoder.parameters()):
+            pred = model.decode_features(out.vision_pred)
+        if path is None:
+            return
+        from ..plots import save_grid
+
+        owner = _image_owner(batch)
+        rows = []
+        for t, img in enumerate(out.target_images.tolist()):
+            inputs = [i for i in range(img) if owner[i] == owner[img] and not bool(batch.image_is_target[i])]
+            src = tensor_to_uint8(batch.pixels[inputs[-1]]) if inputs else None
+            rows.append([src, tensor_to_uint8(pred[t]), tensor_to_uint8(batch.pixels[img])])
+        size = rows[0][1].shape[0]
+        save_grid(rows, path, scale=max(1, 128 // size))
+
+    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        model.save_pretrained(out_dir, state_dict=state_dict)
+
+
+def check_cache_allowed(cfg: ModelConfig) -> None:
+    if cfg.train_encoder:
+        raise ConfigError("--cache-features needs a frozen encoder; it cannot be used with --train-encoder")
+
+
+def _image_owner(batch: Batch) -> list[int]:
+    """The sample (batch row) of every image in ``batch.pixels``."""
+    owner = [-1] * batch.pixels.shape[0]
+    for b in range(batch.slot_image.shape[0]):
+        for i in batch.slot_image[b][batch.slot_image[b] >= 0].unique().tolist():
+            owner[i] = b
+    return owner

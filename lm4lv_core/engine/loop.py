@@ -1,0 +1,278 @@
+"""The backend-independent training loop.
+
+Data order: for epoch ``e`` the dataset is permuted with ``seed + e`` and padded by wrap-around to a
+whole number of global batches (``micro_batch × grad_accum × world_size``). Global batch ``k`` is the
+slice ``[k·G, (k+1)·G)``; micro-step ``j`` of rank ``r`` takes its ``micro_batch`` samples at
+``k·G + (j·world + r)·micro_batch``. So a run with more workers and the same global batch sees the
+same samples per step, and a resumed run continues exactly where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import dist
+from ..errors import ConfigError
+from ..fsutil import write_json_atomic
+from .backends import Backend, make_backend
+from .config import TrainConfig
+from .task import TrainTask
+
+METRICS_FILE = "metrics.csv"
+
+
+def epoch_order(n: int, epoch: int, seed: int, global_batch: int) -> list[int]:
+    """All sample indices of one epoch, padded by wrap-around to whole global batches."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    steps = math.ceil(n / global_batch)
+    total = steps * global_batch
+    return (perm * math.ceil(total / n))[:total]
+
+
+def rank_batches(order: list[int], micro: int, accum: int, world: int, rank: int) -> list[list[int]]:
+    """The micro-batches of ``rank`` for one epoch, in order."""
+    g = micro * accum * world
+    out = []
+    for k in range(len(order) // g):
+        for j in range(accum):
+            start = k * g + (j * world + rank) * micro
+            out.append(order[start:start + micro])
+    return out
+
+
+def lr_lambda_for(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class Trainer:
+    """Runs ``task`` with ``cfg`` in run directory ``run_dir`` (one instance per worker)."""
+
+    def __init__(self, task: TrainTask, cfg: TrainConfig, run_dir: str | Path) -> None:
+        self.task = task
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.backend: Backend = make_backend(cfg)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.backend.setup()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        torch.manual_seed(cfg.seed)
+        model = self.task.build_model()
+        self.dataset = self.task.dataset()
+        n = len(self.dataset)
+        self.global_batch = cfg.micro_batch * cfg.grad_accum * self.world
+        self.steps_per_epoch = math.ceil(n / self.global_batch)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = int(round(cfg.warmup_ratio * self.total_steps))
+        self.backend.wrap(model, lr_lambda_for(self.total_steps, self.warmup_steps))
+        self.module = self.backend.module
+        self.task.prepare(self.module, self.dataset, self.backend.device)
+        self.step = 0
+        if cfg.resume:
+            self._resume()
+        if dist.is_main():
+            self._write_run_info()
+
+    def _geometry(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"world_size": self.world, "micro_batch": c.micro_batch, "grad_accum": c.grad_accum,
+                "engine": c.engine, "zero_stage": c.zero_stage, "seed": c.seed, "dataset_size": len(self.dataset)}
+
+    def _resume(self) -> None:
+        last = ckpt.latest(self.ckpt_root)
+        if last is None:
+            if dist.is_main():
+                print(f"no complete checkpoint in {self.ckpt_root}: starting from step 0", flush=True)
+            return
+        state = ckpt.read_state(last)
+        diff = {k: (state["geometry"].get(k), v) for k, v in self._geometry().items()
+                if state["geometry"].get(k) != v}
+        if diff:
+            raise ConfigError(f"--resume from {last}: the run differs from the checkpoint in "
+                              + ", ".join(f"{k} (checkpoint {a}, now {b})" for k, (a, b) in diff.items()))
+        self.backend.load(last)
+        ckpt.load_rng(last / f"rng-rank{self.rank}.safetensors")
+        self.step = int(state["step"])
+        if dist.is_main():
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            print(f"resumed from {last} (step {self.step} of {self.total_steps})", flush=True)
+
+    def _write_run_info(self) -> None:
+        write_json_atomic(self.run_dir / "run.json", {
+            **self._geometry(), "launcher": self.cfg.launcher or self.cfg.engine,
+            "device": str(self.backend.device), "process_group": dist.backend_name() if self.world > 1 else None,
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "trainable_param_count": sum(p.numel() for _, p in self.backend.trainable),
+            "optimizer_param_count": self.backend.optimizer_param_count()})
+
+    # ------------------------------------------------------------------ loop
+    def batches(self, epoch: int, skip_steps: int):
+        c = self.cfg
+        order = epoch_order(len(self.dataset), epoch, c.seed, self.global_batch)
+        mbs = rank_batches(order, c.micro_batch, c.grad_accum, self.world, self.rank)[skip_steps * c.grad_accum:]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=mbs, collate_fn=self.task.collate, num_workers=c.num_workers,
+            generator=torch.Generator().manual_seed(c.seed + epoch))  # never draws from the global RNG
+        return iter(loader)
+
+    def train(self) -> dict[str, Any]:
+        self.setup()
+        c, task, be = self.cfg, self.task, self.backend
+        stop_at = min(self.total_steps, self.step + c.stop_after) if c.stop_after else self.total_steps
+        names = task.metric_names
+        progress = _Progress(self.total_steps, self.step) if dist.is_main() else None
+        try:
+            while self.step < stop_at:
+                epoch, k = divmod(self.step, self.steps_per_epoch)
+                it = self.batches(epoch, k)
+                for _ in range(k, self.steps_per_epoch):
+                    if self.step >= stop_at:
+                        break
+                    t0 = time.perf_counter()
+                    lr = be.lr()
+                    sums = torch.zeros(len(names))
+                    ids: list[int] = []
+                    for j in range(c.grad_accum):
+                        batch = next(it).to(be.device)
+                        ids += task.batch_ids(batch)
+                        boundary = j == c.grad_accum - 1
+                        with be.no_sync(boundary), be.autocast():
+                            out = task.loss(be.forward, batch)
+                        be.backward(out["loss"])
+                        be.step(boundary)
+                        sums += torch.stack([out[n].detach().float().cpu() for n in names]) / c.grad_accum
+                    self.step += 1
+                    means = dist.all_reduce_mean(sums.to(be.device) if be.device.type == "cuda" else sums).cpu()
+                    row = {"step": self.step, **{n: float(v) for n, v in zip(names, means)}, "lr": lr,
+                           "samples/s": self.global_batch / (time.perf_counter() - t0)}
+                    self._log(row, ids, progress)
+                    if c.preview_every and self.step % c.preview_every == 0:
+                        self.preview()
+                    if self.step % c.save_every == 0 or self.step == stop_at:
+                        self.save()
+        finally:
+            if progress:
+                progress.close()
+        finished = self.step >= self.total_steps
+        if finished:
+            self.save_final()
+        dist.barrier()
+        return {"step": self.step, "total_steps": self.total_steps, "finished": finished,
+                "world_size": self.world}
+
+    def _log(self, row: dict[str, Any], ids: list[int], progress) -> None:
+        if self.cfg.record_order:
+            all_ids = dist.all_gather_objects(ids)
+            if dist.is_main():
+                with open(self.run_dir / "data_order.csv", "a", encoding="utf-8") as f:
+                    for r, rid in enumerate(all_ids):
+                        f.write(f"{row['step']},{r},{' '.join(map(str, rid))}\n")
+        if not dist.is_main():
+            return
+        path = self.run_dir / METRICS_FILE
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if progress:
+            progress.update(row)
+
+    # ------------------------------------------------------------------ outputs
+    def preview(self) -> None:
+        ids = self.task.preview_items(self.dataset, self.cfg.preview_samples)
+        if not ids:
+            return
+        batch = self.task.collate([self.dataset[i] for i in ids]).to(self.backend.device)
+        path = self.run_dir / "previews" / f"step-{self.step}.png" if dist.is_main() else None
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), self.backend.autocast():
+                self.task.preview(self.module, batch, path, self.backend.gathered)
+        finally:
+            self.module.train(was_training)
+
+    def save(self) -> None:
+        if dist.is_main():
+            ckpt.begin(self.ckpt_root, self.step)
+        dist.barrier()
+        tmp = ckpt.tmp_dir(self.ckpt_root, self.step)
+        weights = self.backend.full_trainable_state_dict()
+        self.backend.save(tmp, weights)
+        ckpt.save_rng(tmp / f"rng-rank{self.rank}.safetensors")
+        dist.barrier()
+        if dist.is_main():
+            epoch, k = divmod(self.step, self.steps_per_epoch)
+            ckpt.commit(self.ckpt_root, self.step,
+                        {"step": self.step, "epoch": epoch, "step_in_epoch": k, "total_steps": self.total_steps,
+                         "geometry": self._geometry()}, keep=self.cfg.keep_checkpoints)
+            self._plot()
+        dist.barrier()
+
+    def save_final(self) -> None:
+        weights = self.backend.full_trainable_state_dict()
+        if dist.is_main():
+            final, tmp = self.run_dir / "final", self.run_dir / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.task.save_final(self.module, weights, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+            self._plot()
+
+    def _plot(self) -> None:
+        from ..plots import plot_metrics
+
+        try:
+            plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
+        except Exception as e:  # noqa: BLE001 - a plot must never stop training
+            print(f"warning: loss.png not written ({e})", flush=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows after ``step`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    path.write_text("".join(keep), encoding="utf-8")
+
+
+class _Progress:
+    """Rich progress bar with the latest losses (rank 0 only)."""
+
+    def __init__(self, total: int, start: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[info]}"))
+        self.t = self.p.add_task("train", total=total, completed=start, info="")
+        self.p.start()
+
+    def update(self, row: dict[str, Any]) -> None:
+        info = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("step",) and isinstance(v, float))
+        self.p.update(self.t, completed=row["step"], info=info)
+
+    def close(self) -> None:
+        self.p.stop()

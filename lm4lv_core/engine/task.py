@@ -1,0 +1,109 @@
+"""What the training engine trains: the ``TrainTask`` interface.
+
+The engine (``loop.Trainer`` + a backend from ``backends``) owns everything generic: workers,
+data order, gradient accumulation, the learning-rate schedule, clipping, precision, ZeRO,
+metrics, checkpoints and exact resume. A task owns everything specific to one model:
+
+==========================  ==================================================================
+``build_model()``           the ``nn.Module`` to train, trainable parameters marked with
+                            ``requires_grad`` (everything else stays frozen and is not saved)
+``dataset()``               an indexable dataset (``len`` + ``__getitem__``); the engine shards
+                            and orders it
+``collate(items)``          a batch object with a ``.to(device)`` method
+``prepare(model, ds, dev)`` optional, once per worker before training (e.g. cache features)
+``loss(model, batch)``      ``{"loss": scalar to minimise, other named scalars ...}``; every
+                            key in ``metric_names`` is averaged over ranks into metrics.csv
+``preview(...)``            optional image of the model's current output (every few hundred
+                            steps); called on every rank (ZeRO-3 forward is collective), only
+                            rank 0 writes
+``save_final(model, sd, d)`` write the final, loadable model folder from the full (gathered)
+                            trainable state dict ``sd``
+``config_dict()``           what goes into the run's ``config.yaml`` besides ``train``
+==========================  ==================================================================
+
+A task is built from the job dict in every worker by ``build_task(job)``: the ``task`` entry
+names a registered task class, which receives the whole job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+# task name → "module:Class"
+TASKS: dict[str, str] = {
+    "lm4lv": "lm4lv_core.engine.lm4lv_task:LM4LVTask",
+}
+
+Gather = Callable[[Iterable[nn.Parameter]], ContextManager]
+
+
+def no_gather(params: Iterable[nn.Parameter]) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+class TrainTask:
+    """Base class with the optional parts filled in; subclasses override the rest."""
+
+    name = "task"
+    metric_names: tuple[str, ...] = ("loss",)
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+
+    # ---- required
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def dataset(self) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def collate(self, items: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        raise NotImplementedError
+
+    # ---- optional
+    def config_dict(self) -> dict[str, Any]:
+        return {}
+
+    def prepare(self, model: nn.Module, dataset: Sequence[Any], device: torch.device) -> None:
+        """Called once per worker before the first step."""
+
+    def batch_size(self, batch: Any) -> int:
+        return int(getattr(batch, "size", 0) or len(batch))
+
+    def batch_ids(self, batch: Any) -> list[int]:
+        """Sample indices of a batch (for ``data_order.csv``)."""
+        return list(getattr(batch, "sample_index", []))
+
+    def preview_items(self, dataset: Sequence[Any], n: int) -> list[int]:
+        """Dataset indices shown in previews (default: the first ``n``)."""
+        return list(range(min(n, len(dataset))))
+
+    def preview(self, model: nn.Module, batch: Any, path: Path | None, gather: Gather = no_gather) -> None:
+        """Write a preview image to ``path`` (``None`` on ranks other than 0)."""
+
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def build_task(job: dict[str, Any]) -> TrainTask:
+    import importlib
+
+    name = job.get("task", "lm4lv")
+    if name not in TASKS:
+        raise ConfigError(f"unknown training task {name!r}; valid: {', '.join(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(job)
