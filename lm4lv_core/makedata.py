@@ -27,6 +27,9 @@ import os
 import platform
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -145,13 +148,51 @@ class _Job:
     pipelines: tuple[tuple[str, Pipeline], ...]
 
 
-def _process(job: _Job) -> str:
-    hq = apply_size_policy(load_rgb(job.src), job.size)
-    save_png(hq, job.root / f"{job.prefix}hq" / job.key)
-    for i, (slug, pipe) in enumerate(job.pipelines):
-        lq = pipe(hq, image_rng(job.seed, job.prefix + job.key, i))
-        save_png(lq, job.root / f"{job.prefix}lq" / slug / job.key)
-    return job.key
+def _process(jobs: list[_Job]) -> int:
+    for job in jobs:
+        hq = apply_size_policy(load_rgb(job.src), job.size)
+        save_png(hq, job.root / f"{job.prefix}hq" / job.key)
+        for i, (slug, pipe) in enumerate(job.pipelines):
+            lq = pipe(hq, image_rng(job.seed, job.prefix + job.key, i))
+            save_png(lq, job.root / f"{job.prefix}lq" / slug / job.key)
+    return len(jobs)
+
+
+def _run_jobs(jobs: list[_Job], workers: int,
+              progress: Callable[[int, int], None] | None) -> None:
+    """Run jobs in this process or in ``workers`` spawned processes (a bounded window of
+    chunks in flight); the first error cancels the rest and is re-raised."""
+    total, done = len(jobs), 0
+    step = max(1, min(16, total // (workers * 4))) if workers > 1 else 1
+    chunks = [jobs[i:i + step] for i in range(0, total, step)]
+    if workers == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            done += _process(chunk)
+            if progress:
+                progress(done, total)
+        return
+    # spawn: never fork a parent that may run threads (progress bar, torch)
+    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context("spawn"))
+    try:
+        pending: deque = deque()
+        it = iter(chunks)
+        for chunk in it:
+            pending.append(pool.submit(_process, chunk))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            done += pending.popleft().result()
+            if progress:
+                progress(done, total)
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_process, nxt))
+    except BrokenProcessPool:
+        raise RuntimeError("make-data worker processes died; when calling make_data with "
+                           "workers > 1 from a script, put the call under "
+                           "`if __name__ == '__main__':`") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -262,18 +303,7 @@ def make_data(cfg: MakeDataConfig,
     jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines)
              for key, src in sorted(test_src.items())]
     try:
-        if cfg.workers == 1 or len(jobs) == 1:
-            for i, job in enumerate(jobs):
-                _process(job)
-                if progress:
-                    progress(i + 1, len(jobs))
-        else:
-            ctx = mp.get_context("spawn")  # no fork of a threaded parent
-            with ctx.Pool(min(cfg.workers, len(jobs))) as pool:
-                chunk = max(1, len(jobs) // (cfg.workers * 8))
-                for i, _ in enumerate(pool.imap(_process, jobs, chunksize=chunk)):
-                    if progress:
-                        progress(i + 1, len(jobs))
+        _run_jobs(jobs, cfg.workers, progress)
         train, test = [], []
         for job in jobs:
             is_test = bool(job.prefix) or job.key in test_keys
