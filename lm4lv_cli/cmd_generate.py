@@ -1,8 +1,61 @@
 """`lm4lv generate`."""
 
-from lm4lv_core.errors import LM4LVError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
 
 
-def generate() -> None:
-    """Restore images / answer prompts with a trained model (not available in this version yet)."""
-    raise LM4LVError("`lm4lv generate` is not available in this version yet")
+def generate(
+    run: Path = typer.Option(..., "--run", help="Training run folder (uses its final/) or a saved model folder."),
+    data: Path = typer.Option(..., "--data", help="Data file whose samples end with an empty gpt turn."),
+    out: Path = typer.Option(..., "--out", help="Output folder: images/, results.jsonl, generate.json."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Base of relative image paths (default: the data file's folder)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch and worker."),
+    nproc: int = typer.Option(1, "--nproc", help="Workers (processes); each sample is generated exactly once."),
+    engine: str = typer.Option("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only)."),
+    mode: str = typer.Option("auto", "--mode", help="image: answers start with <Img> and stop after the image; "
+                             "text: free text and images; auto: image when the prompt holds <task>."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most sampled text tokens per answer (images not counted)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, "--seed", help="Seed of text sampling (per sample, independent of batching)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs)."),
+) -> None:
+    """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
+    from lm4lv_core import launch
+    from lm4lv_core.data.format import load_checked
+    from lm4lv_core.errors import ConfigError
+    from lm4lv_core.generate import GenerationConfig
+    from lm4lv_core.generate_job import (JOB_DIR, PRECISIONS, RESULTS, finished_records, new_attempt,
+                                         output_stems, prepare_out, resolve_model_dir)
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, mode=mode)
+    model_dir = resolve_model_dir(run)
+    data, out = data.resolve(), out.resolve()
+    image_root = image_root.resolve() if image_root else None
+    samples = load_checked(data, image_root=image_root, mode="generate")
+    job = {"model": str(model_dir), "data": str(data), "image_root": str(image_root) if image_root else None,
+           "out": str(out),
+           "batch_size": batch_size, "precision": precision, "generation": vars(gen).copy(),
+           "attempt": new_attempt()}
+    prepare_out(out, job, overwrite)
+    stems = output_stems(samples)
+    before = len(finished_records(out, samples, stems))
+    launch.run_job("generate", job, nproc=nproc, engine=engine, job_dir=out / JOB_DIR)
+    after = len(finished_records(out, samples, stems))
+    skipped = f", {before} already done" if before else ""
+    console.print(f"{after}/{len(samples)} samples finished ({after - before} generated{skipped}); "
+                  f"wrote {out / RESULTS}", soft_wrap=True)
