@@ -145,15 +145,10 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
         f.unlink()
     save_yaml(job, job_path)
     if nproc == 1 and num_nodes == 1 and not hostfile:
-        import torch.distributed as tdist
-
-        was_initialized = tdist.is_available() and tdist.is_initialized()
+        # a process group the job creates (world size 1) stays for later jobs of this process:
+        # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
         with single_worker_env(master_port):
-            try:
-                return fn(job)
-            finally:
-                if not was_initialized and tdist.is_available() and tdist.is_initialized():
-                    tdist.destroy_process_group()
+            return fn(job)
     cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
                            hostfile=hostfile, master_port=master_port)
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import ModelOutput
 
 from .config import ModelConfig, from_dict, load_yaml, save_yaml
 from .data.dataset import Batch
@@ -30,10 +31,12 @@ LORA_DIR = "lora"
 
 
 @dataclass
-class LM4LVOutput:
-    loss: torch.Tensor
-    text_loss: torch.Tensor
-    vision_loss: torch.Tensor
+class LM4LVOutput(ModelOutput):
+    """A ``ModelOutput`` (dict-like), so ZeRO-3 finds the output tensors and hooks their backward."""
+
+    loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    vision_loss: torch.Tensor | None = None
     vision_pred: torch.Tensor | None = None    # [T, N, d_v] predicted features of target images
     target_images: torch.Tensor | None = None  # [T] indices into batch.pixels
 
@@ -236,10 +239,16 @@ class LM4LV(nn.Module):
             vision_loss = self.vision_loss_fn(pred, target, batch.pixels[img_ids], self.decoder)
         else:
             pred = img_ids = None
-            vision_loss = zero_touching(self.deadapter.parameters()).to(h.device)
-        text_loss = text_loss + zero_touching([self.task_tokens, *self.adapter.parameters()]).to(h.device)
+            vision_loss = self._touch(self.deadapter, h.shape[-1], h.device)
+        text_loss = text_loss + self._touch(self.adapter, self.encoder.dim, h.device) + self.task_tokens.sum() * 0.0
         loss = self.config.text_loss_weight * text_loss + self.config.vision_loss_weight * vision_loss
         return LM4LVOutput(loss, text_loss.detach(), vision_loss.detach(), pred, img_ids)
+
+    def _touch(self, module: nn.Module, in_dim: int, device: torch.device) -> torch.Tensor:
+        """A zero reaching every trainable parameter of ``module`` through its forward, so data
+        parallel wrappers see a gradient for each and ZeRO-3 gathers partitioned parameters."""
+        x = torch.zeros(1, in_dim, device=device, dtype=self.adapter_dtype)
+        return module(x).float().sum() * 0.0
 
     @torch.no_grad()
     def decode_features(self, features: torch.Tensor) -> torch.Tensor:
