@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
-
-import contextlib
 
 import typer
 from rich.console import Console
@@ -71,8 +70,7 @@ def make_data(
 ) -> None:
     """Build a restoration dataset: hq/, lq/<degradation>/, train.json, test.json, manifest.json.
 
-    With --lq/--hq, existing images are paired by relative path or file name (extensions may
-    differ) and only the JSON files are written; --size does not apply.
+    With --lq/--hq: pair existing images by relative path or name, write only the JSON files.
     """
     if list_:
         _list_degradations()
