@@ -256,7 +256,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
                     names = image_names(stems[s.index], len(o.images))
                     for name, img in zip(names, o.images):
                         save_png(tensor_to_uint8(img), out / name)
-                    rec = {"index": s.index, "inputs": list(s.images), "outputs": names, "text": o.text}
+                    rec = {"index": s.index, "inputs": list(s.images), "outputs": names, "text": o.text,
+                           "worker": rank}
                     rec.update({k: v for k, v in s.extra if k not in rec})
                     _append_line(f, rec)
                 advance(len(chunk))
