@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import dist
 from ..config import ModelConfig, from_dict, to_dict
-from ..data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
+from ..data.dataset import Batch, Item, LM4LVDataset, collate, tensor_to_uint8
 from ..data.format import load_checked
 from ..errors import ConfigError
 from .config import TrainConfig
@@ -46,7 +46,7 @@ class LM4LVTask(TrainTask):
     def dataset(self) -> Sequence[Any]:
         c = self.train_config
         samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
-        return LM4LVDataset(samples, self.model.builder, self.model.encoder.image_size)
+        return _TrainDataset(samples, self.model.builder, self.model.encoder.image_size)
 
     def collate(self, items: list[Any]) -> Batch:
         batch = collate(items, pad_id=self.model.tokenizer.pad_token_id)
@@ -71,6 +71,8 @@ class LM4LVTask(TrainTask):
                 feats = model.encode_images(pixels).cpu()
                 cache.update(zip(chunk, feats))
         self.cache = cache
+        if self.model_config.vision_loss == "feature_mse":
+            dataset.skip_pixels = True  # the loss needs features only; previews load real pixels
         if dist.is_main():
             print(f"cached encoder features of {len(cache)} images", flush=True)
 
@@ -86,6 +88,9 @@ class LM4LVTask(TrainTask):
             if "gpt" in s.image_turns():
                 out.append(i)
         return out
+
+    def preview_batch(self, dataset: Sequence[Any], ids: list[int]) -> Batch:
+        return self.collate([dataset.full_item(i) for i in ids])
 
     def preview(self, model: nn.Module, batch: Batch, path: Path | None, gather: Gather = no_gather) -> None:
         """One row per target image: degraded input | teacher-forced prediction | target."""
@@ -123,3 +128,19 @@ def _image_owner(batch: Batch) -> list[int]:
         for i in batch.slot_image[b][batch.slot_image[b] >= 0].unique().tolist():
             owner[i] = b
     return owner
+
+
+class _TrainDataset(LM4LVDataset):
+    """With cached features and a feature loss, items carry 1×1 placeholder pixels instead of
+    decoding and resizing every image each step (``full_item`` still loads them)."""
+
+    skip_pixels = False
+
+    def __getitem__(self, i: int) -> Item:
+        if not self.skip_pixels:
+            return super().__getitem__(i)
+        s = self.samples[i]
+        return Item(s, self.builder.encode(s), torch.zeros(len(s.images), 3, 1, 1))
+
+    def full_item(self, i: int) -> Item:
+        return super().__getitem__(i)

@@ -203,7 +203,7 @@ class Trainer:
         ids = self.task.preview_items(self.dataset, self.cfg.preview_samples)
         if not ids:
             return
-        batch = self.task.collate([self.dataset[i] for i in ids]).to(self.backend.device)
+        batch = self.task.preview_batch(self.dataset, ids).to(self.backend.device)
         path = self.run_dir / "previews" / f"step-{self.step}.png" if dist.is_main() else None
         was_training = self.module.training
         self.module.eval()

@@ -78,6 +78,8 @@ def validate(cfg: TrainConfig, model: ModelConfig) -> int:
         path = getattr(model, part).kwargs.get("path")
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"{part} {path}: folder not found")
+    if cfg.precision == "fp16" and not launch.has_cuda():
+        raise ConfigError("--precision fp16 needs a GPU; use bf16 (or fp32) on CPU")
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         raise ConfigError(f"--hostfile {cfg.hostfile}: file not found")
     if cfg.deepspeed_config and not Path(cfg.deepspeed_config).is_file():

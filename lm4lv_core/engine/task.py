@@ -13,6 +13,7 @@ metrics, checkpoints and exact resume. A task owns everything specific to one mo
 ``prepare(model, ds, dev)`` optional, once per worker before training (e.g. cache features)
 ``loss(model, batch)``      ``{"loss": scalar to minimise, other named scalars ...}``; every
                             key in ``metric_names`` is averaged over ranks into metrics.csv
+``preview_batch(ds, ids)``  optional: the batch previews show (default: collate of the items)
 ``preview(...)``            optional image of the model's current output (every few hundred
                             steps); called on every rank (ZeRO-3 forward is collective), only
                             rank 0 writes
@@ -39,6 +40,7 @@ from ..errors import ConfigError
 # task name → "module:Class"
 TASKS: dict[str, str] = {
     "lm4lv": "lm4lv_core.engine.lm4lv_task:LM4LVTask",
+    "mae": "lm4lv_core.mae:MAETask",
 }
 
 Gather = Callable[[Iterable[nn.Parameter]], ContextManager]
@@ -90,6 +92,9 @@ class TrainTask:
     def preview_items(self, dataset: Sequence[Any], n: int) -> list[int]:
         """Dataset indices shown in previews (default: the first ``n``)."""
         return list(range(min(n, len(dataset))))
+
+    def preview_batch(self, dataset: Sequence[Any], ids: list[int]) -> Any:
+        return self.collate([dataset[i] for i in ids])
 
     def preview(self, model: nn.Module, batch: Any, path: Path | None, gather: Gather = no_gather) -> None:
         """Write a preview image to ``path`` (``None`` on ranks other than 0)."""
