@@ -1,13 +1,91 @@
 """`lm4lv ft-mae` and `lm4lv recon-mae`."""
 
-from lm4lv_core.errors import LM4LVError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import options as opt
+
+console = Console()
+O = typer.Option
 
 
-def ft_mae() -> None:
-    """Fine-tune the MAE decoder with L1 + LPIPS (not available in this version yet)."""
-    raise LM4LVError("`lm4lv ft-mae` is not available in this version yet")
+def ft_mae(
+    images: Path = typer.Argument(..., help="Folder of training images (recursive)."),
+    out: Optional[Path] = O(None, "--out", help="Run directory."),
+    mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining) folder to start from."),
+    preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose MAE to start from."),
+    lpips_weight: Optional[float] = O(None, "--lpips-weight", help="λ of L1 + λ·LPIPS; 0 disables LPIPS [1.0]."),
+    lpips_net: Optional[str] = O(None, "--lpips-net", help="alex | vgg [alex]."),
+    lpips_weights: Optional[str] = O(None, "--lpips-weights", help="Backbone weights file (default: torch hub cache)."),
+    train_encoder: Optional[bool] = O(None, "--train-encoder/--freeze-encoder", help="Also train the encoder [frozen]."),
+    config: Optional[Path] = opt.CONFIG,
+    engine: Optional[str] = opt.ENGINE,
+    launcher: Optional[str] = opt.LAUNCHER,
+    nproc: Optional[int] = opt.NPROC,
+    num_nodes: Optional[int] = opt.NUM_NODES,
+    hostfile: Optional[str] = opt.HOSTFILE,
+    master_port: Optional[int] = opt.MASTER_PORT,
+    zero_stage: Optional[int] = opt.ZERO_STAGE,
+    deepspeed_config: Optional[str] = opt.DEEPSPEED_CONFIG,
+    precision: Optional[str] = opt.PRECISION,
+    micro_batch: Optional[int] = opt.MICRO_BATCH,
+    grad_accum: Optional[int] = opt.GRAD_ACCUM,
+    lr: Optional[float] = opt.LR,
+    weight_decay: Optional[float] = opt.WEIGHT_DECAY,
+    grad_clip: Optional[float] = opt.GRAD_CLIP,
+    warmup_ratio: Optional[float] = opt.WARMUP_RATIO,
+    epochs: Optional[int] = opt.EPOCHS,
+    max_steps: Optional[int] = opt.MAX_STEPS,
+    stop_after: Optional[int] = opt.STOP_AFTER,
+    save_every: Optional[int] = opt.SAVE_EVERY,
+    keep_checkpoints: Optional[int] = opt.KEEP_CHECKPOINTS,
+    preview_every: Optional[int] = opt.PREVIEW_EVERY,
+    seed: Optional[int] = opt.SEED,
+    num_workers: Optional[int] = opt.NUM_WORKERS,
+    resume: bool = opt.RESUME,
+    overwrite: bool = opt.OVERWRITE,
+) -> None:
+    """Fine-tune the MAE decoder with |x − D(E(x))|₁ + λ·LPIPS (encoder frozen by default)."""
+    from lm4lv_core.mae import finetune, resolve_finetune_options
+
+    options = {k: v for k, v in locals().items() if k != "config"}
+    options["data"] = str(images)
+    del options["images"]
+    options["out"] = str(out) if out else None
+    options["resume"] = resume or None
+    options["overwrite"] = overwrite or None
+    train_cfg, mae_cfg = resolve_finetune_options(options, str(config) if config else None)
+    summary = finetune(train_cfg, mae_cfg)
+    console.print(f"[green]done[/green]: {train_cfg.out}/final" if summary and summary.get("finished")
+                  else f"[green]stopped[/green]: {train_cfg.out} (resume with --resume)")
 
 
-def recon_mae() -> None:
-    """Reconstruct a folder of images with an MAE (not available in this version yet)."""
-    raise LM4LVError("`lm4lv recon-mae` is not available in this version yet")
+def recon_mae(
+    images: Path = typer.Argument(..., help="Folder of images to reconstruct (recursive)."),
+    out: Path = O(..., "--out", help="Output folder (same relative names, .png)."),
+    mae: Optional[str] = O(None, "--mae", help="MAE folder (e.g. RUN/final of ft-mae)."),
+    preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose MAE to use."),
+    batch_size: int = O(8, "--batch-size", min=1, help="Images per forward pass."),
+    nproc: int = O(1, "--nproc", min=1, help="Workers on this node."),
+    engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
+    crop_border: int = O(4, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
+    overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out."),
+) -> None:
+    """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
+    from lm4lv_core.mae import mean_rows, reconstruct
+
+    rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, nproc=nproc,
+                       engine=engine, crop_border=crop_border, overwrite=overwrite)
+    table = Table(title=f"MAE reconstruction of {images}")
+    for col in ("images", "PSNR (dB)", "SSIM"):
+        table.add_column(col, justify="right")
+    m = mean_rows(rows)
+    table.add_row(str(len(rows)), f"{m['psnr']:.3f}", f"{m['ssim']:.4f}")
+    console.print(table)
+    console.print(f"reconstructions in {out}, per image scores in {out / 'recon.json'}")

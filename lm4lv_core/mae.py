@@ -7,8 +7,7 @@ fine-tuned here is the decoder LM4LV uses (``--mae-decoder``).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import from_dict, to_dict
 from .data.dataset import image_to_tensor, tensor_to_uint8
-from .errors import LM4LVError
+from .engine.task import TrainTask
+from .errors import ConfigError, LM4LVError
 from .imageio import list_images, load_rgb, save_png
 from .vision.mae import MAEDecoder, MAEEncoder, load_mae
 
@@ -45,20 +46,16 @@ class MAEAutoencoder(nn.Module):
         return self.decoder(feats, clamp=clamp)
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write a complete Hugging Face ``ViTMAEForPreTraining`` folder (atomically)."""
+        """Write a complete Hugging Face ``ViTMAEForPreTraining`` folder into ``path``.
+
+        ``state_dict`` (e.g. gathered trainable weights) is loaded first.
+        """
         if state_dict is not None:
-            self.load_state_dict(state_dict, strict=False)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
-            self._hf.save_pretrained(str(tmp))
-            if path.exists():
-                shutil.rmtree(path)  # only ever an earlier save of this same folder
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            missing, unexpected = self.load_state_dict(state_dict, strict=False)
+            if unexpected:
+                raise ValueError(f"unexpected MAE weights: {', '.join(unexpected[:5])}")
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self._hf.save_pretrained(str(path))
 
 
 def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Path, *,
@@ -93,3 +90,234 @@ def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Pat
 
 def mean_rows(rows: list[dict[str, Any]], keys=("psnr", "ssim")) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys} if rows else {}
+
+
+# ---------------------------------------------------------------------------- fine-tuning task
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image under a folder, resized/cropped to the MAE's square size, in [0, 1]."""
+
+    def __init__(self, root: str | Path, size: int) -> None:
+        self.root = Path(root)
+        self.files = list_images(self.root)
+        if not self.files:
+            raise LM4LVError(f"{self.root}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        return i, image_to_tensor(load_rgb(self.files[i]), self.size)
+
+
+@dataclass
+class ImageBatch:
+    pixels: torch.Tensor
+    sample_index: list[int]
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "ImageBatch":
+        return ImageBatch(self.pixels.to(device), self.sample_index)
+
+    @property
+    def size(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+@dataclass
+class MAEFinetuneConfig:
+    """What ``lm4lv ft-mae`` trains: the MAE folder and the loss ``L1 + lpips_weight · LPIPS``."""
+
+    mae: str
+    lpips_weight: float = 1.0
+    lpips_net: str = "alex"
+    lpips_weights: str | None = None
+    train_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lpips_weight < 0:
+            raise ConfigError(f"--lpips-weight must be >= 0, got {self.lpips_weight}")
+
+    def build_lpips(self):
+        """The frozen LPIPS module, or ``None`` when its weight is 0 (L1 only)."""
+        if self.lpips_weight == 0:
+            return None
+        from .metrics import build_lpips
+
+        return build_lpips(self.lpips_net, self.lpips_weights)
+
+
+class MAETask(TrainTask):
+    """Fine-tune the MAE decoder (encoder frozen unless ``train_encoder``) on a folder of images."""
+
+    name = "mae"
+    metric_names = ("loss", "l1", "lpips")
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(job)
+        from .engine.config import TrainConfig
+
+        self.mae_config = from_dict(MAEFinetuneConfig, job["mae"], source="mae config")
+        self.train_config = from_dict(TrainConfig, job["train"], source="train config")
+        self.lpips = None
+        self.model: MAEAutoencoder | None = None
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"mae": to_dict(self.mae_config)}
+
+    def build_model(self) -> nn.Module:
+        self.model = MAEAutoencoder(self.mae_config.mae, train_encoder=self.mae_config.train_encoder)
+        return self.model.train()
+
+    def dataset(self) -> ImageFolder:
+        return ImageFolder(self.train_config.data, self.model.image_size)
+
+    def collate(self, items: list[tuple[int, torch.Tensor]]) -> ImageBatch:
+        return ImageBatch(torch.stack([x for _, x in items]), [i for i, _ in items])
+
+    def prepare(self, model: nn.Module, dataset, device: torch.device) -> None:
+        self.lpips = self.mae_config.build_lpips()
+        if self.lpips is not None:
+            self.lpips.to(device)
+
+    def loss(self, model: nn.Module, batch: ImageBatch) -> dict[str, torch.Tensor]:
+        recon = model(batch.pixels, clamp=False).float()
+        target = batch.pixels.float()
+        l1 = (recon - target).abs().mean()
+        lp = self.lpips(recon, target).mean() if self.lpips is not None else torch.zeros((), device=l1.device)
+        return {"loss": l1 + self.mae_config.lpips_weight * lp, "l1": l1.detach(), "lpips": lp.detach()}
+
+    def preview(self, model: nn.Module, batch: ImageBatch, path: Path | None, gather=None) -> None:
+        """One row per image: input | reconstruction."""
+        recon = model(batch.pixels)
+        if path is None:
+            return
+        from .plots import save_grid
+
+        rows = [[tensor_to_uint8(x), tensor_to_uint8(y)] for x, y in zip(batch.pixels, recon)]
+        save_grid(rows, path, scale=max(1, 128 // rows[0][0].shape[0]))
+
+    def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        model.save_pretrained(out_dir, state_dict=state_dict)
+
+
+def finetune(train_cfg, mae_cfg: MAEFinetuneConfig) -> Any:
+    """Parent side of ``lm4lv ft-mae``: validate, then run the ``mae`` task through the engine.
+
+    ``train_cfg.max_steps == 0`` writes the starting model unchanged as ``final/`` (a baseline).
+    """
+    from .engine.run import prepare_run_dir, run_training
+
+    if not Path(mae_cfg.mae).is_dir():
+        raise ConfigError(f"--mae {mae_cfg.mae}: folder not found")
+    if not list_images(train_cfg.data):
+        raise LM4LVError(f"{train_cfg.data}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
+    train_cfg.data = str(Path(train_cfg.data).resolve())
+    mae_cfg.mae = str(Path(mae_cfg.mae).resolve())
+    if train_cfg.max_steps == 0:
+        from .config import save_yaml
+
+        out = prepare_run_dir(train_cfg)
+        save_yaml({"task": "mae", "train": to_dict(train_cfg), "mae": to_dict(mae_cfg)}, out / "config.yaml")
+        MAEAutoencoder(mae_cfg.mae).save_pretrained(out / ".final.tmp")
+        os.replace(out / ".final.tmp", out / "final")
+        return {"step": 0, "total_steps": 0, "finished": True}
+    mae_cfg.build_lpips()  # fail now, not in the workers, when LPIPS weights are missing
+    return run_training("mae", train_cfg, {"mae": to_dict(mae_cfg)})
+
+
+# ---------------------------------------------------------------------------- reconstruction job
+def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Worker side of ``lm4lv recon-mae``: each rank reconstructs its share; rank 0 gathers rows."""
+    from . import dist
+
+    dist.init_distributed()
+    rows = reconstruct_folder(job["mae"], job["images"], job["out"], batch_size=job["batch_size"],
+                              rank=dist.rank(), world_size=dist.world_size(),
+                              crop_border=job.get("crop_border", 4))
+    gathered = dist.all_gather_objects(rows)
+    if not dist.is_main():
+        return None
+    merged = sorted((r for part in gathered for r in part), key=lambda r: r["name"])
+    from .fsutil import write_json_atomic
+
+    write_json_atomic(Path(job["out"]) / "recon.json", {"count": len(merged), "mean": mean_rows(merged),
+                                                         "images": merged})
+    return merged
+
+
+def _mae_path(mae: str | None, preset: str | None) -> str:
+    from .presets import preset_dir
+
+    if bool(mae) == bool(preset):
+        raise ConfigError("give exactly one of --mae PATH or --preset NAME")
+    path = str(preset_dir(preset) / "mae") if preset else str(mae)
+    if not Path(path).is_dir():
+        raise ConfigError(f"--mae {path}: folder not found")
+    return str(Path(path).resolve())
+
+
+def resolve_finetune_options(options: dict[str, Any], config_file: str | None = None):
+    """Flat ``ft-mae`` options (``None`` = not given) over ``--config`` over a resumed run's
+    ``config.yaml`` → ``(TrainConfig, MAEFinetuneConfig)``."""
+    from .config import load_yaml
+    from .engine.config import TrainConfig, train_config_keys
+
+    mae_keys = {"mae", "preset", "lpips_weight", "lpips_net", "lpips_weights", "train_encoder"}
+    layers: list[dict[str, Any]] = []
+    out = options.get("out")
+    if options.get("resume") and out and (Path(out) / "config.yaml").is_file():
+        saved = load_yaml(Path(out) / "config.yaml")
+        layers.append({k: v for k, v in {**saved.get("train", {}), **saved.get("mae", {})}.items()
+                       if k not in ("out", "resume", "overwrite")})
+    if config_file:
+        data = {str(k).replace("-", "_"): v for k, v in load_yaml(config_file).items()}
+        unknown = sorted(set(data) - train_config_keys() - mae_keys)
+        if unknown:
+            raise ConfigError(f"--config {config_file}: unknown option(s) {', '.join(unknown)}")
+        layers.append(data)
+    layers.append(options)
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    if not merged.get("out"):
+        raise ConfigError("--out is required")
+    source = options if (options.get("mae") or options.get("preset")) else merged
+    merged["mae"] = _mae_path(source.get("mae"), source.get("preset"))
+    merged.pop("preset", None)
+    max_steps = merged.get("max_steps")
+    if max_steps == 0:
+        merged.pop("max_steps")
+    train = from_dict(TrainConfig, {k: v for k, v in merged.items() if k in train_config_keys()},
+                      source="ft-mae options")
+    if max_steps == 0:
+        train.max_steps = 0
+    mae_cfg = from_dict(MAEFinetuneConfig, {k: v for k, v in merged.items() if k in mae_keys},
+                        source="ft-mae options")
+    return train, mae_cfg
+
+
+def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
+                batch_size: int = 8, nproc: int = 1, engine: str = "deepspeed", crop_border: int = 4,
+                overwrite: bool = False) -> list[dict[str, Any]]:
+    """Parent side of ``lm4lv recon-mae``: validate, then run the reconstruction workers."""
+    from . import launch
+
+    path = _mae_path(mae, preset)
+    images, out = Path(images), Path(out)
+    if not images.is_dir():
+        raise LM4LVError(f"{images}: folder not found")
+    if not list_images(images):
+        raise LM4LVError(f"{images}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
+    job = {"mae": path, "images": str(images.resolve()), "out": str(out.resolve()),
+           "batch_size": batch_size, "crop_border": crop_border}
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
+        rows = launch.run_job("recon-mae", job, nproc=nproc, engine=engine, job_dir=job_dir)
+    if rows is None:  # several workers: rank 0 wrote the gathered rows
+        import json
+
+        rows = json.loads((out / "recon.json").read_text(encoding="utf-8"))["images"]
+    return rows
