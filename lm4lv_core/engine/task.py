@@ -82,9 +82,6 @@ class TrainTask:
     def prepare(self, model: nn.Module, dataset: Sequence[Any], device: torch.device) -> None:
         """Called once per worker before the first step."""
 
-    def batch_size(self, batch: Any) -> int:
-        return int(getattr(batch, "size", 0) or len(batch))
-
     def batch_ids(self, batch: Any) -> list[int]:
         """Sample indices of a batch (for ``data_order.csv``)."""
         return list(getattr(batch, "sample_index", []))
