@@ -61,7 +61,7 @@ def begin(root: Path, step: int) -> Path:
     """Rank 0: an empty temporary folder for the checkpoint of ``step`` (stale ones removed)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".step-*.tmp"):
+    for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.del")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = tmp_dir(root, step)
     tmp.mkdir()
@@ -78,7 +78,9 @@ def commit(root: Path, step: int, state: dict[str, Any], keep: int = 0) -> Path:
     tmp.replace(final)
     if keep:
         for old in complete_steps(root)[:-keep]:
-            shutil.rmtree(step_dir(root, old), ignore_errors=True)
+            gone = Path(root) / f".step-{old}.del"
+            step_dir(root, old).replace(gone)  # invisible first, then removed
+            shutil.rmtree(gone, ignore_errors=True)
     return final
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable
 
@@ -84,6 +85,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # no JIT build of the shm op
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress bar
         deepspeed.init_distributed(dist_backend=dist.backend_name(), verbose=False)
 
     def ds_config(self) -> dict[str, Any]:

@@ -83,10 +83,6 @@ class TrainConfig:
         need(not (self.resume and self.overwrite), "use either --resume or --overwrite, not both")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
-    @property
-    def world_launch_size(self) -> int:
-        return self.nproc * self.num_nodes
-
 
 def train_config_keys() -> set[str]:
     return {f.name for f in fields(TrainConfig)}
