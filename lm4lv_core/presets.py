@@ -60,6 +60,8 @@ PRESETS: dict[str, TinySpec] = {
     "tiny": TinySpec("llama", 64, 2, 4, 32, 8, 32, 2, 2, 32, 1),
     # the same with a GPT-2 LLM: proves nothing is Llama-specific
     "tiny-gpt2": TinySpec("gpt2", 64, 2, 4, 32, 8, 32, 2, 2, 32, 1),
+    # the quickstart: 64 px, 8 px patches → 1 + 64 visual tokens
+    "tiny-64": TinySpec("llama", 128, 2, 4, 64, 8, 64, 2, 4, 64, 2),
     # the real MAE geometry (224 px, 16 px patches → 197 visual tokens) with small widths
     "tiny-224": TinySpec("llama", 128, 2, 4, 224, 16, 64, 2, 4, 64, 1),
 }

@@ -1,0 +1,35 @@
+"""A shortened quickstart, end to end."""
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from lm4lv_cli.app import app
+
+
+def test_short_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    res = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--steps", "4", "--mae-steps", "2"])
+    assert res.exit_code == 0, res.output
+    # every stage printed the command a user can rerun
+    for cmd in ("lm4lv make-data", "lm4lv ft-mae", "lm4lv train", "lm4lv generate", "lm4lv eval"):
+        assert f"$ {cmd}" in res.output
+    for name in ("report.md", "grid.png", "loss.png", "run/final/lm4lv.yaml", "mae/final/config.json",
+                 "generated/results.jsonl", "data/train.json", "data/test.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(x) for x in (out / "generated/results.jsonl").read_text().splitlines()]
+    assert len(records) == 6  # 3 held-out images x 2 degradations
+    report = (out / "report.md").read_text()
+    rows = [ln for ln in report.splitlines() if ln.startswith("| noise_sigma25") or ln.startswith("| downup")]
+    assert len(rows) == 2
+    for row in rows:  # numbers are measured, one per column
+        nums = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row)]
+        assert len(nums) == 6 and all(n == n for n in nums)
+    from PIL import Image
+
+    grid = Image.open(out / "grid.png")
+    assert grid.width > grid.height / 6 * 2  # three columns, six rows
+    # a second run refuses to overwrite without the flag
+    res2 = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--steps", "1"])
+    assert res2.exit_code != 0 and "--overwrite" in str(res2.exception)
