@@ -25,7 +25,7 @@ def test_short_quickstart_end_to_end(tmp_path):
     assert len(rows) == 2
     for row in rows:  # numbers are measured, one per column
         nums = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row)]
-        assert len(nums) == 6 and all(n == n for n in nums)
+        assert len(nums) == 5 and all(n == n for n in nums)
     from PIL import Image
 
     grid = Image.open(out / "grid.png")
