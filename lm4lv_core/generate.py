@@ -162,8 +162,9 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
         model.encode_images(batch.pixels) if batch.pixels.shape[0] else None)
     emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos, feats)
     mask = batch.attention_mask
+    cache = new_cache(model, batch.input_ids.shape[1] + n_vis if all(image_only) else None)
     out = model.backbone()(inputs_embeds=emb, attention_mask=mask, position_ids=batch.position_ids,
-                           use_cache=True)
+                           cache=cache, use_cache=True)
     cache, h = out.cache, out.last_hidden_state[:, -1]
     pos = batch.position_ids[:, -1] + 1
 
@@ -277,6 +278,21 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
             for (b, _), img in zip(flat, pixels):
                 outputs[b].images.append(img)
     return outputs
+
+
+def new_cache(model, max_len: int | None):
+    """A KV cache for the backbone: preallocated (``StaticCache``) when the final length is known
+    (image-only batches: prompt + N), which avoids re-concatenating the whole cache every step;
+    otherwise a ``DynamicCache``."""
+    from transformers import DynamicCache, StaticCache
+
+    config = model.backbone().config
+    if max_len is not None:
+        try:
+            return StaticCache(config=config, max_cache_len=max_len)
+        except (TypeError, ValueError, NotImplementedError):
+            pass
+    return DynamicCache(config=config)
 
 
 def decode_images_of(model, features: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""Generation benchmark: the reference algorithm against KV-cached, batched generation.
+
+Prints one JSON object. The model has the real MAE geometry (224 px, 16 px patches: 197 visual
+tokens, from the ``tiny-224`` preset's MAE) and a random Llama whose width is chosen so the naive
+path takes under a minute on two CPU cores:
+
+* ``naive_s``: batch 1, the whole sequence recomputed for each of the 197 visual tokens;
+* ``cached_s``: the same sample with ``lm4lv_core.generate`` (KV cache, one embedding per step);
+  ``speedup = naive_s / cached_s``; ``max_abs_diff`` between the two feature sets;
+* ``llm_decode_s``: the same LLM's own KV-cached ``generate`` of 197 greedy tokens from a prompt of
+  the same length; ``overhead_vs_llm_decode = cached_s / llm_decode_s``;
+* ``batch8_vs_batch1_throughput``: samples per second with batch 8 (mixed prompt lengths) over
+  batch 1.
+
+Usage: ``python benchmarks/generate.py [--threads 1] [--device cuda --precision bf16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPTS = [
+    "<image> <task>",
+    "Restore the image <image> <task> please: remove the noise, the blur and the rain",
+    "<task> <image>",
+    "a cat <image> <task>",
+    "<image> <task> the quick brown fox jumps over the lazy dog 0123456789",
+    "Restore <image> <task>",
+    "<image>\n<task>",
+    "olive oil <task> <image> is a healthy ingredient",
+]
+
+
+def build_llm(hidden: int, layers: int, heads: int, intermediate: int) -> Path:
+    """A random Llama with the presets' tokenizer, built once under ``$LM4LV_HOME/bench``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lm4lv_core.presets import build_tokenizer, preset_home
+
+    out = preset_home().parent / "bench" / f"llama-h{hidden}-l{layers}-a{heads}-i{intermediate}"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(0)
+    tok = build_tokenizer(out)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(str(out))
+    return out
+
+
+@torch.no_grad()
+def scale_adapter_to_embeddings(model, pixels: torch.Tensor) -> float:
+    """Scale the random adapter so its outputs have the spread of the LLM's token embeddings, as
+    a trained adapter's do. Left at its default init, a wide random model feeds inputs ~20x
+    larger than any embedding back into itself, and that loop amplifies float rounding
+    exponentially over 197 steps, so no two exact algorithms could agree on its features."""
+    emb_std = model.llm.get_input_embeddings().weight.float().std()
+    scale = float(emb_std / model.adapter(model.encode_images(pixels)).float().std())
+    model.adapter.weight.mul_(scale)
+    model.adapter.bias.mul_(scale)
+    return scale
+
+
+def timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each fast measurement (median)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from PIL import Image
+
+    from lm4lv_core.config import ModelConfig
+    from lm4lv_core.data.dataset import collate
+    from lm4lv_core.data.format import parse_sample
+    from lm4lv_core.generate import GenerationConfig, build_items, generate_batch, naive_generate_images
+    from lm4lv_core.model import LM4LV
+    from lm4lv_core.presets import preset_config
+
+    load0 = os.getloadavg()[0]  # other processes on the machine skew the timings
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    mae = preset_config("tiny-224")
+    llm = build_llm(args.hidden, args.layers, args.heads, args.intermediate)
+    torch.manual_seed(0)
+    model = LM4LV.from_config(ModelConfig(llm=str(llm), encoder=mae.encoder, decoder=mae.decoder))
+    model.eval()
+
+    rng = np.random.default_rng(0)
+    images = {f"mem:{i}": Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for i in range(8)}
+    samples = [parse_sample({"image": [f"mem:{i}"], "conversations": [{"from": "human", "value": p},
+                                                                      {"from": "gpt", "value": ""}]}, i)
+               for i, p in enumerate(PROMPTS)]
+    items, _ = build_items(model, samples, "image", loader=lambda p: images[p])
+    scale_adapter_to_embeddings(model, items[0].pixels)
+    model = model.to(device, dtype)
+    cfg = GenerationConfig(mode="image")
+
+    def batch_of(its):
+        return collate(its, pad_id=model.builder.pad_id, padding_side="left").to(device, dtype)
+
+    b1, b8 = batch_of(items[:1]), batch_of(items)
+    prompt_len = int(b1.input_ids.shape[1])
+    run1 = lambda: generate_batch(model, b1, cfg, image_only=[True], decode_images=False)  # noqa: E731
+    run8 = lambda: generate_batch(model, b8, cfg, image_only=[True] * 8, decode_images=False)  # noqa: E731
+    n = model.num_visual_tokens
+    ids = torch.randint(4, len(model.tokenizer), (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    gen_kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                  use_cache=True, pad_token_id=model.builder.pad_id)
+
+    def run_llm():
+        with torch.inference_mode():
+            return model.llm.generate(ids, **gen_kw)
+
+    for fn in (run1, run8, run_llm):  # warm-up
+        fn()
+    naive_s, naive = timed(lambda: naive_generate_images(model, b1), device)
+    # the fast measurements are interleaved so that load from other processes hits all alike
+    times: dict[str, list[float]] = {"cached": [], "batch8": [], "llm": []}
+    for _ in range(args.repeats):
+        t, cached = timed(run1, device)
+        times["cached"].append(t)
+        times["batch8"].append(timed(run8, device)[0])
+        t, llm_out = timed(run_llm, device)
+        times["llm"].append(t)
+    assert llm_out.shape[1] == prompt_len + n
+    cached_s, b8_s, llm_s = (statistics.median(times[k]) for k in ("cached", "batch8", "llm"))
+    diff = (cached[0].features[0].float() - naive.float()).abs().max().item()
+
+    params = sum(p.numel() for p in model.llm.parameters())
+    print(json.dumps({
+        "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
+        "llm": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                "intermediate": args.intermediate, "params": params},
+        "visual_tokens": n, "prompt_tokens": prompt_len,
+        "batch8_prompt_tokens": sorted(len(it.encoded) for it in items),
+        "naive_s": round(naive_s, 4), "cached_s": round(cached_s, 4), "speedup": round(naive_s / cached_s, 2),
+        "max_abs_diff": diff,
+        "llm_decode_s": round(llm_s, 4), "overhead_vs_llm_decode": round(cached_s / llm_s, 3),
+        "batch8_s": round(b8_s, 4), "batch8_vs_batch1_throughput": round(8 * cached_s / b8_s, 2),
+        "runs_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
