@@ -120,7 +120,9 @@ class LM4LV(nn.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = state_dict if state_dict is not None else self.state_dict()
+        sd = self.state_dict()
+        if state_dict is not None:  # e.g. gathered ZeRO-3 trainables; frozen adapters come from the module
+            sd.update(state_dict)
         keep = self._saved_prefixes()
         weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()
                    if k.startswith(keep) or k == "task_tokens"}
