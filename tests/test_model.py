@@ -96,3 +96,14 @@ def test_captioning_sample_has_text_loss_only(tiny_config, tmp_path):
     assert out.text_loss > 0 and out.vision_loss == 0 and out.vision_pred is None
     out.loss.backward()
     assert model.adapter.weight.grad.abs().sum() > 0  # the caption depends on the adapted image
+
+
+def test_frozen_adapter_is_saved_with_a_trainables_only_state_dict(pairs_file, tmp_path):
+    cfg = preset_config("tiny", train_adapter=False)
+    model = LM4LV.from_config(cfg)
+    assert not model.adapter.weight.requires_grad
+    model.save_pretrained(tmp_path / "m", state_dict=model.trainable_state_dict())
+    torch.manual_seed(99)
+    loaded = LM4LV.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.adapter.weight, model.adapter.weight)
+    assert torch.equal(loaded.task_tokens, model.task_tokens)
