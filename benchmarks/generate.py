@@ -97,6 +97,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed (imported by peft) stays quiet
     from PIL import Image
 
     from lm4lv_core.config import ModelConfig
