@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -300,7 +299,3 @@ class _progress:
 
 def new_attempt() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-
-
-def clear_job_dir(out: Path) -> None:
-    shutil.rmtree(out / JOB_DIR, ignore_errors=True)
