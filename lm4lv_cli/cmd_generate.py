@@ -19,6 +19,10 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch and worker."),
     nproc: int = typer.Option(1, "--nproc", help="Workers (processes); each sample is generated exactly once."),
     engine: str = typer.Option("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="deepspeed | accelerate | torchrun [the engine's own]."),
+    num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (deepspeed launcher; --out must be on a shared filesystem)."),
+    hostfile: Optional[str] = typer.Option(None, "--hostfile", help="Hostfile for the deepspeed launcher."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port [a free one]."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only)."),
     mode: str = typer.Option("auto", "--mode", help="image: answers start with <Img> and stop after the image; "
                              "text: free text and images; auto: image when the prompt holds <task>."),
@@ -41,6 +45,13 @@ def generate(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and not launch.has_cuda():
+        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    launcher = launcher or launch.default_launcher(engine)
+    if launcher not in launch.LAUNCHERS:
+        raise ConfigError(f"--launcher must be one of {', '.join(launch.LAUNCHERS)}, got {launcher!r}")
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode)
     model_dir = resolve_model_dir(run)
@@ -48,13 +59,13 @@ def generate(
     image_root = image_root.resolve() if image_root else None
     samples = load_checked(data, image_root=image_root, mode="generate")
     job = {"model": str(model_dir), "data": str(data), "image_root": str(image_root) if image_root else None,
-           "out": str(out),
-           "batch_size": batch_size, "precision": precision, "generation": vars(gen).copy(),
+           "out": str(out), "batch_size": batch_size, "precision": precision, "generation": vars(gen).copy(),
            "attempt": new_attempt()}
     prepare_out(out, job, overwrite)
     stems = output_stems(samples)
     before = len(finished_records(out, samples, stems))
-    launch.run_job("generate", job, nproc=nproc, engine=engine, job_dir=out / JOB_DIR)
+    launch.run_job("generate", job, nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes,
+                   hostfile=hostfile, master_port=master_port, job_dir=out / JOB_DIR)
     after = len(finished_records(out, samples, stems))
     skipped = f", {before} already done" if before else ""
     console.print(f"{after}/{len(samples)} samples finished ({after - before} generated{skipped}); "

@@ -127,7 +127,8 @@ def test_refusals_happen_before_any_worker(setup, tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "o1").exists()
 
     for opt, val, msg in (("--precision", "fp8", "--precision"), ("--top-p", "0", "--top-p"),
-                          ("--batch-size", "0", "--batch-size"), ("--mode", "video", "--mode")):
+                          ("--batch-size", "0", "--batch-size"), ("--mode", "video", "--mode"),
+                          ("--engine", "slurm", "--engine"), ("--nproc", "0", "--nproc")):
         code, log = lm4lv(monkeypatch, capsys, "generate", "--run", run, "--data", data,
                           "--out", tmp_path / "o2", opt, val)
         assert code == 2 and msg in log, log
