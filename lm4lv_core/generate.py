@@ -352,6 +352,10 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     dev = model_device(model)
     dtype = model.adapter_dtype
+    need = getattr(model.decoder, "num_tokens", model.num_visual_tokens)
+    if decode_images and need != model.num_visual_tokens:
+        raise ConfigError(f"the decoder needs {need} visual tokens per image but the model generates "
+                          f"{model.num_visual_tokens} (num_visual_tokens); images cannot be decoded")
     results: list[SampleOutput] = []
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start:start + batch_size])
