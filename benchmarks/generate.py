@@ -12,7 +12,9 @@ path takes under a minute on two CPU cores:
 * ``batch8_vs_batch1_throughput``: samples per second with batch 8 (mixed prompt lengths) over
   batch 1.
 
-Usage: ``python benchmarks/generate.py [--threads 1] [--device cuda --precision bf16]``.
+Usage: ``python benchmarks/generate.py [--threads 1] [--device cuda --precision bf16]``. On a CPU
+shared with other work, ``--threads 1`` gives stable timings (two OpenMP threads on two busy cores
+spend most of their time waiting for each other).
 """
 
 from __future__ import annotations
