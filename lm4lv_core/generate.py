@@ -152,7 +152,7 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
     dev = batch.input_ids.device
     n_vis = model.num_visual_tokens
     tok = model.builder
-    start_ids, end_ids, eos = tok._ids(IMG_START), tok._ids(IMG_END), tok.eos_id
+    start_ids, end_ids, eos = tok.text_ids(IMG_START), tok.text_ids(IMG_END), tok.eos_id
     keys = list(keys) if keys is not None else list(batch.sample_index)
     embed_tokens = model.llm.get_input_embeddings()
     adapter_dtype = model.adapter_dtype

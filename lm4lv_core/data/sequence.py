@@ -190,7 +190,8 @@ class SequenceBuilder:
         return pieces
 
     # ---------------------------------------------------------------- tokenising
-    def _ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of a text piece, exactly as it is tokenised inside a sequence (no specials)."""
         ids = self._cache.get(text)
         if ids is None:
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -216,7 +217,7 @@ class SequenceBuilder:
         n_vis, n_task = self.num_visual_tokens, self.num_task_tokens
         for p in pieces:
             if p.kind in ("text", "eos"):
-                toks = [self.eos_id] if p.kind == "eos" else self._ids(p.text)
+                toks = [self.eos_id] if p.kind == "eos" else self.text_ids(p.text)
                 ids += toks
                 labels += toks if p.trainable else [IGNORE_INDEX] * len(toks)
                 stype += [SLOT_TEXT] * len(toks)
