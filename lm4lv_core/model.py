@@ -72,7 +72,6 @@ class LM4LV(nn.Module):
         self.adapter = build_adapter(config.adapter, d_v, d_llm)
         self.deadapter = build_adapter(config.deadapter, d_llm, d_v)
         std = float(llm.get_input_embeddings().weight.detach().float().std())
-        _match_output_scale(self.adapter, std)
         self.task_tokens = nn.Parameter(torch.randn(config.num_task_tokens, d_llm) * std)
         self.vision_loss_fn = VISION_LOSSES.get(config.vision_loss)
         if config.vision_loss == "pixel_l1" and self.num_visual_tokens != decoder.num_tokens:
@@ -257,17 +256,6 @@ class LM4LV(nn.Module):
     def decode_features(self, features: torch.Tensor) -> torch.Tensor:
         """``[M, N, d_v]`` → images ``[M, 3, H, W]`` in [0, 1]."""
         return self.decoder(features.to(next(self.decoder.parameters()).dtype)).float()
-
-
-def _match_output_scale(adapter: nn.Module, std: float) -> None:
-    """Initialise a linear adapter so that unit-variance features map to vectors with the spread of
-    the LLM's token embeddings (the default init is often 10-30x larger than that)."""
-    last = [m for m in adapter.modules() if isinstance(m, nn.Linear)][-1:]
-    for lin in last:
-        with torch.no_grad():
-            lin.weight.normal_(0.0, std / lin.in_features ** 0.5)
-            if lin.bias is not None:
-                lin.bias.zero_()
 
 
 def _wrap_lora(llm: nn.Module, config: ModelConfig) -> nn.Module:

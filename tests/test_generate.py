@@ -123,7 +123,7 @@ def test_text_then_image_then_text(models, lq_images, monkeypatch):
     model = models["tiny"]
     b = model.builder
     prefix = "a cat"
-    script = b._ids(prefix) + b._ids(IMG_START) + b._ids(" the")
+    script = b.text_ids(prefix) + b.text_ids(IMG_START) + b.text_ids(" the")
     head = _ScriptedHead(script, len(model.tokenizer), b.eos_id)
     monkeypatch.setattr(model, "lm_head", lambda: head)
     s = _samples(lq_images, ["Describe <image>"])[0]
