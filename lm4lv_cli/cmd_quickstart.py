@@ -17,8 +17,8 @@ O = typer.Option
 
 def quickstart(
     out: Path = O(Path("lm4lv-quickstart"), "--out", help="Folder for everything the quickstart makes."),
-    steps: int = O(400, "--steps", min=1, help="LM4LV training steps."),
-    mae_steps: int = O(300, "--mae-steps", min=0, help="MAE decoder fine-tuning steps (0 keeps the random decoder)."),
+    steps: int = O(2400, "--steps", min=1, help="LM4LV training steps."),
+    mae_steps: int = O(1500, "--mae-steps", min=0, help="MAE decoder fine-tuning steps (0 keeps the random decoder)."),
     preset: str = O("tiny-64", "--preset", help="Tiny offline model preset."),
     size: int = O(64, "--size", help="Image size (must match the preset's MAE)."),
     lpips_weight: Optional[float] = O(None, "--lpips-weight", help="λ of ft-mae [1.0 when LPIPS weights are installed, else 0]."),
@@ -41,7 +41,9 @@ def quickstart(
     start = time.perf_counter()
     console.rule("[bold]lm4lv quickstart")
     console.print(f"sample images from scikit-image → {out / 'images'}")
-    qs.export_sample_images(out / "images")
+    train_dir, _ = qs.export_sample_images(out / "images")
+    if cfg.crops:
+        qs.augment_train_images(train_dir, out / "images/train-crops", size, cfg.crops, seed)
     if lam == 0 and lpips_weight is None:
         console.print("LPIPS backbone weights are not installed: the MAE decoder is fine-tuned with L1 only")
     ran = []
