@@ -30,11 +30,23 @@ def load_mae(path: str):
         raise ConfigError(f"{path}: cannot load an MAE (ViTMAEForPreTraining) folder ({e})") from None
 
 
-class _Normalise(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
+class _MAEPart(nn.Module):
+    """What the MAE encoder and decoder share: loading, the geometry and the ImageNet
+    statistics its pixels are normalised with."""
+
+    def _setup(self, path: str | None, mae):
+        """Load (or take) the MAE, record its geometry; return it for the subclass to keep a part."""
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mae = mae if mae is not None else load_mae(path)
+        cfg = mae.config
+        self.path = path
+        self.patch_size = cfg.patch_size
+        self.dim = cfg.hidden_size
+        self.image_size = cfg.image_size
+        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.num_tokens = 1 + self.num_patches
+        return mae
 
 
 def _patch_order_noise(batch: int, n: int, device: torch.device) -> torch.Tensor:
@@ -42,19 +54,12 @@ def _patch_order_noise(batch: int, n: int, device: torch.device) -> torch.Tensor
 
 
 @ENCODERS.register("mae")
-class MAEEncoder(VisionEncoder, _Normalise):
+class MAEEncoder(_MAEPart, VisionEncoder):
     """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
 
     def __init__(self, path: str | None = None, mae=None) -> None:
         super().__init__()
-        mae = mae if mae is not None else load_mae(path)
-        self.vit = mae.vit
-        cfg = mae.config
-        self.path = path
-        self.dim = cfg.hidden_size
-        self.image_size = cfg.image_size
-        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.num_tokens = 1 + self.num_patches
+        self.vit = self._setup(path, mae).vit
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels.to(self.mean.dtype) - self.mean) / self.std
@@ -64,20 +69,12 @@ class MAEEncoder(VisionEncoder, _Normalise):
 
 
 @DECODERS.register("mae")
-class MAEDecoder(VisionDecoder, _Normalise):
+class MAEDecoder(_MAEPart, VisionDecoder):
     """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
 
     def __init__(self, path: str | None = None, mae=None) -> None:
         super().__init__()
-        mae = mae if mae is not None else load_mae(path)
-        self.decoder = mae.decoder
-        cfg = mae.config
-        self.path = path
-        self.patch_size = cfg.patch_size
-        self.dim = cfg.hidden_size
-        self.image_size = cfg.image_size
-        self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.num_tokens = 1 + self.num_patches
+        self.decoder = self._setup(path, mae).decoder
 
     def forward(self, features: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """``clamp=False`` keeps gradients for pixels outside [0, 1] (used when training)."""
