@@ -84,6 +84,9 @@ class ModelConfig:
             raise ConfigError(f"unknown template {self.template!r}; valid: {', '.join(TEMPLATES)}")
         if self.num_visual_tokens is not None and self.num_visual_tokens <= 0:
             raise ConfigError(f"num_visual_tokens must be > 0, got {self.num_visual_tokens}")
+        from .losses import VISION_LOSSES  # registers the built-in losses
+
+        VISION_LOSSES.get(self.vision_loss)  # unknown names list the valid ones
         if self.vision_loss_weight < 0 or self.text_loss_weight < 0:
             raise ConfigError("loss weights must be >= 0")
 
