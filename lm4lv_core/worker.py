@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         job_function(args.kind)(load_yaml(args.job))
+        # leave together: a worker exiting while another still uses the process group aborts it
+        from . import dist
+
+        dist.barrier()
+        dist.destroy()
     except LM4LVError as e:
         # the parent (lm4lv_core.launch.run_job) reports this message once all workers exit
         import os
