@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class Trainer:
         last = ckpt.latest(self.ckpt_root)
         if last is None:
             if dist.is_main():
-                print(f"no complete checkpoint in {self.ckpt_root}: starting from step 0", flush=True)
+                print(f"no complete checkpoint in {self.ckpt_root}: starting from step 0", file=sys.stderr, flush=True)
             return
         state = ckpt.read_state(last)
         diff = {k: (state["geometry"].get(k), v) for k, v in self._geometry().items()
@@ -113,7 +114,7 @@ class Trainer:
         self.step = int(state["step"])
         if dist.is_main():
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-            print(f"resumed from {last} (step {self.step} of {self.total_steps})", flush=True)
+            print(f"resumed from {last} (step {self.step} of {self.total_steps})", file=sys.stderr, flush=True)
 
     def _write_run_info(self) -> None:
         write_json_atomic(self.run_dir / "run.json", {
@@ -247,7 +248,7 @@ class Trainer:
         try:
             plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
         except Exception as e:  # noqa: BLE001 - a plot must never stop training
-            print(f"warning: loss.png not written ({e})", flush=True)
+            print(f"warning: loss.png not written ({e})", file=sys.stderr, flush=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -263,10 +264,12 @@ class _Progress:
     """Rich progress bar with the latest losses (rank 0 only)."""
 
     def __init__(self, total: int, start: int) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        # progress and status go to stderr: stdout stays free for results (e.g. a benchmark's JSON)
         self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          TextColumn("{task.fields[info]}"))
+                          TextColumn("{task.fields[info]}"), console=Console(stderr=True))
         self.t = self.p.add_task("train", total=total, completed=start, info="")
         self.p.start()
 
