@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 from .data.format import Sample, load_checked
 from .errors import ConfigError, LM4LVError
+from .progress import rank0_progress
 
 MANIFEST = "generate.json"
 RESULTS = "results.jsonl"
@@ -249,7 +250,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
         model = model.to(device).eval()
         part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "a", encoding="utf-8") as f, _progress(rank == 0, len(mine), world) as advance:
+        label = "generate" + (f" (rank 0 of {world})" if world > 1 else "")
+        with open(part, "a", encoding="utf-8") as f, rank0_progress(label, len(mine), show=rank == 0) as advance:
             def write(chunk: list[Sample], outs) -> None:
                 for s, o in zip(chunk, outs):
                     names = image_names(stems[s.index], len(o.images))
@@ -267,34 +269,6 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
         merge_results(out, samples)
     dist.barrier()
     return {"generated": len(mine), "skipped": skipped, "total": len(samples)}
-
-
-class _progress:
-    """A rich progress bar on rank 0 (other ranks count silently)."""
-
-    def __init__(self, show: bool, total: int, world: int):
-        self.show, self.total, self.world = show, total, world
-        self.bar = None
-
-    def __enter__(self):
-        if self.show:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            label = "generate" + (f" (rank 0 of {self.world})" if self.world > 1 else "")
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
-            self.bar.__enter__()
-            self.task = self.bar.add_task(label, total=self.total)
-        return self.advance
-
-    def advance(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def new_attempt() -> str:

@@ -20,6 +20,7 @@ from .data.dataset import image_to_tensor, tensor_to_uint8
 from .engine.task import TrainTask
 from .errors import ConfigError, LM4LVError
 from .imageio import list_images, load_rgb, save_png
+from .progress import rank0_progress
 from .vision.mae import MAEDecoder, MAEEncoder, load_mae
 
 
@@ -231,9 +232,11 @@ def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
     from . import dist
 
     dist.init_distributed()
-    rows = reconstruct_folder(job["mae"], job["images"], job["out"], batch_size=job["batch_size"],
-                              rank=dist.rank(), world_size=dist.world_size(),
-                              crop_border=job.get("crop_border", 4))
+    n_mine = len(list_images(job["images"])[dist.rank()::dist.world_size()])
+    with rank0_progress("reconstruct", n_mine, show=dist.is_main()) as advance:
+        rows = reconstruct_folder(job["mae"], job["images"], job["out"], batch_size=job["batch_size"],
+                                  rank=dist.rank(), world_size=dist.world_size(),
+                                  crop_border=job.get("crop_border", 4), progress=advance)
     gathered = dist.all_gather_objects(rows)
     if not dist.is_main():
         return None
