@@ -33,10 +33,16 @@ def quickstart(
 
     cfg = qs.QuickstartConfig(out=str(out), preset=preset, size=size, mae_steps=mae_steps, steps=steps,
                               seed=seed, overwrite=overwrite)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out}: not empty; pass --overwrite to replace an earlier quickstart")
-    if overwrite and out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out {out}: not empty; pass --overwrite to replace an earlier quickstart")
+        if not (out / qs.MARKER).is_file():
+            raise ConfigError(f"--out {out}: not a quickstart folder (no {qs.MARKER}); --overwrite only "
+                              "replaces an earlier quickstart")
         _remove_own(out)
+    from lm4lv_core.config import save_yaml
+
+    save_yaml(cfg, out / qs.MARKER)
     lam = lpips_weight if lpips_weight is not None else (1.0 if qs.lpips_available() else 0.0)
     start = time.perf_counter()
     console.rule("[bold]lm4lv quickstart")
@@ -73,7 +79,8 @@ def _remove_own(out: Path) -> None:
     """Remove what an earlier quickstart wrote (and nothing else)."""
     import shutil
 
-    for name in ("images", "data", "mae", "run", "generated", "scores", "grid.png", "loss.png", "report.md"):
+    for name in ("images", "data", "mae", "run", "generated", "scores", "grid.png", "loss.png", "report.md",
+                 "quickstart.yaml"):
         p = out / name
         if p.is_dir():
             shutil.rmtree(p)

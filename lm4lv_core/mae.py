@@ -311,6 +311,8 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
         raise LM4LVError(f"{images}: folder not found")
     if not list_images(images):
         raise LM4LVError(f"{images}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
+    if out.resolve() == images.resolve() or images.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out}: must not be the input folder or inside it")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
     job = {"mae": path, "images": str(images.resolve()), "out": str(out.resolve()),

@@ -17,7 +17,7 @@ import torch
 from .config import ModelConfig, ModuleSpec
 from .errors import ConfigError
 
-PRESET_VERSION = 1
+PRESET_VERSION = 2
 
 _CORPUS = [
     "A chat between a curious human and an artificial intelligence assistant.",
@@ -33,7 +33,8 @@ _CORPUS = [
     "the quick brown fox jumps over the lazy dog 0123456789",
 ]
 _CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n"
+    "{% for m in messages %}{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}\n"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}\n"
     "{% else %}<|assistant|>{{ m['content'] }}</s>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

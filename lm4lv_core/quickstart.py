@@ -23,6 +23,7 @@ from .imageio import load_rgb, save_png
 TRAIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
                 "coins", "camera", "moon", "brick", "grass", "gravel", "clock", "cell", "page", "text")
 HELD_OUT_IMAGES = ("cat", "retina", "colorwheel")
+MARKER = "quickstart.yaml"  # the settings of the run; marks the folder as the quickstart's own
 # LoRA on attention and MLP: a *random* LLM must learn to carry degraded token t to the slot
 # before target token t; a pretrained LLM does this frozen (the paper's setting)
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"

@@ -121,3 +121,10 @@ def test_two_workers_ft_mae_and_recon(folders, tmp_path):
     rep = _recon(held, tmp_path / "rec", "--mae", tmp_path / "run" / "final", "--nproc", 2, "--batch-size", 1)
     assert sorted(r["name"] for r in rep["images"]) == sorted(f"{n}.png" for n in HELD_OUT)
     assert all((tmp_path / "rec" / f"{n}.png").is_file() for n in HELD_OUT)
+
+
+def test_recon_mae_refuses_to_write_into_its_input(folders):
+    _, held = folders
+    res = runner.invoke(app, ["recon-mae", str(held), "--out", str(held / "recon"), "--preset", "tiny"])
+    assert res.exit_code != 0 and "must not be the input folder" in str(res.exception)
+    assert not (held / "recon").exists()

@@ -33,3 +33,11 @@ def test_short_quickstart_end_to_end(tmp_path):
     # a second run refuses to overwrite without the flag
     res2 = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--steps", "1"])
     assert res2.exit_code != 0 and "--overwrite" in str(res2.exception)
+
+
+def test_quickstart_overwrite_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.json").write_text("[]")
+    res = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path), "--overwrite", "--steps", "1"])
+    assert res.exit_code != 0 and "not a quickstart folder" in str(res.exception)
+    assert (tmp_path / "data" / "mine.json").read_text() == "[]"

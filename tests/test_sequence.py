@@ -105,3 +105,10 @@ def test_collate_pads_and_renumbers_images(tok):
         # positions count only real tokens
         assert batch.position_ids[1][batch.attention_mask[1].bool()].tolist() == list(range(short))
         assert int(batch.target_mask.sum()) == 2 * N
+
+
+def test_chat_template_gets_the_system_prompt(tok):
+    b = SequenceBuilder(tok, template="chat_template", num_task_tokens=K, num_visual_tokens=N,
+                        system_prompt="Be brief.")
+    enc = b.encode(two_turn())
+    assert enc.text.startswith("<|system|>Be brief.\n<|user|>Fix")

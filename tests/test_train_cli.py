@@ -46,3 +46,25 @@ def test_option_errors_name_the_option(pairs_file, tmp_path):
                               "--precision", "fp16"])
     assert isinstance(res.exception, ConfigError) and "fp16" in str(res.exception)
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_with_model_options_keeps_the_saved_model_settings(pairs_file, tmp_path):
+    from lm4lv_core.config import load_yaml
+    from lm4lv_core.engine.options import resolve_options
+
+    out = tmp_path / "run"
+    out.mkdir()
+    first, model = resolve_options({"data": str(pairs_file), "out": str(out), "preset": "tiny",
+                                    "template": "llama2", "gpt_prefix": "Sure.", "lora": True})
+    from lm4lv_core.config import save_yaml, to_dict
+
+    save_yaml({"task": "lm4lv", "train": to_dict(first), "model": to_dict(model)}, out / "config.yaml")
+    _, resumed = resolve_options({"data": str(pairs_file), "out": str(out), "preset": "tiny", "resume": True})
+    assert resumed.template == "llama2" and resumed.gpt_prefix == "Sure." and resumed.lora.enabled
+    assert load_yaml(out / "config.yaml")["model"]["template"] == "llama2"
+    import pytest
+
+    from lm4lv_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume: the llm given now differs"):
+        resolve_options({"data": str(pairs_file), "out": str(out), "preset": "tiny-gpt2", "resume": True})

@@ -168,6 +168,8 @@ class SequenceBuilder:
 
     def _render_chat_template(self, turns: list[Turn], generation: bool) -> list[Piece]:
         msgs, values = [], []
+        if self.system_prompt:
+            msgs.append({"role": "system", "content": self.system_prompt})
         open_end = generation and turns[-1].role == "gpt" and turns[-1].value == ""
         body = turns[:-1] if open_end else turns
         for i, t in enumerate(body):

@@ -69,10 +69,18 @@ def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tupl
     train = from_dict(TrainConfig, train_kw, source="train options")
 
     fields = {k: opts[k] for k in MODEL_FIELDS if k in opts}
-    if any(opts.get(k) for k in MODEL_SOURCE) or saved_model is None:
-        model = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
-    else:
+    sources = any(opts.get(k) for k in MODEL_SOURCE)
+    if saved_model is not None and (cli.get("resume") or not sources):
+        # a resumed run keeps its saved model (template, prefix, LoRA, ...); options given now override
         model = from_dict(ModelConfig, {**saved_model, **fields}, source="saved model config")
+        if sources:
+            given = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
+            for part in ("llm", "encoder", "decoder"):
+                if getattr(given, part) != getattr(model, part):
+                    raise ConfigError(f"--resume: the {part} given now differs from the run's "
+                                      f"({getattr(model, part)}); drop the model options or start a new run")
+    else:
+        model = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
     lora = {LORA[k]: opts[k] for k in LORA if k in opts}
     if lora:
         if isinstance(lora.get("target_modules"), str):
