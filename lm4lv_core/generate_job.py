@@ -23,6 +23,7 @@ Correctness under several workers, kills and re-runs:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -43,7 +44,7 @@ JOB_DIR = ".job"
 FORMAT = "lm4lv-generate"
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # options whose change makes existing outputs stale
-_IDENTITY_KEYS = ("model", "precision", "generation")
+_IDENTITY_KEYS = ("model", "model_fingerprint", "precision", "generation")
 
 
 # ---------------------------------------------------------------------------- naming
@@ -104,14 +105,16 @@ def record_files(out: Path) -> list[Path]:
 
 
 def finished_records(out: Path, samples: Sequence[Sample], stems: dict[int, str]) -> dict[int, dict]:
-    """Valid records by sample index: inputs match the data file and every image exists."""
+    """Valid records by sample index: the sample (prompt and inputs) is unchanged in the data file
+    and every image exists."""
     by_index = {s.index: s for s in samples}
     done: dict[int, dict] = {}
     for f in record_files(out):
         for rec in _read_records(f):
             s = by_index.get(rec["index"])
             outs = rec.get("outputs")
-            if s is None or rec.get("inputs") != list(s.images) or not isinstance(outs, list):
+            if (s is None or rec.get("inputs") != list(s.images) or rec.get("sample") != sample_hash(s)
+                    or not isinstance(outs, list)):
                 continue
             if outs != image_names(stems[s.index], len(outs)):
                 continue
@@ -155,8 +158,25 @@ def resolve_model_dir(run: str | os.PathLike) -> Path:
 
 
 def manifest_for(job: dict[str, Any]) -> dict[str, Any]:
-    return {"format": FORMAT, "version": 1, "model": str(job["model"]), "data": str(job["data"]),
+    return {"format": FORMAT, "version": 1, "model": str(job["model"]),
+            "model_fingerprint": model_fingerprint(Path(job["model"])), "data": str(job["data"]),
             "precision": job["precision"], "generation": dict(job["generation"])}
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """SHA-256 of a saved model folder's files: a retrained model in the same folder is another model."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        h.update(f.relative_to(model_dir).as_posix().encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def sample_hash(s: Sample) -> str:
+    """What a record was generated from (turns, task type, images): a changed prompt is regenerated."""
+    return hashlib.sha256(json.dumps(s.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> str:
@@ -258,7 +278,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
                     for name, img in zip(names, o.images):
                         save_png(tensor_to_uint8(img), out / name)
                     rec = {"index": s.index, "inputs": list(s.images), "outputs": names, "text": o.text,
-                           "worker": rank}
+                           "worker": rank, "sample": sample_hash(s)}
                     rec.update({k: v for k, v in s.extra if k not in rec})
                     _append_line(f, rec)
                 advance(len(chunk))

@@ -173,3 +173,32 @@ def test_two_workers_produce_every_sample_exactly_once(setup, tmp_path, monkeypa
     assert [r["index"] for r in recs] == [0, 1, 2, 3, 4]
     assert [r["worker"] for r in recs] == [0, 1, 0, 1, 0]  # sample i is made by worker i % 2 only
     assert len(list((out / "images").glob("*.png"))) == 4
+
+
+def test_changed_prompt_is_regenerated_and_a_retrained_model_is_refused(setup, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(setup / "run", run)
+    data = tmp_path / "test.json"
+    samples = json.loads((setup / "test.json").read_text())[:2]
+    for s in samples:
+        s["image"] = [str(setup / p) for p in s["image"]]
+    data.write_text(json.dumps(samples))
+    out = tmp_path / "out"
+    args = ["generate", "--run", run, "--data", data, "--out", out, "--max-new-tokens", "4"]
+    assert lm4lv(monkeypatch, capsys, *args)[0] == 0
+    samples[1]["conversations"][0]["value"] = "<image> describe it"
+    data.write_text(json.dumps(samples))
+    code, log = lm4lv(monkeypatch, capsys, *args)
+    assert code == 0 and "(1 generated" in log, log
+    assert _results(out)[1]["text"] != "<image>"  # answered in text mode now
+    # the same folder, retrained: its outputs are stale
+    from lm4lv_core.model import LM4LV
+
+    model = LM4LV.from_pretrained(run / "final")
+    with torch.no_grad():
+        model.task_tokens.add_(1.0)
+    model.save_pretrained(run / "final")
+    code, log = lm4lv(monkeypatch, capsys, *args)
+    assert code == 2 and "model_fingerprint" in log
