@@ -68,3 +68,16 @@ def test_resume_with_model_options_keeps_the_saved_model_settings(pairs_file, tm
 
     with pytest.raises(ConfigError, match="--resume: the llm given now differs"):
         resolve_options({"data": str(pairs_file), "out": str(out), "preset": "tiny-gpt2", "resume": True})
+
+
+def test_deepspeed_config_cannot_change_the_batch_behind_the_loop(pairs_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from lm4lv_cli.app import app
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 1}}')
+    res = CliRunner().invoke(app, ["train", "--data", str(pairs_file), "--out", str(tmp_path / "run"),
+                                   "--preset", "tiny", "--max-steps", "1", "--deepspeed-config", str(ds)])
+    assert res.exit_code != 0 and "gradient_accumulation_steps = 8 disagrees with --grad-accum" in str(res.exception)
+    assert not (tmp_path / "run").exists()

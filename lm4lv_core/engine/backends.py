@@ -105,7 +105,7 @@ class DeepSpeedBackend(Backend):
         elif c.precision == "fp16":
             conf["fp16"] = {"enabled": True, "initial_scale_power": 16}
         if c.deepspeed_config:
-            _deep_update(conf, _read_mapping(c.deepspeed_config))
+            _deep_update(conf, checked_deepspeed_overrides(c, dist.world_size()))
         return conf
 
     def wrap(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
@@ -253,6 +253,21 @@ def _read_mapping(path: str) -> dict[str, Any]:
             raise ConfigError(f"--deepspeed-config {path}: expected a JSON object")
         return data
     return load_yaml(path)
+
+
+def checked_deepspeed_overrides(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """The user's ``--deepspeed-config`` file; batch and clipping keys must agree with the options
+    the training loop itself follows (micro-steps, accumulation, schedule)."""
+    user = _read_mapping(cfg.deepspeed_config)
+    owned = {"train_micro_batch_size_per_gpu": ("--micro-batch", cfg.micro_batch),
+             "gradient_accumulation_steps": ("--grad-accum", cfg.grad_accum),
+             "train_batch_size": ("--micro-batch x --grad-accum x workers", cfg.micro_batch * cfg.grad_accum * world),
+             "gradient_clipping": ("--grad-clip", cfg.grad_clip)}
+    for key, (option, value) in owned.items():
+        if key in user and user[key] != value:
+            raise ConfigError(f"--deepspeed-config {cfg.deepspeed_config}: {key} = {user[key]} disagrees with "
+                              f"{option} ({value}); set it through the option instead")
+    return user
 
 
 def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -82,8 +82,12 @@ def validate(cfg: TrainConfig, model: ModelConfig) -> int:
         raise ConfigError("--precision fp16 needs a GPU; use bf16 (or fp32) on CPU")
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         raise ConfigError(f"--hostfile {cfg.hostfile}: file not found")
-    if cfg.deepspeed_config and not Path(cfg.deepspeed_config).is_file():
-        raise ConfigError(f"--deepspeed-config {cfg.deepspeed_config}: file not found")
+    if cfg.deepspeed_config:
+        if not Path(cfg.deepspeed_config).is_file():
+            raise ConfigError(f"--deepspeed-config {cfg.deepspeed_config}: file not found")
+        from .backends import checked_deepspeed_overrides
+
+        checked_deepspeed_overrides(cfg, cfg.nproc * cfg.num_nodes)
     cfg.image_root = str(Path(cfg.image_root if cfg.image_root is not None else Path(cfg.data).parent).resolve())
     cfg.data = str(Path(cfg.data).resolve())
     return len(samples)
