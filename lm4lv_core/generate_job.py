@@ -9,8 +9,9 @@ Output folder layout::
 
 Correctness under several workers, kills and re-runs:
 
-* sample ``i`` belongs to rank ``i % world_size``, so every sample has exactly one owner whatever
-  the timing; a worker only writes records of its own samples;
+* every rank reads the finished records, then (after a barrier, before anyone writes) deals the
+  unfinished samples round-robin: the same list on every rank, so each has exactly one owner and
+  a resumed run shares the remaining work evenly;
 * a sample counts as finished when a complete record (a parseable line ending in a newline) for
   it exists in ``results.jsonl`` or ``parts/`` *and* its inputs match the data file *and* all its
   images exist. Images are written atomically before the record, so a kill at any point leaves
@@ -263,8 +264,10 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     samples = load_checked(job["data"], image_root=job.get("image_root"), mode="generate", check_files=False)
     stems = output_stems(samples)
     done = finished_records(out, samples, stems)
-    mine = [s for s in samples if s.index % world == rank and s.index not in done]
-    skipped = sum(1 for s in samples if s.index % world == rank and s.index in done)
+    dist.barrier()  # every rank has read the same records before any rank writes new ones
+    todo = [s for s in samples if s.index not in done]
+    mine = todo[rank::world]  # unfinished work is shared evenly, also on a resumed run
+    skipped = len(done) if rank == 0 else 0
     if mine:
         model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]))
         model = model.to(device).eval()
