@@ -114,6 +114,7 @@ class Trainer:
         self.step = int(state["step"])
         if dist.is_main():
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            _truncate_metrics(self.run_dir / "data_order.csv", self.step, header=False)
             print(f"resumed from {last} (step {self.step} of {self.total_steps})", file=sys.stderr, flush=True)
 
     def _write_run_info(self) -> None:
@@ -251,12 +252,13 @@ class Trainer:
             print(f"warning: loss.png not written ({e})", file=sys.stderr, flush=True)
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows after ``step`` (written after the checkpoint a run resumes from)."""
+def _truncate_metrics(path: Path, step: int, header: bool = True) -> None:
+    """Drop CSV rows (first column: step) after ``step``, written after the checkpoint a run resumes from."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    head, rows = (lines[:1], lines[1:]) if header else ([], lines)
+    keep = head + [ln for ln in rows if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
     path.write_text("".join(keep), encoding="utf-8")
 
 
