@@ -105,3 +105,16 @@ def pair_images(root_a: str | os.PathLike, root_b: str | os.PathLike) -> Pairing
             pairs.append((ka, a.pop(ka), b.pop(kb)))
     pairs.sort(key=lambda t: t[0])
     return Pairing(pairs, sorted(a.values()), sorted(b.values()))
+
+
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """The size policy of lm4lv: resize the shorter side to ``size`` (bicubic, antialiased), then
+    centre-crop to ``size`` x ``size``. ``size`` 0, or an image already that size, is unchanged."""
+    if size <= 0 or img.size == (size, size):
+        return img
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))

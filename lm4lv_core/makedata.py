@@ -41,7 +41,7 @@ from . import __version__
 from .degrade import Pipeline, parse_spec
 from .errors import ConfigError, LM4LVError
 from .fsutil import write_json_atomic
-from .imageio import list_images, load_rgb, pair_images, save_png
+from .imageio import fit_square, list_images, load_rgb, pair_images, save_png
 
 DEFAULT_PROMPT = "<image> <task>"
 SIZE_POLICY = ("shorter side resized to SIZE (bicubic, antialiased), then centre-cropped to "
@@ -121,14 +121,7 @@ class MakeDataResult:
 
 def apply_size_policy(img: Image.Image, size: int) -> np.ndarray:
     """Resize the shorter side to ``size`` (bicubic) and centre-crop; 0 = unchanged."""
-    if size > 0 and img.size != (size, size):
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(fit_square(img, size), dtype=np.uint8)
 
 
 def image_rng(seed: int, key: str, index: int) -> np.random.Generator:

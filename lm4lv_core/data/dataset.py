@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..imageio import load_rgb
+from ..imageio import fit_square, load_rgb
 from .format import Sample
 from .sequence import IGNORE_INDEX, SLOT_IMAGE, SLOT_TEXT, Encoded, SequenceBuilder
 
@@ -20,14 +20,7 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     Images of another size are resized so the shorter side is ``size`` (bicubic, antialiased),
     then center-cropped to a square.
     """
-    if img.size != (size, size):
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = np.asarray(fit_square(img, size), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
