@@ -67,6 +67,8 @@ def make_data(
     lq: Optional[Path] = typer.Option(None, "--lq", help="Pair existing degraded images..."),
     hq: Optional[Path] = typer.Option(None, "--hq", help="...with these clean images."),
     list_: bool = typer.Option(False, "--list", help="List the degradations and exit."),
+    resize: str = typer.Option("stretch", "--resize", help="stretch: SIZE x SIZE whatever the aspect ratio "
+                               "(as the reference); crop: shorter side to SIZE, centre square."),
 ) -> None:
     """Build a restoration dataset: hq/, lq/<degradation>/, train.json, test.json, manifest.json.
 
@@ -83,7 +85,7 @@ def make_data(
     cfg = MakeDataConfig(out=out, clean_dir=clean_dir, degradations=degradation, size=size,
                          seed=seed, test_fraction=test_fraction, test_dir=test_dir,
                          prompt=prompt, workers=workers, overwrite=overwrite, lq_dir=lq,
-                         hq_dir=hq)
+                         hq_dir=hq, resize=resize)
     with _progress("make-data") as update:
         res = build(cfg, progress=update)
     console = Console()

@@ -32,6 +32,9 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of text sampling (per sample, independent of batching)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs)."),
+    resize: Optional[str] = typer.Option(None, "--resize", help="How inputs reach the model's size: stretch | crop [the run's, recorded at training]."),
+    output_size: str = typer.Option("input", "--output-size", help="input: images at the input image's size (crop: its centre "
+                                    "square's); model: at the model's square size."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
     from lm4lv_core import launch
@@ -39,7 +42,7 @@ def generate(
     from lm4lv_core.errors import ConfigError
     from lm4lv_core.generate import GenerationConfig
     from lm4lv_core.generate_job import (JOB_DIR, PRECISIONS, RESULTS, finished_records, new_attempt,
-                                         output_stems, prepare_out, resolve_model_dir)
+                                         model_resize, output_stems, prepare_out, resolve_model_dir)
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
@@ -53,8 +56,9 @@ def generate(
     if launcher not in launch.LAUNCHERS:
         raise ConfigError(f"--launcher must be one of {', '.join(launch.LAUNCHERS)}, got {launcher!r}")
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed, mode=mode)
+                           top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size)
     model_dir = resolve_model_dir(run)
+    gen.resize = gen.resize or model_resize(model_dir)
     data, out = data.resolve(), out.resolve()
     image_root = image_root.resolve() if image_root else None
     samples = load_checked(data, image_root=image_root, mode="generate")

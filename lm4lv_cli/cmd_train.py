@@ -67,6 +67,8 @@ def train(
     resume: bool = opt.RESUME,
     overwrite: bool = opt.OVERWRITE,
     dry_run: bool = O(False, "--dry-run", help="Validate data, images and config, show the first prompt, exit."),
+    resize: Optional[str] = O(None, "--resize", help="How images reach the model's square size: stretch "
+                              "(as the reference) | crop (centre square); recorded for generate [stretch]."),
 ) -> None:
     """Train the adapters and task tokens of LM4LV on a data file."""
     options = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}

@@ -46,6 +46,8 @@ class ModelConfig:
 
     ``llm`` is a Hugging Face causal-LM folder. ``encoder`` / ``decoder`` / ``adapter`` /
     ``deadapter`` are registry specs (MAE folders for the default ``mae`` encoder/decoder).
+    ``resize`` is how images reach the encoder's square size (``stretch`` | ``crop``, see
+    :data:`lm4lv_core.imageio.RESIZE_POLICIES`); generation uses the model's by default.
     """
 
     llm: str
@@ -66,6 +68,7 @@ class ModelConfig:
     train_encoder: bool = False
     train_decoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    resize: str = "stretch"  # size policy of every image (stretch, as the reference, or crop)
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -89,6 +92,9 @@ class ModelConfig:
         VISION_LOSSES.get(self.vision_loss)  # unknown names list the valid ones
         if self.vision_loss_weight < 0 or self.text_loss_weight < 0:
             raise ConfigError("loss weights must be >= 0")
+        from .imageio import check_resize
+
+        check_resize(self.resize)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from .data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
 from .data.format import TASK_TOKEN, Sample, parse_sample
 from .data.sequence import IMG_END, IMG_START, SLOT_TEXT
 from .errors import ConfigError
+from .imageio import OUTPUT_SIZES, check_resize, resize_to, restored_size
 
 TEXT, IMAGE, DONE = 0, 1, 2
 MODES = ("auto", "image", "text")
@@ -44,6 +45,12 @@ class GenerationConfig:
     (the reference's image-only mode); ``text`` lets the model write text and images freely;
     ``auto`` uses ``image`` for samples whose prompt holds ``<task>`` (restoration data) and
     ``text`` for the others (e.g. captioning).
+
+    ``resize``: size policy of the input images (``stretch`` | ``crop``; ``None`` = the model's
+    own, recorded at training). ``output_size``: ``input`` writes each generated image at the
+    size of its sample's first input image (see :func:`lm4lv_core.imageio.restored_size`),
+    ``model`` at the model's square size; it applies where images are written (``restore``, the
+    ``generate`` job), not to the tensors ``generate_samples`` returns.
     """
 
     max_new_tokens: int = 64
@@ -52,6 +59,8 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
     mode: str = "auto"
+    resize: str | None = None
+    output_size: str = "input"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -64,6 +73,10 @@ class GenerationConfig:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.resize is not None:
+            check_resize(self.resize)
+        if self.output_size not in OUTPUT_SIZES:
+            raise ConfigError(f"--output-size must be one of {', '.join(OUTPUT_SIZES)}, got {self.output_size!r}")
 
     @property
     def greedy(self) -> bool:
@@ -326,9 +339,11 @@ def naive_generate_images(model, batch: Batch) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- samples & API
-def build_items(model, samples: Sequence[Sample], mode: str, loader=None):
-    """Dataset items of generation samples, each encoded in its own mode."""
+def build_items(model, samples: Sequence[Sample], mode: str, loader=None, resize: str | None = None):
+    """Dataset items of generation samples, each encoded in its own mode; images are brought to
+    the model's size by ``resize`` (``None``: the model's own size policy)."""
     kw = {"loader": loader} if loader is not None else {}
+    kw["resize"] = resize or model.config.resize
     size = model.encoder.image_size
     ds_img = LM4LVDataset(samples, model.builder, size, generation=True, image_only=True, **kw)
     ds_txt = LM4LVDataset(samples, model.builder, size, generation=True, image_only=False, **kw)
@@ -359,7 +374,7 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
     results: list[SampleOutput] = []
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start:start + batch_size])
-        items, flags = build_items(model, chunk, cfg.mode, loader)
+        items, flags = build_items(model, chunk, cfg.mode, loader, cfg.resize)
         batch = collate(items, pad_id=model.builder.pad_id, padding_side="left").to(dev, dtype)
         outs = generate_batch(model, batch, cfg, image_only=flags, decode_images=decode_images)
         if on_batch is not None:
@@ -372,10 +387,10 @@ def restore(model, images, prompt: str = "<image> <task>", *, batch_size: int = 
             cfg: GenerationConfig | None = None):
     """Restore PIL images with a loaded model (image-only generation); returns PIL images.
 
-    ``prompt`` is the human turn; its ``<image>`` is the input image.
+    ``prompt`` is the human turn; its ``<image>`` is the input image. With ``cfg.output_size``
+    ``input`` (the default) each result has its input's size (under ``crop``: the centre square's
+    footprint), with ``model`` the model's square size.
     """
-    from PIL import Image
-
     cfg = cfg or GenerationConfig(mode="image")
     if prompt.count("<image>") != 1:
         raise ConfigError(f"restore prompt must hold exactly one <image>, got {prompt!r}")
@@ -394,5 +409,18 @@ def restore(model, images, prompt: str = "<image> <task>", *, batch_size: int = 
     for i, o in enumerate(outs):
         if not o.images:
             raise ConfigError(f"image {i}: the model produced no image")
-        result.append(Image.fromarray(tensor_to_uint8(o.images[0])))
+        result.append(output_image(o.images[0], images[i].size, cfg, model))
     return result
+
+
+def output_image(image: torch.Tensor, input_size: tuple[int, int] | None, cfg: GenerationConfig, model):
+    """A generated ``[3, H, W]`` image as PIL, at the size ``cfg.output_size`` asks for:
+    ``input_size`` (width, height) of its sample's first input, resized by
+    :func:`lm4lv_core.imageio.restored_size` under the size policy in use; the model's size when
+    ``output_size`` is ``model`` or there is no input image."""
+    from PIL import Image
+
+    img = Image.fromarray(tensor_to_uint8(image))
+    if cfg.output_size == "model" or input_size is None:
+        return img
+    return resize_to(img, restored_size(input_size, cfg.resize or model.config.resize))

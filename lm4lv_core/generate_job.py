@@ -3,7 +3,9 @@
 Output folder layout::
 
     OUT/generate.json        what produced the folder (model, options); checked on re-runs
-    OUT/images/<name>.png    generated images, named from the input image's relative path
+    OUT/images/<name>.png    generated images, named from the input image's relative path; written
+                             at the input image's size (``--output-size input``, see
+                             ``GenerationConfig``) or the model's (``model``)
     OUT/results.jsonl        one line per finished sample, sorted by sample index
     OUT/parts/*.jsonl        per-worker records of a run in progress (merged at the end)
 
@@ -158,6 +160,15 @@ def resolve_model_dir(run: str | os.PathLike) -> Path:
     raise ConfigError(f"--run {run}: neither a saved model folder nor a run with final/{CONFIG_FILE}")
 
 
+def model_resize(model_dir: Path) -> str:
+    """The size policy a saved model was trained with (its ``lm4lv.yaml``)."""
+    from .config import ModelConfig, from_dict, load_yaml
+    from .model import CONFIG_FILE
+
+    path = Path(model_dir) / CONFIG_FILE
+    return from_dict(ModelConfig, load_yaml(path), source=str(path)).resize
+
+
 def manifest_for(job: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "version": 1, "model": str(job["model"]),
             "model_fingerprint": model_fingerprint(Path(job["model"])), "data": str(job["data"]),
@@ -246,9 +257,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     import torch
 
     from . import dist
-    from .data.dataset import tensor_to_uint8
-    from .generate import GenerationConfig, generate_samples
-    from .imageio import save_png
+    from .generate import GenerationConfig, generate_samples, output_image
+    from .imageio import oriented_size, save_png
     from .model import LM4LV
 
     dist.init_distributed()
@@ -278,8 +288,9 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
             def write(chunk: list[Sample], outs) -> None:
                 for s, o in zip(chunk, outs):
                     names = image_names(stems[s.index], len(o.images))
+                    size = oriented_size(s.images[0]) if s.images and o.images else None
                     for name, img in zip(names, o.images):
-                        save_png(tensor_to_uint8(img), out / name)
+                        save_png(output_image(img, size, cfg, model), out / name)
                     rec = {"index": s.index, "inputs": list(s.images), "outputs": names, "text": o.text,
                            "worker": rank, "sample": sample_hash(s)}
                     rec.update({k: v for k, v in s.extra if k not in rec})

@@ -1,4 +1,5 @@
-"""Reading and writing images: 8-bit RGB in, PNG out (atomically)."""
+"""Reading and writing images (8-bit RGB in, PNG out, atomically) and the size policies that bring
+them to the model's square size and restored images back to their input's size."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import LM4LVError
+from .errors import ConfigError, LM4LVError
 from .fsutil import atomic_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -108,7 +109,7 @@ def pair_images(root_a: str | os.PathLike, root_b: str | os.PathLike) -> Pairing
 
 
 def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """The size policy of lm4lv: resize the shorter side to ``size`` (bicubic, antialiased), then
+    """The ``crop`` size policy: resize the shorter side to ``size`` (bicubic, antialiased), then
     centre-crop to ``size`` x ``size``. ``size`` 0, or an image already that size, is unchanged."""
     if size <= 0 or img.size == (size, size):
         return img
@@ -118,3 +119,60 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+# --------------------------------------------------------------------------- size policy
+RESIZE_MODES = ("stretch", "crop")
+RESIZE_POLICIES = {
+    "stretch": "resized to SIZE x SIZE whatever its aspect ratio (bicubic, antialiased), as the reference",
+    "crop": "shorter side resized to SIZE (bicubic, antialiased), then centre-cropped to SIZE x SIZE",
+}
+OUTPUT_SIZES = ("input", "model")
+
+
+def check_resize(mode: str) -> str:
+    """``mode`` if it is a size policy, else a one-line ``ConfigError``."""
+    if mode not in RESIZE_MODES:
+        raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    return mode
+
+
+def to_square(img: Image.Image, size: int, resize: str = "stretch") -> Image.Image:
+    """An image at the model's ``size`` x ``size`` under a size policy (:data:`RESIZE_POLICIES`):
+    ``stretch`` resizes both sides to ``size`` (bicubic, antialiased), ``crop`` is
+    :func:`fit_square`. ``size`` 0, or an image already that size, is unchanged."""
+    check_resize(resize)
+    if resize == "crop":
+        return fit_square(img, size)
+    if size <= 0 or img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def restored_size(input_size: tuple[int, int], resize: str) -> tuple[int, int]:
+    """(width, height) a restored image is written at for an input of ``input_size``: the input's
+    own size under ``stretch``; under ``crop``, the footprint of the centre square the model saw
+    (side ``min(width, height)``), since the model never saw the rest."""
+    w, h = input_size
+    if check_resize(resize) == "crop":
+        return (min(w, h), min(w, h))
+    return (w, h)
+
+
+def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``img`` at (width, height) ``size`` (bicubic, antialiased); unchanged when already that size."""
+    return img if img.size == tuple(size) else img.resize(tuple(size), Image.Resampling.BICUBIC)
+
+
+def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as :func:`load_rgb` returns it (EXIF orientation applied),
+    read from its header without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise LM4LVError(f"{path}: image file not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise LM4LVError(f"{path}: cannot read image ({e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -126,11 +126,13 @@ class ImageBatch:
 
 @dataclass
 class MAEFinetuneConfig:
-    """What ``lm4lv ft-mae`` trains: the MAE folder and the loss ``L1 + lpips_weight · LPIPS``."""
+    """What ``lm4lv ft-mae`` trains: the MAE folder and the loss ``L1 + lpips_weight · LPIPS``.
+
+    LPIPS uses VGG16 by default, the perceptual network of the reference's decoder fine-tuning."""
 
     mae: str
     lpips_weight: float = 1.0
-    lpips_net: str = "alex"
+    lpips_net: str = "vgg"
     lpips_weights: str | None = None
     train_encoder: bool = False
 

@@ -9,9 +9,11 @@ Layout of ``DATA_DIR`` (relative paths of the clean images are kept, extensions 
     train.json, test.json         samples in the LM4LV JSON format, absolute paths
     manifest.json                 every parameter, the seed and package versions
 
-Size policy (``size > 0``): the shorter side is resized to ``size`` with Pillow's bicubic filter
-(antialiased when shrinking), then the centre ``size x size`` square is cropped; ``size = 0``
-keeps the original size. Degradations are applied after this.
+Size policy (``size > 0``), chosen by ``resize``: ``stretch`` (the default, as the reference)
+resizes the image to ``size x size`` whatever its aspect ratio; ``crop`` resizes the shorter side
+to ``size`` and keeps the centre ``size x size`` square. Both use Pillow's bicubic filter
+(antialiased when shrinking); ``size = 0`` keeps the original size. Degradations are applied
+after this, so hq/ and lq/ images of one clean image have the same size.
 
 Reproducibility: the generator of each (image, degradation) is seeded from the seed, the
 image's output path and the degradation index, so outputs are byte-identical whatever the
@@ -41,11 +43,11 @@ from . import __version__
 from .degrade import Pipeline, parse_spec
 from .errors import ConfigError, LM4LVError
 from .fsutil import write_json_atomic
-from .imageio import fit_square, list_images, load_rgb, pair_images, save_png
+from .imageio import (RESIZE_POLICIES, check_resize, list_images, load_rgb, pair_images, save_png,
+                      to_square)
 
 DEFAULT_PROMPT = "<image> <task>"
-SIZE_POLICY = ("shorter side resized to SIZE (bicubic, antialiased), then centre-cropped to "
-               "SIZE x SIZE; SIZE 0 keeps the original size")
+SIZE_POLICY = "SIZE x SIZE as --resize says; SIZE 0 keeps the original size"
 OUR_ENTRIES = ("hq", "lq", "test", "train.json", "test.json", "manifest.json")
 _SPLIT_TAG = 0x5B1A
 
@@ -67,6 +69,7 @@ class MakeDataConfig:
     overwrite: bool = False
     lq_dir: Path | None = None
     hq_dir: Path | None = None
+    resize: str = "stretch"
 
     def __post_init__(self) -> None:
         for name in ("out", "clean_dir", "test_dir", "lq_dir", "hq_dir"):
@@ -87,6 +90,7 @@ class MakeDataConfig:
                 raise ConfigError("give at least one --degradation (`--list` shows them)")
         if self.size < 0:
             raise ConfigError(f"--size must be >= 0, got {self.size}")
+        check_resize(self.resize)
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.test_fraction <= 1.0:
@@ -119,9 +123,9 @@ class MakeDataResult:
 # --------------------------------------------------------------------------- per image
 
 
-def apply_size_policy(img: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic) and centre-crop; 0 = unchanged."""
-    return np.asarray(fit_square(img, size), dtype=np.uint8)
+def apply_size_policy(img: Image.Image, size: int, resize: str = "stretch") -> np.ndarray:
+    """``img`` at ``size x size`` by the size policy ``resize`` (stretch | crop); 0 = unchanged."""
+    return np.asarray(to_square(img, size, resize), dtype=np.uint8)
 
 
 def image_rng(seed: int, key: str, index: int) -> np.random.Generator:
@@ -139,11 +143,12 @@ class _Job:
     size: int
     seed: int
     pipelines: tuple[tuple[str, Pipeline], ...]
+    resize: str = "stretch"
 
 
 def _process(jobs: list[_Job]) -> int:
     for job in jobs:
-        hq = apply_size_policy(load_rgb(job.src), job.size)
+        hq = apply_size_policy(load_rgb(job.src), job.size, job.resize)
         save_png(hq, job.root / f"{job.prefix}hq" / job.key)
         for i, (slug, pipe) in enumerate(job.pipelines):
             lq = pipe(hq, image_rng(job.seed, job.prefix + job.key, i))
@@ -291,9 +296,9 @@ def make_data(cfg: MakeDataConfig,
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.partial-", dir=cfg.out.parent))
     pipelines = tuple(zip(slugs, pipes))
-    jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines)
+    jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
             for key, src in sorted(train_src.items())]
-    jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines)
+    jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
              for key, src in sorted(test_src.items())]
     try:
         _run_jobs(jobs, cfg.workers, progress)
@@ -310,7 +315,8 @@ def make_data(cfg: MakeDataConfig,
         manifest = {
             "tool": "lm4lv make-data", "mode": "degrade", "clean_dir": str(cfg.clean_dir),
             "test_dir": str(cfg.test_dir) if cfg.test_dir else None, "size": cfg.size,
-            "size_policy": SIZE_POLICY, "seed": cfg.seed,
+            "size_policy": (RESIZE_POLICIES[cfg.resize] if cfg.size else "original size kept"),
+            "seed": cfg.seed,
             "test_fraction": None if cfg.test_dir else cfg.test_fraction, "prompt": cfg.prompt,
             "degradations": [{"spec": s, "canonical": p.spec, "folder": f"lq/{p.slug}",
                               "steps": [{"name": st.name, "params": st.params()}
@@ -320,6 +326,7 @@ def make_data(cfg: MakeDataConfig,
                        "test_images": n_test_imgs, "train_samples": len(train),
                        "test_samples": len(test)},
             "versions": _versions(),
+            "resize": cfg.resize,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
         _commit(tmp, cfg.out)

@@ -114,9 +114,11 @@ def augment_train_images(src: Path, dst: Path, size: int, per_image: int, seed: 
 
 
 def lpips_available() -> bool:
+    """Whether the backbone of ft-mae's default LPIPS network is in the torch hub cache."""
+    from .mae import MAEFinetuneConfig
     from .metrics import lpips_backbone_file, lpips_cache_dir
 
-    return (lpips_cache_dir() / lpips_backbone_file("alex")).is_file()
+    return (lpips_cache_dir() / lpips_backbone_file(MAEFinetuneConfig.lpips_net)).is_file()
 
 
 def stages(cfg: QuickstartConfig, lpips_weight: float) -> list[Stage]:

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -86,17 +87,20 @@ def test_ft_mae_resume_matches_straight_run(folders, tmp_path):
 
 
 def test_ft_mae_with_lpips_weights_file(folders, tmp_path):
-    import torchvision
+    """LPIPS is VGG16-based by default (the reference's perceptual loss); a random torchvision
+    vgg16 backbone state dict (its ``features.*``) stands in for the ImageNet weights."""
+    from torchvision.models.vgg import cfgs, make_layers
 
     train, _ = folders
     torch.manual_seed(0)
-    weights = tmp_path / "alex.pth"
-    torch.save(torchvision.models.alexnet().state_dict(), weights)
+    weights = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, weights)
     _ft([train, "--out", tmp_path / "run", "--preset", "tiny", "--max-steps", 2, "--micro-batch", 2,
          "--lpips-weights", weights])
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert float(rows[-1].split(",")[header.index("lpips")]) > 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["mae"]["lpips_net"] == "vgg"
 
 
 def test_missing_lpips_weights_is_a_clear_error_before_anything_is_written(folders, tmp_path, monkeypatch):
@@ -107,7 +111,7 @@ def test_missing_lpips_weights_is_a_clear_error_before_anything_is_written(folde
                           capture_output=True, text=True)
     assert proc.returncode == 2
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err) == 1 and "alexnet-owt-7be5be79.pth" in err[0] and "--lpips-weights" in err[0]
+    assert len(err) == 1 and "vgg16-397923af.pth" in err[0] and "--lpips-weights" in err[0]
     assert not (tmp_path / "run").exists()
 
 

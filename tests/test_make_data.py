@@ -113,7 +113,7 @@ def test_lq_equals_degradation_of_hq_with_documented_seed(clean, tmp_path):
 def test_size_policy_resize_shorter_side_then_centre_crop(clean, tmp_path):
     src = Image.open(clean / "sub" / "coffee.jpg").convert("RGB")  # 120x80
     expect = np.asarray(src.resize((96, 64), Image.Resampling.BICUBIC))[:, 16:80]
-    np.testing.assert_array_equal(apply_size_policy(src, 64), expect)
+    np.testing.assert_array_equal(apply_size_policy(src, 64, "crop"), expect)
     out = tmp_path / "orig"
     assert run([clean, "-o", out, "-d", "rotate", "--size", 0]).exit_code == 0
     assert load(out / "hq" / "sub" / "coffee.png").shape == (80, 120, 3)

@@ -9,18 +9,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..imageio import fit_square, load_rgb
+from ..imageio import check_resize, load_rgb, to_square
 from .format import Sample
 from .sequence import IGNORE_INDEX, SLOT_IMAGE, SLOT_TEXT, Encoded, SequenceBuilder
 
 
-def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+def image_to_tensor(img: Image.Image, size: int, resize: str = "stretch") -> torch.Tensor:
     """PIL RGB → ``[3, size, size]`` float in [0, 1].
 
-    Images of another size are resized so the shorter side is ``size`` (bicubic, antialiased),
-    then center-cropped to a square.
+    Images of another size are brought to ``size`` x ``size`` by the size policy ``resize``
+    (:func:`lm4lv_core.imageio.to_square`): ``stretch`` (the reference's) or ``crop``.
     """
-    arr = np.asarray(fit_square(img, size), dtype=np.float32) / 255.0
+    arr = np.asarray(to_square(img, size, resize), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -37,17 +37,19 @@ class Item:
 
 
 class LM4LVDataset(torch.utils.data.Dataset):
-    """Encodes samples on the fly; images are loaded and resized to the encoder's size."""
+    """Encodes samples on the fly; images are loaded and resized to the encoder's size (size
+    policy ``resize``: ``stretch`` or ``crop``)."""
 
     def __init__(self, samples: Sequence[Sample], builder: SequenceBuilder, image_size: int, *,
                  generation: bool = False, image_only: bool = False,
-                 loader: Callable[[str], Image.Image] = load_rgb):
+                 loader: Callable[[str], Image.Image] = load_rgb, resize: str = "stretch"):
         self.samples = list(samples)
         self.builder = builder
         self.image_size = image_size
         self.generation = generation
         self.image_only = image_only
         self.loader = loader
+        self.resize = check_resize(resize)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -56,7 +58,7 @@ class LM4LVDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         enc = self.builder.encode(s, generation=self.generation, image_only=self.image_only)
         if s.images:
-            pixels = torch.stack([image_to_tensor(self.loader(p), self.image_size) for p in s.images])
+            pixels = torch.stack([image_to_tensor(self.loader(p), self.image_size, self.resize) for p in s.images])
         else:
             pixels = torch.zeros(0, 3, self.image_size, self.image_size)
         return Item(s, enc, pixels)

@@ -47,7 +47,8 @@ class LM4LVTask(TrainTask):
     def dataset(self) -> Sequence[Any]:
         c = self.train_config
         samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
-        return _TrainDataset(samples, self.model.builder, self.model.encoder.image_size)
+        return _TrainDataset(samples, self.model.builder, self.model.encoder.image_size,
+                             resize=self.model_config.resize)
 
     def collate(self, items: list[Any]) -> Batch:
         batch = collate(items, pad_id=self.model.tokenizer.pad_token_id)
@@ -68,7 +69,8 @@ class LM4LVTask(TrainTask):
         with torch.no_grad():
             for i in range(0, len(paths), 16):
                 chunk = paths[i:i + 16]
-                pixels = torch.stack([image_to_tensor(load_rgb(p), size) for p in chunk]).to(device)
+                pixels = torch.stack([image_to_tensor(load_rgb(p), size, self.model_config.resize)
+                                      for p in chunk]).to(device)
                 feats = model.encode_images(pixels).cpu()
                 cache.update(zip(chunk, feats))
         self.cache = cache
