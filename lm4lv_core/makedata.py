@@ -13,7 +13,7 @@ Size policy (``size > 0``), chosen by ``resize``: ``stretch`` (the default, as t
 resizes the image to ``size x size`` whatever its aspect ratio; ``crop`` resizes the shorter side
 to ``size`` and keeps the centre ``size x size`` square. Both use Pillow's bicubic filter
 (antialiased when shrinking); ``size = 0`` keeps the original size. Degradations are applied
-after this, so hq/ and lq/ images of one clean image have the same size.
+after this.
 
 Reproducibility: the generator of each (image, degradation) is seeded from the seed, the
 image's output path and the degradation index, so outputs are byte-identical whatever the
