@@ -40,6 +40,13 @@ class MAEAutoencoder(nn.Module):
         for p in self.decoder.parameters():
             p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> "MAEAutoencoder":
+        """A frozen encoder stays in eval mode whatever ``mode`` is (no dropout in a frozen part)."""
+        super().train(mode)
+        if not self.train_encoder:
+            self.encoder.eval()
+        return self
+
     def forward(self, pixels: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] → reconstruction ``[B, 3, H, W]``."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):

@@ -156,6 +156,23 @@ class LM4LV(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(flag)
 
+    def train(self, mode: bool = True) -> "LM4LV":
+        """Only what trains follows ``mode``: the frozen LLM (LoRA modules, with their dropout,
+        excepted) and a frozen encoder / decoder stay in eval mode, so their dropout never fires
+        and a frozen part computes in training exactly what it computes at inference."""
+        super().train(mode)
+        cfg = self.config
+        self.llm.eval()
+        if cfg.lora.enabled:
+            for name, module in self.llm.named_modules():
+                if "lora_" in name.rsplit(".", 1)[-1]:
+                    module.train(mode)
+        if not cfg.train_encoder:
+            self.encoder.eval()
+        if not cfg.train_decoder:
+            self.decoder.eval()
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
