@@ -116,16 +116,23 @@ class LM4LV(nn.Module):
         """Write ``lm4lv.yaml``, ``trainable.safetensors`` (adapters, task tokens, any trained
         encoder/decoder) and, with LoRA, a PEFT adapter folder ``lora/``.
 
-        ``state_dict`` overrides the module's own tensors (e.g. gathered ZeRO-3 parameters).
+        ``state_dict`` overrides the module's own tensors (e.g. gathered ZeRO-3 parameters: all of
+        ``saved_parameter_names()``).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = self.state_dict()
-        if state_dict is not None:  # e.g. gathered ZeRO-3 trainables; frozen adapters come from the module
+        if state_dict is not None:  # e.g. the gathered ZeRO-3 tensors of saved_parameter_names()
             sd.update(state_dict)
         keep = self._saved_prefixes()
         weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()
                    if k.startswith(keep) or k == "task_tokens"}
+        params = dict(self.named_parameters())
+        for k, v in weights.items():  # a ZeRO-3 partition left ungathered would not reload
+            full = getattr(params.get(k), "ds_shape", None)
+            if full is not None and tuple(v.shape) != tuple(full):
+                raise RuntimeError(f"save_pretrained: {k} is a ZeRO-3 partition {tuple(v.shape)} of "
+                                   f"{tuple(full)}; pass the gathered tensors as state_dict")
         with atomic_path(path / WEIGHTS_FILE) as tmp:
             save_file(weights, str(tmp), metadata={"format": "pt"})
         if self.config.lora.enabled:
@@ -135,6 +142,13 @@ class LM4LV(nn.Module):
             peft_sd = get_peft_model_state_dict(self.llm, state_dict=lora_sd or None)
             self.llm.save_pretrained(str(path / LORA_DIR), state_dict=peft_sd)
         save_yaml(self.config, path / CONFIG_FILE)
+
+    def saved_parameter_names(self) -> list[str]:
+        """The parameters ``save_pretrained`` writes, frozen adapters included (under ZeRO-3 the
+        caller gathers them all into ``state_dict``)."""
+        keep = self._saved_prefixes()
+        return [n for n, p in self.named_parameters()
+                if n.startswith(keep) or n == "task_tokens" or (p.requires_grad and "lora_" in n)]
 
     def _saved_prefixes(self) -> tuple[str, ...]:
         keep = ["adapter.", "deadapter."]

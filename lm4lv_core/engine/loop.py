@@ -233,7 +233,7 @@ class Trainer:
         dist.barrier()
 
     def save_final(self) -> None:
-        weights = self.backend.full_trainable_state_dict()
+        weights = self.backend.full_state_dict(self.task.saved_parameter_names(self.module))
         if dist.is_main():
             final, tmp = self.run_dir / "final", self.run_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
