@@ -21,6 +21,7 @@ from .data.dataset import Batch
 from .data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
 from .errors import ConfigError
 from .fsutil import atomic_path
+from .logits import check_output_logits, output_logits
 from .losses import text_cross_entropy, zero_touching
 from .registry import VISION_LOSSES
 from .vision import build_adapter, build_decoder, build_encoder
@@ -86,6 +87,7 @@ class LM4LV(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "LM4LV":
         llm, tokenizer = load_llm(config.llm, dtype)
+        check_output_logits(llm, config.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if config.lora.enabled:
@@ -221,6 +223,11 @@ class LM4LV(nn.Module):
         llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         return llm.get_output_embeddings()
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Token logits of final hidden states, with the LLM's own post-processing (soft-capping,
+        logit scaling; see ``logits.py``)."""
+        return output_logits(self.llm, hidden, self.lm_head())
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[M, 3, H, W]`` in [0, 1] → ``[M, N, d_v]`` (first N visual tokens)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_encoder):
@@ -258,7 +265,7 @@ class LM4LV(nn.Module):
         labels = batch.labels[:, 1:]
         has_text = labels != IGNORE_INDEX
         if has_text.any():
-            logits = self.lm_head()(h_prev[has_text])
+            logits = self.logits(h_prev[has_text])
             text_loss = text_cross_entropy(logits, labels[has_text])
         else:
             text_loss = zero_touching(self.lm_head().parameters()).to(h.device)
