@@ -69,3 +69,22 @@ def test_cosine_and_constant_schedules():
 def test_unknown_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="--lr-schedule must be one of reference, cosine, constant"):
         TrainConfig(data="d", out="o", lr_schedule="linear")
+
+
+def test_cli_option_reaches_both_commands(pairs_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from lm4lv_cli.app import app
+    from lm4lv_core.engine.options import resolve_options
+    from lm4lv_core.mae import resolve_finetune_options
+
+    train_cfg, _ = resolve_options({"data": str(pairs_file), "out": str(tmp_path / "r"), "preset": "tiny",
+                                    "lr_schedule": "cosine"})
+    assert train_cfg.lr_schedule == "cosine"
+    mae_cfg, _ = resolve_finetune_options({"data": str(tmp_path), "out": str(tmp_path / "m"), "preset": "tiny",
+                                           "lr_schedule": "constant"})
+    assert mae_cfg.lr_schedule == "constant"
+    res = CliRunner().invoke(app, ["train", "--data", str(pairs_file), "--out", str(tmp_path / "r"),
+                                   "--preset", "tiny", "--lr-schedule", "linear", "--dry-run"])
+    assert isinstance(res.exception, ConfigError)  # `lm4lv` prints it as one error line, exit code 2
+    assert "--lr-schedule must be one of reference, cosine, constant" in str(res.exception)
