@@ -11,6 +11,8 @@ from lm4lv_core.engine.config import TrainConfig
 from lm4lv_core.engine.run import train
 from lm4lv_core.presets import preset_config
 
+ONE_STEP = dict(lr_schedule="constant", warmup_ratio=0.0)  # the reference schedule's first step has lr 0
+
 
 @pytest.fixture
 def no_persistence(tmp_path):
@@ -26,7 +28,7 @@ def test_zero3_run_with_frozen_adapters_reloads_and_generates(pairs_file, tmp_pa
     cfg = preset_config("tiny", train_adapter=False, train_deadapter=False)  # --freeze-(de)adapter
     out = tmp_path / "run"
     train(TrainConfig(data=str(pairs_file), out=str(out), micro_batch=2, max_steps=1, zero_stage=3,
-                      deepspeed_config=no_persistence), cfg)
+                      deepspeed_config=no_persistence, **ONE_STEP), cfg)
     saved = load_file(str(out / "final" / "trainable.safetensors"))
     assert all(v.numel() > 0 for v in saved.values()), {k: tuple(v.shape) for k, v in saved.items()}
     step = load_file(str(out / "checkpoints" / "step-1" / "trainable.safetensors"))
@@ -56,7 +58,7 @@ def test_zero3_ft_mae_writes_the_whole_mae(tmp_path, no_persistence):
         Image.fromarray(arr).save(images / f"{i}.png")
     base = str(preset_dir("tiny") / "mae")
     train_cfg = TrainConfig(data=str(images), out=str(tmp_path / "run"), micro_batch=2, max_steps=1,
-                            zero_stage=3, deepspeed_config=no_persistence)
+                            zero_stage=3, deepspeed_config=no_persistence, **ONE_STEP)
     finetune(train_cfg, MAEFinetuneConfig(mae=base, lpips_weight=0))
     saved = ViTMAEForPreTraining.from_pretrained(tmp_path / "run" / "final")
     start = ViTMAEForPreTraining.from_pretrained(base)

@@ -2,8 +2,8 @@
 
 Defaults follow the reference recipe: AdamW with β = (0.9, 0.95), lr 3e-4, no weight decay,
 gradient clipping at 1.0, and DeepSpeed's ``WarmupDecayLR`` (log warmup over
-``max(10, int(0.1 · T))`` steps, then linear decay to 0; ``lr_schedule`` and ``engine/schedule.py``). The run directory's
-``config.yaml`` holds ``{task, train, model}`` fully resolved.
+``max(10, int(0.1 · T))`` steps, then linear decay to 0: ``lr_schedule``, see ``schedule.py``).
+The run directory's ``config.yaml`` holds ``{task, train, model}`` fully resolved.
 """
 
 from __future__ import annotations
