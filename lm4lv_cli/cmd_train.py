@@ -55,6 +55,7 @@ def train(
     weight_decay: Optional[float] = opt.WEIGHT_DECAY,
     grad_clip: Optional[float] = opt.GRAD_CLIP,
     warmup_ratio: Optional[float] = opt.WARMUP_RATIO,
+    lr_schedule: Optional[str] = opt.LR_SCHEDULE,
     epochs: Optional[int] = opt.EPOCHS,
     max_steps: Optional[int] = opt.MAX_STEPS,
     stop_after: Optional[int] = opt.STOP_AFTER,

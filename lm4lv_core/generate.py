@@ -239,7 +239,7 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
             chosen: dict[int, int] = {}
             sample_rows = [b for b in text_rows if not states[b].forced]
             if sample_rows:
-                logits = model.lm_head()(h[torch.tensor(sample_rows, device=dev)])
+                logits = model.logits(h[torch.tensor(sample_rows, device=dev)])
                 gens = [generators[b] for b in sample_rows] if generators else []
                 chosen.update(zip(sample_rows, next_tokens(logits, cfg, gens).tolist()))
             feed = []

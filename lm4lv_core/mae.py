@@ -40,6 +40,13 @@ class MAEAutoencoder(nn.Module):
         for p in self.decoder.parameters():
             p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> "MAEAutoencoder":
+        """A frozen encoder stays in eval mode whatever ``mode`` is (no dropout in a frozen part)."""
+        super().train(mode)
+        if not self.train_encoder:
+            self.encoder.eval()
+        return self
+
     def forward(self, pixels: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] → reconstruction ``[B, 3, H, W]``."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
@@ -49,14 +56,17 @@ class MAEAutoencoder(nn.Module):
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write a complete Hugging Face ``ViTMAEForPreTraining`` folder into ``path``.
 
-        ``state_dict`` (e.g. gathered trainable weights) is loaded first.
+        ``state_dict`` (this module's names, e.g. all parameters gathered from ZeRO-3 partitions)
+        overrides the module's own tensors in what is written.
         """
-        if state_dict is not None:
-            missing, unexpected = self.load_state_dict(state_dict, strict=False)
-            if unexpected:
-                raise ValueError(f"unexpected MAE weights: {', '.join(unexpected[:5])}")
+        hf_sd = self._hf.state_dict()
+        for k, v in (state_dict or {}).items():
+            hf_key = k.split(".", 1)[1]  # encoder.vit.* → vit.*, decoder.decoder.* → decoder.*
+            if hf_key not in hf_sd:
+                raise ValueError(f"unexpected MAE weight: {k}")
+            hf_sd[hf_key] = v.to(hf_sd[hf_key].dtype)
         Path(path).mkdir(parents=True, exist_ok=True)
-        self._hf.save_pretrained(str(path))
+        self._hf.save_pretrained(str(path), state_dict=hf_sd)
 
 
 def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Path, *,
@@ -198,6 +208,9 @@ class MAETask(TrainTask):
 
         rows = [[tensor_to_uint8(x), tensor_to_uint8(y)] for x, y in zip(batch.pixels, recon)]
         save_grid(rows, path, scale=max(1, 128 // rows[0][0].shape[0]))
+
+    def saved_parameter_names(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_parameters()]  # the whole MAE folder is written
 
     def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)

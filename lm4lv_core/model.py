@@ -21,6 +21,7 @@ from .data.dataset import Batch
 from .data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
 from .errors import ConfigError
 from .fsutil import atomic_path
+from .logits import check_output_logits, output_logits
 from .losses import text_cross_entropy, zero_touching
 from .registry import VISION_LOSSES
 from .vision import build_adapter, build_decoder, build_encoder
@@ -86,6 +87,7 @@ class LM4LV(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "LM4LV":
         llm, tokenizer = load_llm(config.llm, dtype)
+        check_output_logits(llm, config.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if config.lora.enabled:
@@ -116,16 +118,23 @@ class LM4LV(nn.Module):
         """Write ``lm4lv.yaml``, ``trainable.safetensors`` (adapters, task tokens, any trained
         encoder/decoder) and, with LoRA, a PEFT adapter folder ``lora/``.
 
-        ``state_dict`` overrides the module's own tensors (e.g. gathered ZeRO-3 parameters).
+        ``state_dict`` overrides the module's own tensors (e.g. gathered ZeRO-3 parameters: all of
+        ``saved_parameter_names()``).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = self.state_dict()
-        if state_dict is not None:  # e.g. gathered ZeRO-3 trainables; frozen adapters come from the module
+        if state_dict is not None:  # e.g. the gathered ZeRO-3 tensors of saved_parameter_names()
             sd.update(state_dict)
         keep = self._saved_prefixes()
         weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()
                    if k.startswith(keep) or k == "task_tokens"}
+        params = dict(self.named_parameters())
+        for k, v in weights.items():  # a ZeRO-3 partition left ungathered would not reload
+            full = getattr(params.get(k), "ds_shape", None)
+            if full is not None and tuple(v.shape) != tuple(full):
+                raise RuntimeError(f"save_pretrained: {k} is a ZeRO-3 partition {tuple(v.shape)} of "
+                                   f"{tuple(full)}; pass the gathered tensors as state_dict")
         with atomic_path(path / WEIGHTS_FILE) as tmp:
             save_file(weights, str(tmp), metadata={"format": "pt"})
         if self.config.lora.enabled:
@@ -135,6 +144,13 @@ class LM4LV(nn.Module):
             peft_sd = get_peft_model_state_dict(self.llm, state_dict=lora_sd or None)
             self.llm.save_pretrained(str(path / LORA_DIR), state_dict=peft_sd)
         save_yaml(self.config, path / CONFIG_FILE)
+
+    def saved_parameter_names(self) -> list[str]:
+        """The parameters ``save_pretrained`` writes, frozen adapters included (under ZeRO-3 the
+        caller gathers them all into ``state_dict``)."""
+        keep = self._saved_prefixes()
+        return [n for n, p in self.named_parameters()
+                if n.startswith(keep) or n == "task_tokens" or (p.requires_grad and "lora_" in n)]
 
     def _saved_prefixes(self) -> tuple[str, ...]:
         keep = ["adapter.", "deadapter."]
@@ -155,6 +171,23 @@ class LM4LV(nn.Module):
                              (self.encoder, cfg.train_encoder), (self.decoder, cfg.train_decoder)):
             for p in module.parameters():
                 p.requires_grad_(flag)
+
+    def train(self, mode: bool = True) -> "LM4LV":
+        """Only what trains follows ``mode``: the frozen LLM (LoRA modules, with their dropout,
+        excepted) and a frozen encoder / decoder stay in eval mode, so their dropout never fires
+        and a frozen part computes in training exactly what it computes at inference."""
+        super().train(mode)
+        cfg = self.config
+        self.llm.eval()
+        if cfg.lora.enabled:
+            for name, module in self.llm.named_modules():
+                if "lora_" in name.rsplit(".", 1)[-1]:
+                    module.train(mode)
+        if not cfg.train_encoder:
+            self.encoder.eval()
+        if not cfg.train_decoder:
+            self.decoder.eval()
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -189,6 +222,11 @@ class LM4LV(nn.Module):
     def lm_head(self) -> nn.Module:
         llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         return llm.get_output_embeddings()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Token logits of final hidden states, with the LLM's own post-processing (soft-capping,
+        logit scaling; see ``logits.py``)."""
+        return output_logits(self.llm, hidden, self.lm_head())
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[M, 3, H, W]`` in [0, 1] → ``[M, N, d_v]`` (first N visual tokens)."""
@@ -227,7 +265,7 @@ class LM4LV(nn.Module):
         labels = batch.labels[:, 1:]
         has_text = labels != IGNORE_INDEX
         if has_text.any():
-            logits = self.lm_head()(h_prev[has_text])
+            logits = self.logits(h_prev[has_text])
             text_loss = text_cross_entropy(logits, labels[has_text])
         else:
             text_loss = zero_touching(self.lm_head().parameters()).to(h.device)

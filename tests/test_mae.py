@@ -53,6 +53,12 @@ def test_ft_mae_improves_held_out_psnr_and_reloads(folders, tmp_path):
     run = tmp_path / "run"
     for name in ("metrics.csv", "loss.png", "config.yaml", "final/config.json", "final/model.safetensors"):
         assert (run / name).is_file(), name
+    import csv
+
+    from test_lr_schedule import reference_lrs
+
+    with open(run / "metrics.csv", newline="") as f:  # the default schedule, as in lm4lv train
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == pytest.approx(reference_lrs(120, 0.05, 3e-3), rel=1e-5)
     before = _recon(held, tmp_path / "r0", "--mae", tmp_path / "base" / "final")
     after = _recon(held, tmp_path / "r1", "--mae", run / "final")
     assert after["mean"]["psnr"] >= before["mean"]["psnr"] + 2.0, (before["mean"], after["mean"])

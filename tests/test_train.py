@@ -54,6 +54,9 @@ def test_run_outputs_and_exact_resume(tiny_config, pairs_file, tmp_path):
     rows = metrics(straight)
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
     assert set(rows[0]) == {"step", "loss", "text_loss", "vision_loss", "lr", "samples/s"}
+    from test_lr_schedule import reference_lrs
+
+    assert [float(r["lr"]) for r in rows] == pytest.approx(reference_lrs(4, 0.1), rel=1e-5)
     info = json.loads((straight / "run.json").read_text())
     assert info["world_size"] == 1 and info["trainable_param_count"] == info["optimizer_param_count"]
     # defaults of the reference recipe, resolved into config.yaml
@@ -81,6 +84,10 @@ def test_accelerate_engine_resumes_exactly(tiny_config, pairs_file, tmp_path):
     run(tiny_config, pairs_file, tmp_path / "a", engine="accelerate", grad_accum=2, micro_batch=1)
     run(tiny_config, pairs_file, tmp_path / "b", engine="accelerate", grad_accum=2, micro_batch=1, stop_after=3)
     run(tiny_config, pairs_file, tmp_path / "b", engine="accelerate", grad_accum=2, micro_batch=1, resume=True)
+    from test_lr_schedule import reference_lrs
+
+    for d in ("a", "b"):  # the same schedule as under DeepSpeed, resumed exactly
+        assert [float(r["lr"]) for r in metrics(tmp_path / d)] == pytest.approx(reference_lrs(4, 0.1), rel=1e-5)
     assert_close(final_weights(tmp_path / "b"), final_weights(tmp_path / "a"), 1e-6)
     assert (tmp_path / "a" / "checkpoints" / "step-2" / "optimizer.pt").is_file()
     # the optimizer state is plain tensors and numbers

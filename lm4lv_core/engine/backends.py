@@ -60,7 +60,16 @@ class Backend:
 
     def full_trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full-size trainable tensors on every rank (collective under ZeRO-3)."""
-        named = self.trainable
+        return self.full_state_dict()
+
+    def full_state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Full-size fp32 CPU copies of the named parameters (default: the trainable ones), frozen
+        ones included, on every rank (collective under ZeRO-3, which partitions every parameter)."""
+        if names is None:
+            named = self.trainable
+        else:
+            wanted = set(names)
+            named = [(n, p) for n, p in self.module.named_parameters() if n in wanted]
         with self.gathered([p for _, p in named]):
             return {n: p.detach().float().cpu().clone() for n, p in named}
 

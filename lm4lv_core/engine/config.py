@@ -1,8 +1,9 @@
 """``TrainConfig``: how to train (engine, workers, optimiser, schedule, saving).
 
 Defaults follow the reference recipe: AdamW with β = (0.9, 0.95), lr 3e-4, no weight decay,
-gradient clipping at 1.0, 10 % linear warmup then cosine decay. The run directory's
-``config.yaml`` holds ``{task, train, model}`` fully resolved.
+gradient clipping at 1.0, and DeepSpeed's ``WarmupDecayLR`` (log warmup over
+``max(10, int(0.1 · T))`` steps, then linear decay to 0: ``lr_schedule``, see ``schedule.py``).
+The run directory's ``config.yaml`` holds ``{task, train, model}`` fully resolved.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
+from .schedule import SCHEDULES
 
 ENGINES = ("deepspeed", "accelerate")
 LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
@@ -55,6 +57,7 @@ class TrainConfig:
     cache_features: bool = False
     num_workers: int = 0
     record_order: bool = False  # write data_order.csv (sample indices of every step and rank)
+    lr_schedule: str = "reference"  # reference | cosine | constant (engine/schedule.py)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -82,6 +85,8 @@ class TrainConfig:
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         need(not (self.resume and self.overwrite), "use either --resume or --overwrite, not both")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.lr_schedule in SCHEDULES,
+             f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
 
 
 def train_config_keys() -> set[str]:

@@ -115,6 +115,9 @@ class LM4LVTask(TrainTask):
         size = rows[0][1].shape[0]
         save_grid(rows, path, scale=max(1, 128 // size))
 
+    def saved_parameter_names(self, model: nn.Module) -> list[str]:
+        return model.saved_parameter_names()
+
     def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)
 

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..fsutil import write_json_atomic
 from .backends import Backend, make_backend
 from .config import TrainConfig
+from .schedule import lr_lambda, warmup_steps_for
 from .task import TrainTask
 
 METRICS_FILE = "metrics.csv"
@@ -50,16 +51,6 @@ def rank_batches(order: list[int], micro: int, accum: int, world: int, rank: int
     return out
 
 
-def lr_lambda_for(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 class Trainer:
     """Runs ``task`` with ``cfg`` in run directory ``run_dir`` (one instance per worker)."""
 
@@ -82,8 +73,8 @@ class Trainer:
         self.global_batch = cfg.micro_batch * cfg.grad_accum * self.world
         self.steps_per_epoch = math.ceil(n / self.global_batch)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.warmup_steps = int(round(cfg.warmup_ratio * self.total_steps))
-        self.backend.wrap(model, lr_lambda_for(self.total_steps, self.warmup_steps))
+        self.warmup_steps = warmup_steps_for(cfg.lr_schedule, self.total_steps, cfg.warmup_ratio)
+        self.backend.wrap(model, lr_lambda(cfg.lr_schedule, self.total_steps, self.warmup_steps))
         self.module = self.backend.module
         self.task.prepare(self.module, self.dataset, self.backend.device)
         self.step = 0
@@ -233,7 +224,7 @@ class Trainer:
         dist.barrier()
 
     def save_final(self) -> None:
-        weights = self.backend.full_trainable_state_dict()
+        weights = self.backend.full_state_dict(self.task.saved_parameter_names(self.module))
         if dist.is_main():
             final, tmp = self.run_dir / "final", self.run_dir / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -17,8 +17,9 @@ metrics, checkpoints and exact resume. A task owns everything specific to one mo
 ``preview(...)``            optional image of the model's current output (every few hundred
                             steps); called on every rank (ZeRO-3 forward is collective), only
                             rank 0 writes
-``save_final(model, sd, d)`` write the final, loadable model folder from the full (gathered)
-                            trainable state dict ``sd``
+``save_final(model, sd, d)`` write the final, loadable model folder from ``sd``: full-size
+                            (ZeRO-3: gathered) copies of the parameters named by
+                            ``saved_parameter_names`` (default: the trainable ones)
 ``config_dict()``           what goes into the run's ``config.yaml`` besides ``train``
 ==========================  ==================================================================
 
@@ -95,6 +96,11 @@ class TrainTask:
 
     def preview(self, model: nn.Module, batch: Any, path: Path | None, gather: Gather = no_gather) -> None:
         """Write a preview image to ``path`` (``None`` on ranks other than 0)."""
+
+    def saved_parameter_names(self, model: nn.Module) -> list[str]:
+        """Parameters ``save_final`` writes; the engine gathers them before (ZeRO-3 partitions
+        frozen parameters too, which would otherwise be written as empty tensors)."""
+        return [n for n, p in model.named_parameters() if p.requires_grad]
 
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         names = {n for n, p in model.named_parameters() if p.requires_grad}

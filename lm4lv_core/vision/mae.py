@@ -32,12 +32,14 @@ def load_mae(path: str):
 
 class _MAEPart(nn.Module):
     """What the MAE encoder and decoder share: loading, the geometry and the ImageNet
-    statistics its pixels are normalised with."""
+    statistics its pixels are normalised with.
+
+    The statistics are not buffers: a model cast to bf16 (``.to(dtype)``, DeepSpeed's bf16) would
+    round them. Normalisation and de-normalisation always run in fp32.
+    """
 
     def _setup(self, path: str | None, mae):
         """Load (or take) the MAE, record its geometry; return it for the subclass to keep a part."""
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         mae = mae if mae is not None else load_mae(path)
         cfg = mae.config
         self.path = path
@@ -47,6 +49,22 @@ class _MAEPart(nn.Module):
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.num_tokens = 1 + self.num_patches
         return mae
+
+    @staticmethod
+    def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        return mean, std
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] → ImageNet-normalised fp32."""
+        mean, std = self._stats(pixels.device)
+        return (pixels.float() - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised values → fp32 pixels (nominally in [0, 1])."""
+        mean, std = self._stats(x.device)
+        return x.float() * std + mean
 
 
 def _patch_order_noise(batch: int, n: int, device: torch.device) -> torch.Tensor:
@@ -62,8 +80,7 @@ class MAEEncoder(_MAEPart, VisionEncoder):
         self.vit = self._setup(path, mae).vit
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.to(self.mean.dtype) - self.mean) / self.std
-        x = x.to(self.vit.embeddings.patch_embeddings.projection.weight.dtype)
+        x = self.normalize(pixels).to(self.vit.embeddings.patch_embeddings.projection.weight.dtype)
         noise = _patch_order_noise(x.shape[0], self.num_patches, x.device)
         return self.vit(pixel_values=x, noise=noise).last_hidden_state
 
@@ -85,5 +102,5 @@ class MAEDecoder(_MAEPart, VisionDecoder):
         patches = self.decoder(features, ids_restore).logits  # [B, N, p*p*3]
         p, g = self.patch_size, self.image_size // self.patch_size
         x = patches.float().reshape(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)
-        x = x * self.std + self.mean
+        x = self.denormalize(x)
         return x.clamp(0.0, 1.0) if clamp else x
