@@ -47,23 +47,13 @@ def _root(
 
 
 def main() -> None:
+    """Console entry point. The CLI framework reports usage errors itself (usage line, one error
+    line, exit code 2), whichever typer/click it vendors; lm4lv's own errors are one ``error:`` line."""
     try:
-        app(standalone_mode=False)
+        app()
     except LM4LVError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of text sampling (per sample, independent of batching)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
     from lm4lv_core import launch
@@ -65,7 +66,8 @@ def generate(
     stems = output_stems(samples)
     before = len(finished_records(out, samples, stems))
     launch.run_job("generate", job, nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes,
-                   hostfile=hostfile, master_port=master_port, job_dir=out / JOB_DIR)
+                   hostfile=hostfile, master_port=master_port, job_dir=out / JOB_DIR,
+                   log_file=out / "generate.log", verbose=verbose)
     after = len(finished_records(out, samples, stems))
     skipped = f", {before} already done" if before else ""
     console.print(f"{after}/{len(samples)} samples finished ({after - before} generated{skipped}); "

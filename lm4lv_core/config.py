@@ -44,8 +44,9 @@ class LoraConfig:
 class ModelConfig:
     """Where the frozen parts come from and what trains.
 
-    ``llm`` is a Hugging Face causal-LM folder. ``encoder`` / ``decoder`` / ``adapter`` /
-    ``deadapter`` are registry specs (MAE folders for the default ``mae`` encoder/decoder).
+    ``llm`` is a Hugging Face causal-LM folder or hub id (``org/name[@revision]``). ``encoder`` /
+    ``decoder`` / ``adapter`` / ``deadapter`` are registry specs (MAE folders or hub ids for the
+    default ``mae`` encoder/decoder).
     """
 
     llm: str
@@ -66,6 +67,8 @@ class ModelConfig:
     train_encoder: bool = False
     train_decoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.hub)
+    hub: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):

@@ -55,6 +55,8 @@ class TrainConfig:
     cache_features: bool = False
     num_workers: int = 0
     record_order: bool = False  # write data_order.csv (sample indices of every step and rank)
+    report_to: str = "none"  # trackers besides metrics.csv: none | tensorboard
+    verbose: bool = False  # show third-party warnings and logs on the console (train.log has them always)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -82,6 +84,9 @@ class TrainConfig:
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         need(not (self.resume and self.overwrite), "use either --resume or --overwrite, not both")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        from .reporting import parse_report_to
+
+        parse_report_to(self.report_to)
 
 
 def train_config_keys() -> set[str]:

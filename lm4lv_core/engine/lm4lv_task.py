@@ -7,7 +7,6 @@ batches carry the features (``Batch.features``) instead of re-encoding pixels ev
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,7 +74,9 @@ class LM4LVTask(TrainTask):
         if self.model_config.vision_loss == "feature_mse":
             dataset.skip_pixels = True  # the loss needs features only; previews load real pixels
         if dist.is_main():
-            print(f"cached encoder features of {len(cache)} images", file=sys.stderr, flush=True)
+            from .. import logs
+
+            logs.say(f"cached encoder features of {len(cache)} images")
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         out = model(batch)
