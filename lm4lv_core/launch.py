@@ -149,6 +149,11 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     for f in job_dir.glob(f"{job_path.stem}.error.rank*"):
         f.unlink()
     save_yaml(job, job_path)
+    if log_file:
+        import datetime
+
+        logs.note(log_file, f"{kind} job, {nproc} worker(s) per node on {num_nodes} node(s), started "
+                            f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     if nproc == 1 and num_nodes == 1 and not hostfile:
         # a process group the job creates (world size 1) stays for later jobs of this process:
         # DeepSpeed caches its groups, so destroying and re-creating it would break a second run

@@ -65,6 +65,14 @@ def say(message: str) -> None:
             log.write(f"[lm4lv] {message}\n")
 
 
+def note(log_path: str | os.PathLike, message: str) -> None:
+    """Append one lm4lv line to a log file only (e.g. where a job starts)."""
+    path = Path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"[lm4lv] {message}\n")
+
+
 def _drain(fd: int, log: BinaryIO, echo: TextIO | None) -> None:
     """Copy everything read from ``fd`` into ``log`` (and ``echo``) until end of file."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")

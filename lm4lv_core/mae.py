@@ -189,14 +189,16 @@ class MAETask(TrainTask):
         return {"loss": l1 + self.mae_config.lpips_weight * lp, "l1": l1.detach(), "lpips": lp.detach()}
 
     def preview(self, model: nn.Module, batch: ImageBatch, path: Path | None, gather=None) -> None:
-        """One row per image: input | reconstruction."""
+        """One row per image: input | reconstruction (with its PSNR / SSIM), labelled."""
         recon = model(batch.pixels)
         if path is None:
             return
-        from .plots import save_grid
+        from .grids import grid_scale, save_comparison
 
         rows = [[tensor_to_uint8(x), tensor_to_uint8(y)] for x, y in zip(batch.pixels, recon)]
-        save_grid(rows, path, scale=max(1, 128 // rows[0][0].shape[0]))
+        save_comparison(rows, path, columns=("input", "reconstruction"),
+                        row_labels=[f"image {i}" for i in batch.sample_index], truth_column=0,
+                        scale=grid_scale(rows[0][0].shape[0]))
 
     def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)

@@ -95,7 +95,8 @@ class LM4LVTask(TrainTask):
         return self.collate([dataset.full_item(i) for i in ids])
 
     def preview(self, model: nn.Module, batch: Batch, path: Path | None, gather: Gather = no_gather) -> None:
-        """One row per target image: degraded input | teacher-forced prediction | target."""
+        """One row per target image: degraded input | teacher-forced prediction | target, labelled,
+        with PSNR / SSIM against the target under the other tiles."""
         out = model(batch)
         if out.vision_pred is None:
             return
@@ -103,16 +104,18 @@ class LM4LVTask(TrainTask):
             pred = model.decode_features(out.vision_pred)
         if path is None:
             return
-        from ..plots import save_grid
+        from ..grids import grid_scale, save_comparison
 
         owner = _image_owner(batch)
-        rows = []
+        rows, labels = [], []
         for t, img in enumerate(out.target_images.tolist()):
             inputs = [i for i in range(img) if owner[i] == owner[img] and not bool(batch.image_is_target[i])]
             src = tensor_to_uint8(batch.pixels[inputs[-1]]) if inputs else None
             rows.append([src, tensor_to_uint8(pred[t]), tensor_to_uint8(batch.pixels[img])])
-        size = rows[0][1].shape[0]
-        save_grid(rows, path, scale=max(1, 128 // size))
+            ids = batch.sample_index
+            labels.append(f"sample {ids[owner[img]]}" if owner[img] < len(ids) else "")
+        save_comparison(rows, path, columns=("degraded", "lm4lv", "target"), row_labels=labels,
+                        truth_column=2, scale=grid_scale(rows[0][1].shape[0]))
 
     def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)
