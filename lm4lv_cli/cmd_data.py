@@ -115,10 +115,10 @@ def evaluate(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write summary + rows here."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write per-image rows here."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Draw a labelled comparison grid (PNG) of scored pairs."),
-    grid_rows: Optional[int] = typer.Option(None, "--grid-rows", help="Grid of the first N images [worst, median "
-                                            "and best by PSNR gain of the last PRED over the first]."),
+    grid_rows: Optional[int] = typer.Option(None, "--grid-rows", help="Grid of the first N images (default: the worst, median "
+                                            "and best by PSNR gain of the last PRED over the first)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names of the PRED folders "
-                                         "[their shortest distinct paths]."),
+                                         "(default: their shortest distinct paths)."),
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""

@@ -108,3 +108,18 @@ def test_console_script_loads_ids_from_hf_home_offline(hf_home, pairs_file, tmp_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --llm lm4lv-test/nope")
     assert "HF_HUB_OFFLINE" in lines[0] and "hf download lm4lv-test/nope" in lines[0]
+
+
+def test_ft_mae_records_the_snapshot_of_an_id(offline_cache, pairs_file, tmp_path):
+    from lm4lv_core.engine.config import TrainConfig
+    from lm4lv_core.mae import MAEFinetuneConfig, finetune
+
+    run = tmp_path / "mae"
+    train = TrainConfig(data=str(pairs_file.parent / "hq"), out=str(run))
+    train.max_steps = 0  # writes the starting model as final/ (as --max-steps 0 does)
+    finetune(train, MAEFinetuneConfig(mae="lm4lv-test/tiny-mae@main", lpips_weight=0))
+    saved = yaml.safe_load((run / "config.yaml").read_text())["mae"]
+    assert saved["mae"].endswith(f"snapshots/{COMMIT}")
+    assert saved["hub"]["mae"] == {"id": "lm4lv-test/tiny-mae", "revision": "main", "commit": COMMIT,
+                                   "path": saved["mae"]}
+    assert (run / "final" / "config.json").is_file()
