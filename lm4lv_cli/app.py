@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is shown as written: rich or markdown markup would eat "[default]" and "<image>"
 )
 
 COMMANDS = {
@@ -47,23 +48,13 @@ def _root(
 
 
 def main() -> None:
+    """Console entry point. The CLI framework reports usage errors itself (usage line, one error
+    line, exit code 2), whichever typer/click it vendors; lm4lv's own errors are one ``error:`` line."""
     try:
-        app(standalone_mode=False)
+        app()
     except LM4LVError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

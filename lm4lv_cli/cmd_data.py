@@ -104,7 +104,8 @@ def make_data(
 def evaluate(
     metric: str = typer.Argument(..., help="psnr | ssim | lpips (or a comma list, or all)."),
     gt: Path = typer.Argument(..., help="Ground-truth image or folder."),
-    pred: Path = typer.Argument(..., help="Restored image or folder (paired by path / name)."),
+    pred: List[Path] = typer.Argument(..., help="Restored image(s) or folder(s) (paired by path / name); "
+                                      "several are compared in one table."),
     crop_border: int = typer.Option(4, help="Pixels removed from each side before scoring."),
     y_channel: bool = typer.Option(False, "--y-channel", help="Score BT.601 luma (PSNR/SSIM)."),
     resize_to_smaller: bool = typer.Option(
@@ -115,21 +116,47 @@ def evaluate(
         None, help="torchvision backbone state dict (else the torch hub cache is used)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write summary + rows here."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write per-image rows here."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Draw a labelled comparison grid (PNG) of scored pairs."),
+    grid_rows: Optional[int] = typer.Option(None, "--grid-rows", help="Grid of the first N images (default: the worst, median "
+                                            "and best by PSNR gain of the last PRED over the first)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names of the PRED folders "
+                                         "(default: their shortest distinct paths)."),
 ) -> None:
-    """Score restored images against ground truth with PSNR / SSIM / LPIPS."""
-    from lm4lv_core.metrics import HIGHER_IS_BETTER, evaluate_paths
+    """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
+    with each folder's mean and its difference to the first)."""
+    from lm4lv_core.compare import compare_paths, write_grid
 
+    names = [s.strip() for s in labels.split(",")] if labels else None
     with _progress("eval") as update:
-        report = evaluate_paths(metric, gt, pred, crop_border=crop_border, y_channel=y_channel,
-                                resize_to_smaller=resize_to_smaller, lpips_net=lpips_net,
-                                lpips_weights=lpips_weights, progress=update)
+        cmp = compare_paths(metric, gt, pred, labels=names, crop_border=crop_border, y_channel=y_channel,
+                            resize_to_smaller=resize_to_smaller, lpips_net=lpips_net,
+                            lpips_weights=lpips_weights, progress=update)
+    single = len(pred) == 1
+    out = cmp.reports[0] if single else cmp
     if json_file:
-        report.write_json(json_file)
+        out.write_json(json_file)
     if csv_file:
-        report.write_csv(csv_file)
+        out.write_csv(csv_file)
+    if grid:
+        write_grid(cmp, grid, grid_rows)
     console = Console()
     opts = f"crop_border={crop_border}" + (", Y channel" if y_channel else ", RGB")
-    table = Table(title=f"{gt} vs {pred} ({opts})")
+    if single:
+        _single_table(console, cmp.reports[0], f"{gt} vs {pred[0]} ({opts})")
+    else:
+        _compare_table(console, cmp, f"{gt}: {len(pred)} predictions ({opts})")
+    for label, rep in zip(cmp.labels, cmp.reports):
+        suffix = "" if single else f" ({label})"
+        _unmatched(console, f"ground-truth images without a prediction{suffix}", rep.unmatched_gt)
+        _unmatched(console, f"predictions without a ground-truth image{suffix}", rep.unmatched_pred)
+    if grid:
+        console.print(f"grid: {grid}")
+
+
+def _single_table(console: Console, report, title: str) -> None:
+    from lm4lv_core.metrics import HIGHER_IS_BETTER
+
+    table = Table(title=title)
     table.add_column("metric", style="bold")
     table.add_column("mean", justify="right")
     table.add_column("min", justify="right")
@@ -141,5 +168,29 @@ def evaluate(
         table.add_row(f"{m.upper()} {arrow}", f"{report.mean(m):.4f}", f"{min(vals):.4f}",
                       f"{max(vals):.4f}", str(report.count))
     console.print(table)
-    _unmatched(console, "ground-truth images without a prediction", report.unmatched_gt)
-    _unmatched(console, "predictions without a ground-truth image", report.unmatched_pred)
+
+
+def _compare_table(console: Console, cmp, title: str) -> None:
+    """A column group per folder: its mean and (after the first) its difference to the first."""
+    from lm4lv_core.metrics import HIGHER_IS_BETTER
+
+    table = Table(title=title)
+    table.add_column("metric", style="bold")
+    for k, label in enumerate(cmp.labels):
+        table.add_column(f"{label}\nmean", justify="right")
+        if k:
+            table.add_column(f"{label}\nΔ vs {cmp.labels[0]}", justify="right")
+    means = [cmp.mean(k) for k in range(len(cmp.labels))]
+    diffs = [cmp.difference(k) if k else None for k in range(len(cmp.labels))]
+    for m in cmp.metrics:
+        cells = [f"{m.upper()} {'↑' if HIGHER_IS_BETTER[m] else '↓'}"]
+        for k in range(len(cmp.labels)):
+            cells.append(f"{means[k][m]:.4f}")
+            if k:
+                cells.append(f"{diffs[k][m]:+.4f}")
+        table.add_row(*cells)
+    cells = ["images"]
+    for k, rep in enumerate(cmp.reports):
+        cells += [str(rep.count)] + ([""] if k else [])
+    table.add_row(*cells)
+    console.print(table)

@@ -35,6 +35,7 @@ def generate(
     resize: Optional[str] = typer.Option(None, "--resize", help="How inputs reach the model's size: stretch | crop [the run's, recorded at training]."),
     output_size: str = typer.Option("input", "--output-size", help="input: images at the input image's size (crop: its centre "
                                     "square's); model: at the model's square size."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
     from lm4lv_core import launch
@@ -69,7 +70,8 @@ def generate(
     stems = output_stems(samples)
     before = len(finished_records(out, samples, stems))
     launch.run_job("generate", job, nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes,
-                   hostfile=hostfile, master_port=master_port, job_dir=out / JOB_DIR)
+                   hostfile=hostfile, master_port=master_port, job_dir=out / JOB_DIR,
+                   log_file=out / "generate.log", verbose=verbose)
     after = len(finished_records(out, samples, stems))
     skipped = f", {before} already done" if before else ""
     console.print(f"{after}/{len(samples)} samples finished ({after - before} generated{skipped}); "

@@ -18,7 +18,7 @@ O = typer.Option
 def ft_mae(
     images: Path = typer.Argument(..., help="Folder of training images (recursive)."),
     out: Optional[Path] = O(None, "--out", help="Run directory."),
-    mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining) folder to start from."),
+    mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining) to start from: a folder or a Hugging Face id org/name[@revision]."),
     preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose MAE to start from."),
     lpips_weight: Optional[float] = O(None, "--lpips-weight", help="λ of L1 + λ·LPIPS; 0 disables LPIPS [1.0]."),
     lpips_net: Optional[str] = O(None, "--lpips-net", help="alex | vgg [vgg, as the reference]."),
@@ -51,6 +51,8 @@ def ft_mae(
     num_workers: Optional[int] = opt.NUM_WORKERS,
     resume: bool = opt.RESUME,
     overwrite: bool = opt.OVERWRITE,
+    report_to: Optional[str] = opt.REPORT_TO,
+    verbose: bool = opt.VERBOSE,
 ) -> None:
     """Fine-tune the MAE decoder with |x − D(E(x))|₁ + λ·LPIPS (encoder frozen by default)."""
     from lm4lv_core.mae import finetune, resolve_finetune_options
@@ -61,6 +63,7 @@ def ft_mae(
     options["out"] = str(out) if out else None
     options["resume"] = resume or None
     options["overwrite"] = overwrite or None
+    options["verbose"] = verbose or None
     train_cfg, mae_cfg = resolve_finetune_options(options, str(config) if config else None)
     summary = finetune(train_cfg, mae_cfg)
     console.print(f"[green]done[/green]: {train_cfg.out}/final" if summary and summary.get("finished")
@@ -70,19 +73,20 @@ def ft_mae(
 def recon_mae(
     images: Path = typer.Argument(..., help="Folder of images to reconstruct (recursive)."),
     out: Path = O(..., "--out", help="Output folder (same relative names, .png)."),
-    mae: Optional[str] = O(None, "--mae", help="MAE folder (e.g. RUN/final of ft-mae)."),
+    mae: Optional[str] = O(None, "--mae", help="MAE folder (e.g. RUN/final of ft-mae) or Hugging Face id org/name[@revision]."),
     preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose MAE to use."),
     batch_size: int = O(8, "--batch-size", min=1, help="Images per forward pass."),
     nproc: int = O(1, "--nproc", min=1, help="Workers on this node."),
     engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
     crop_border: int = O(4, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out."),
+    verbose: bool = opt.VERBOSE,
 ) -> None:
     """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
     from lm4lv_core.mae import mean_rows, reconstruct
 
     rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, nproc=nproc,
-                       engine=engine, crop_border=crop_border, overwrite=overwrite)
+                       engine=engine, crop_border=crop_border, overwrite=overwrite, verbose=verbose)
     table = Table(title=f"MAE reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")

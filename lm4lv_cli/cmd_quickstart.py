@@ -24,6 +24,7 @@ def quickstart(
     lpips_weight: Optional[float] = O(None, "--lpips-weight", help="λ of ft-mae [1.0 when LPIPS weights are installed, else 0]."),
     seed: int = O(0, "--seed", help="Seed of data, initialisation and data order."),
     overwrite: bool = O(False, "--overwrite", help="Replace an earlier quickstart in --out."),
+    verbose: bool = O(False, "--verbose", help="Show third-party warnings and logs too (each stage's log file has them)."),
 ) -> None:
     """Run make-data → ft-mae → train → generate → eval on scikit-image samples; write report.md."""
     from lm4lv_core import quickstart as qs
@@ -53,7 +54,7 @@ def quickstart(
     if lam == 0 and lpips_weight is None:
         console.print("LPIPS backbone weights are not installed: the MAE decoder is fine-tuned with L1 only")
     ran = []
-    for stage in qs.stages(cfg, lam):
+    for stage in qs.stages(cfg, lam, verbose):
         console.rule(f"[bold]{stage.name}")
         console.print(f"$ lm4lv {shlex.join(stage.args)}", markup=False, highlight=False)
         t0 = time.perf_counter()

@@ -20,9 +20,9 @@ def train(
     out: Optional[Path] = O(None, "--out", help="Run directory."),
     config: Optional[Path] = opt.CONFIG,
     preset: Optional[str] = O(None, "--preset", help="Tiny offline model preset (tiny, tiny-gpt2, tiny-224)."),
-    llm: Optional[str] = O(None, "--llm", help="Hugging Face causal LM folder."),
-    mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining) folder."),
-    mae_decoder: Optional[str] = O(None, "--mae-decoder", help="MAE folder for the decoder (default: --mae)."),
+    llm: Optional[str] = O(None, "--llm", help="Causal LM: a folder or a Hugging Face id org/name[@revision] (fetched into the HF cache)."),
+    mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining): a folder or a Hugging Face id org/name[@revision]."),
+    mae_decoder: Optional[str] = O(None, "--mae-decoder", help="MAE folder or Hugging Face id for the decoder (default: --mae)."),
     vision_config: Optional[str] = O(None, "--vision-config", help="YAML naming encoder/decoder/adapters."),
     image_root: Optional[Path] = O(None, "--image-root", help="Base of relative image paths (default: the data file's folder)."),
     template: Optional[str] = O(None, "--template", help="default | vicuna_v1.1 | llama2 | simple | chat_template"),
@@ -70,6 +70,8 @@ def train(
     dry_run: bool = O(False, "--dry-run", help="Validate data, images and config, show the first prompt, exit."),
     resize: Optional[str] = O(None, "--resize", help="How images reach the model's square size: stretch "
                               "(as the reference) | crop (centre square); recorded for generate [stretch]."),
+    report_to: Optional[str] = opt.REPORT_TO,
+    verbose: bool = opt.VERBOSE,
 ) -> None:
     """Train the adapters and task tokens of LM4LV on a data file."""
     options = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}
@@ -77,6 +79,7 @@ def train(
 
     options["resume"] = resume or None
     options["overwrite"] = overwrite or None
+    options["verbose"] = verbose or None
     for key in ("data", "out", "image_root"):
         options[key] = str(options[key]) if options[key] is not None else None
     cfg, model = resolve_options(options, str(config) if config else None)

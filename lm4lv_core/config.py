@@ -44,10 +44,12 @@ class LoraConfig:
 class ModelConfig:
     """Where the frozen parts come from and what trains.
 
-    ``llm`` is a Hugging Face causal-LM folder. ``encoder`` / ``decoder`` / ``adapter`` /
-    ``deadapter`` are registry specs (MAE folders for the default ``mae`` encoder/decoder).
     ``resize`` is how images reach the encoder's square size (``stretch`` | ``crop``, see
     :data:`lm4lv_core.imageio.RESIZE_POLICIES`); generation uses the model's by default.
+
+    ``llm`` is a Hugging Face causal-LM folder or hub id (``org/name[@revision]``). ``encoder`` /
+    ``decoder`` / ``adapter`` / ``deadapter`` are registry specs (MAE folders or hub ids for the
+    default ``mae`` encoder/decoder).
     """
 
     llm: str
@@ -69,6 +71,8 @@ class ModelConfig:
     train_decoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     resize: str = "stretch"  # size policy of every image (stretch, as the reference, or crop)
+    # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.hub)
+    hub: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):

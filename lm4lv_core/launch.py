@@ -13,6 +13,10 @@ YAML and calls :func:`run_job`. Workers run ``python -m lm4lv_core.worker KIND J
 
 A worker that fails with an lm4lv error writes its message beside the job file; :func:`run_job`
 raises it as one :class:`LM4LVError` once the launcher has exited.
+
+With a ``log_file``, everything but lm4lv's own lines (third-party warnings, launcher and
+DeepSpeed INFO lines) goes to that file instead of the console (see :mod:`lm4lv_core.logs`);
+``verbose`` shows it on the console as well. Tracebacks of failing workers still reach the console.
 """
 
 from __future__ import annotations
@@ -122,15 +126,16 @@ def _worker_errors(job_path: Path) -> list[str]:
 
 def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "deepspeed",
             job_dir: str | os.PathLike, num_nodes: int = 1, hostfile: str | None = None,
-            master_port: int | None = None, launcher: str | None = None) -> Any:
+            master_port: int | None = None, launcher: str | None = None,
+            log_file: str | os.PathLike | None = None, verbose: bool = False) -> Any:
     """Run job ``kind`` (a key of ``lm4lv_core.worker.JOBS``) on ``nproc`` workers per node.
 
     ``job`` (plain YAML-able data) is written to ``job_dir/KIND-job.yaml``. ``launcher`` defaults
     to the engine's own (``deepspeed`` or ``accelerate``); ``torchrun`` is also accepted. A single
     worker on a single node runs in-process and the job function's return value is returned.
-    Raises :class:`LM4LVError` when a worker fails.
+    Raises :class:`LM4LVError` when a worker fails. ``log_file``: where third-party output goes.
     """
-    from . import worker
+    from . import logs, worker
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
@@ -144,22 +149,32 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     for f in job_dir.glob(f"{job_path.stem}.error.rank*"):
         f.unlink()
     save_yaml(job, job_path)
+    if log_file:
+        import datetime
+
+        logs.note(log_file, f"{kind} job, {nproc} worker(s) per node on {num_nodes} node(s), started "
+                            f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     if nproc == 1 and num_nodes == 1 and not hostfile:
         # a process group the job creates (world size 1) stays for later jobs of this process:
         # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
-        with single_worker_env(master_port):
+        quiet = logs.capture(log_file, verbose) if log_file else contextlib.nullcontext()
+        with single_worker_env(master_port), quiet:
             return fn(job)
     cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
                            hostfile=hostfile, master_port=master_port)
-    try:
-        rc = subprocess.call(cmd, env=launcher_env(launcher))
-    except FileNotFoundError as e:
-        raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
+    relay = logs.launched(log_file, job_dir, verbose) if log_file else contextlib.nullcontext((None, {}))
+    with relay as (out, relay_env):
+        try:
+            rc = subprocess.call(cmd, env={**launcher_env(launcher), **relay_env}, stdout=out,
+                                 stderr=subprocess.STDOUT if out is not None else None)
+        except FileNotFoundError as e:
+            raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
     errors = _worker_errors(job_path)
     if errors:
         raise LM4LVError("; ".join(errors))
     if rc != 0:
-        raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}); see the output above")
+        where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
+        raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}); {where}")
     return None
 
 
@@ -180,4 +195,16 @@ def probe_job(job: dict[str, Any]) -> dict[str, int]:
     (out / f"probe-rank{seen['rank']}.json").write_text(json.dumps(seen), encoding="utf-8")
     if job.get("fail"):
         raise LM4LVError(str(job["fail"]))
+    if job.get("crash") is not None and dist.rank() == int(job["crash"]):
+        raise RuntimeError(f"probe crash on rank {dist.rank()}")
+    if job.get("noise"):  # third-party style output: a warning, a logging line, a C-level write
+        import logging
+        import warnings
+
+        warnings.warn("probe FutureWarning", FutureWarning, stacklevel=1)
+        logging.getLogger("probe.lib").warning("probe library log line")
+        os.write(2, b"probe raw fd line\n")
+        from . import logs
+
+        logs.say(f"probe lm4lv line rank {dist.rank()}")
     return seen

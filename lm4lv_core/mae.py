@@ -7,7 +7,7 @@ fine-tuned here is the decoder LM4LV uses (``--mae-decoder``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,7 @@ class MAEFinetuneConfig:
     lpips_net: str = "vgg"
     lpips_weights: str | None = None
     train_encoder: bool = False
+    hub: dict[str, Any] = field(default_factory=dict)  # {"mae": {id, revision, commit, path}} for a hub id
 
     def __post_init__(self) -> None:
         if self.lpips_weight < 0:
@@ -200,14 +201,16 @@ class MAETask(TrainTask):
         return {"loss": l1 + self.mae_config.lpips_weight * lp, "l1": l1.detach(), "lpips": lp.detach()}
 
     def preview(self, model: nn.Module, batch: ImageBatch, path: Path | None, gather=None) -> None:
-        """One row per image: input | reconstruction."""
+        """One row per image: input | reconstruction (with its PSNR / SSIM), labelled."""
         recon = model(batch.pixels)
         if path is None:
             return
-        from .plots import save_grid
+        from .grids import grid_scale, save_comparison
 
         rows = [[tensor_to_uint8(x), tensor_to_uint8(y)] for x, y in zip(batch.pixels, recon)]
-        save_grid(rows, path, scale=max(1, 128 // rows[0][0].shape[0]))
+        save_comparison(rows, path, columns=("input", "reconstruction"),
+                        row_labels=[f"image {i}" for i in batch.sample_index], truth_column=0,
+                        scale=grid_scale(rows[0][0].shape[0]))
 
     def saved_parameter_names(self, model: nn.Module) -> list[str]:
         return [n for n, _ in model.named_parameters()]  # the whole MAE folder is written
@@ -223,8 +226,10 @@ def finetune(train_cfg, mae_cfg: MAEFinetuneConfig) -> Any:
     """
     from .engine.run import prepare_run_dir, run_training
 
-    if not Path(mae_cfg.mae).is_dir():
-        raise ConfigError(f"--mae {mae_cfg.mae}: folder not found")
+    from .hub import local_path
+
+    mae_cfg.mae, record = local_path(mae_cfg.mae, "--mae", mae_cfg.hub.get("mae"))
+    mae_cfg.hub = {"mae": record} if record else {}
     if not list_images(train_cfg.data):
         raise LM4LVError(f"{train_cfg.data}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
     train_cfg.data = str(Path(train_cfg.data).resolve())
@@ -263,15 +268,15 @@ def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
     return merged
 
 
-def _mae_path(mae: str | None, preset: str | None) -> str:
+def _mae_path(mae: str | None, preset: str | None, record: dict | None = None) -> tuple[str, dict | None]:
+    """The MAE folder of ``--mae`` (a folder or a Hugging Face id, fetched when needed) or ``--preset``,
+    and the hub record of an id (see :func:`lm4lv_core.hub.local_path`)."""
+    from .hub import local_path
     from .presets import preset_dir
 
     if bool(mae) == bool(preset):
-        raise ConfigError("give exactly one of --mae PATH or --preset NAME")
-    path = str(preset_dir(preset) / "mae") if preset else str(mae)
-    if not Path(path).is_dir():
-        raise ConfigError(f"--mae {path}: folder not found")
-    return str(Path(path).resolve())
+        raise ConfigError("give exactly one of --mae PATH|ID or --preset NAME")
+    return local_path(str(preset_dir(preset) / "mae") if preset else str(mae), "--mae", record)
 
 
 def resolve_finetune_options(options: dict[str, Any], config_file: str | None = None):
@@ -280,13 +285,13 @@ def resolve_finetune_options(options: dict[str, Any], config_file: str | None = 
     from .config import load_yaml
     from .engine.config import TrainConfig, train_config_keys
 
-    mae_keys = {"mae", "preset", "lpips_weight", "lpips_net", "lpips_weights", "train_encoder"}
+    mae_keys = {"mae", "preset", "lpips_weight", "lpips_net", "lpips_weights", "train_encoder", "hub"}
     layers: list[dict[str, Any]] = []
     out = options.get("out")
     if options.get("resume") and out and (Path(out) / "config.yaml").is_file():
         saved = load_yaml(Path(out) / "config.yaml")
         layers.append({k: v for k, v in {**saved.get("train", {}), **saved.get("mae", {})}.items()
-                       if k not in ("out", "resume", "overwrite")})
+                       if k not in ("out", "resume", "overwrite", "verbose")})
     if config_file:
         data = {str(k).replace("-", "_"): v for k, v in load_yaml(config_file).items()}
         unknown = sorted(set(data) - train_config_keys() - mae_keys)
@@ -300,7 +305,9 @@ def resolve_finetune_options(options: dict[str, Any], config_file: str | None = 
     if not merged.get("out"):
         raise ConfigError("--out is required")
     source = options if (options.get("mae") or options.get("preset")) else merged
-    merged["mae"] = _mae_path(source.get("mae"), source.get("preset"))
+    saved_record = (merged.get("hub") or {}).get("mae") if source is merged else None
+    merged["mae"], record = _mae_path(source.get("mae"), source.get("preset"), saved_record)
+    merged["hub"] = {"mae": record} if record else {}
     merged.pop("preset", None)
     max_steps = merged.get("max_steps")
     if max_steps == 0:
@@ -316,11 +323,12 @@ def resolve_finetune_options(options: dict[str, Any], config_file: str | None = 
 
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
                 batch_size: int = 8, nproc: int = 1, engine: str = "deepspeed", crop_border: int = 4,
-                overwrite: bool = False) -> list[dict[str, Any]]:
-    """Parent side of ``lm4lv recon-mae``: validate, then run the reconstruction workers."""
+                overwrite: bool = False, verbose: bool = False) -> list[dict[str, Any]]:
+    """Parent side of ``lm4lv recon-mae``: validate, then run the reconstruction workers
+    (third-party output goes to ``out/recon-mae.log``)."""
     from . import launch
 
-    path = _mae_path(mae, preset)
+    path, _ = _mae_path(mae, preset)
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise LM4LVError(f"{images}: folder not found")
@@ -335,7 +343,8 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
-        rows = launch.run_job("recon-mae", job, nproc=nproc, engine=engine, job_dir=job_dir)
+        rows = launch.run_job("recon-mae", job, nproc=nproc, engine=engine, job_dir=job_dir,
+                              log_file=out / "recon-mae.log", verbose=verbose)
     if rows is None:  # several workers: rank 0 wrote the gathered rows
         import json
 

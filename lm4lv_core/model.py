@@ -86,6 +86,9 @@ class LM4LV(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "LM4LV":
+        from .hub import resolve_model
+
+        resolve_model(config)  # hub ids -> snapshot folders in the Hugging Face cache
         llm, tokenizer = load_llm(config.llm, dtype)
         check_output_logits(llm, config.llm)
         if tokenizer.pad_token_id is None:

@@ -120,6 +120,9 @@ def _build_mae(spec: TinySpec, out_dir: Path) -> None:
 
 def build_preset_folders(name: str, out_dir: Path, seed: int = 0) -> None:
     """Write ``out_dir/llm`` (model + tokenizer) and ``out_dir/mae`` for a tiny preset."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bars between lm4lv's lines
     spec = _spec(name)
     torch.manual_seed(seed)
     tok = build_tokenizer(out_dir / "llm")
@@ -167,12 +170,15 @@ def preset_config(name: str, **overrides) -> ModelConfig:
 def resolve_model_config(*, preset: str | None = None, llm: str | None = None, mae: str | None = None,
                          mae_decoder: str | None = None, vision_config: str | None = None,
                          **overrides) -> ModelConfig:
-    """The model config from either ``preset`` or real folders (``llm`` + ``mae`` or a vision YAML).
+    """The model config from either ``preset`` or real models (``llm`` + ``mae`` or a vision YAML).
 
+    ``llm``, ``mae`` and ``mae_decoder`` are folders or Hugging Face ids (``org/name[@revision]``),
+    resolved now (fetched when needed) to snapshot folders recorded in ``ModelConfig.hub``.
     A vision YAML may hold ``encoder``, ``decoder``, ``adapter`` and ``deadapter`` entries, each
     ``{name: ..., kwargs: {...}}``. ``overrides`` with value ``None`` are ignored.
     """
     from .config import load_yaml
+    from .hub import resolve_model
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if preset:
@@ -182,15 +188,11 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
         base = {k: getattr(cfg, k) for k in ("llm", "encoder", "decoder", "num_task_tokens")}
     else:
         if not llm:
-            raise ConfigError("a model is needed: --preset NAME, or --llm PATH with --mae PATH")
-        if not Path(llm).is_dir():
-            raise ConfigError(f"--llm {llm}: folder not found")
-        base = {"llm": str(Path(llm).resolve())}
+            raise ConfigError("a model is needed: --preset NAME, or --llm PATH|ID with --mae PATH|ID")
+        base = {"llm": str(llm)}
         if mae:
-            if not Path(mae).is_dir():
-                raise ConfigError(f"--mae {mae}: folder not found")
-            base["encoder"] = ModuleSpec("mae", {"path": str(Path(mae).resolve())})
-            base["decoder"] = ModuleSpec("mae", {"path": str(Path(mae).resolve())})
+            base["encoder"] = ModuleSpec("mae", {"path": str(mae)})
+            base["decoder"] = ModuleSpec("mae", {"path": str(mae)})
     if vision_config:
         vc = load_yaml(vision_config)
         for key in ("encoder", "decoder", "adapter", "deadapter"):
@@ -201,10 +203,8 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
             raise ConfigError(f"{vision_config}: unknown key(s) {', '.join(sorted(unknown))}; "
                               "valid: encoder, decoder, adapter, deadapter")
     if mae_decoder:
-        if not Path(mae_decoder).is_dir():
-            raise ConfigError(f"--mae-decoder {mae_decoder}: folder not found")
-        base["decoder"] = ModuleSpec("mae", {"path": str(Path(mae_decoder).resolve())})
+        base["decoder"] = ModuleSpec("mae", {"path": str(mae_decoder)})
     if "encoder" not in base or "decoder" not in base:
-        raise ConfigError("vision parts are needed: --mae PATH or --vision-config FILE")
+        raise ConfigError("vision parts are needed: --mae PATH|ID or --vision-config FILE")
     base.update(overrides)
-    return ModelConfig(**base)
+    return resolve_model(ModelConfig(**base))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import logs
+
 
 class rank0_progress:
     """``with rank0_progress(label, total, show=rank == 0) as advance: ... advance(n)``.
@@ -15,11 +17,10 @@ class rank0_progress:
 
     def __enter__(self):
         if self.show:
-            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=True)
+                                console=logs.console(), transient=True)
             self.bar.__enter__()
             self.task = self.bar.add_task(self.label, total=self.total)
         return self.advance

@@ -121,8 +121,9 @@ def lpips_available() -> bool:
     return (lpips_cache_dir() / lpips_backbone_file(MAEFinetuneConfig.lpips_net)).is_file()
 
 
-def stages(cfg: QuickstartConfig, lpips_weight: float) -> list[Stage]:
-    """The ``lm4lv`` commands the quickstart runs, in order (paths relative to ``cfg.out``)."""
+def stages(cfg: QuickstartConfig, lpips_weight: float, verbose: bool = False) -> list[Stage]:
+    """The ``lm4lv`` commands the quickstart runs, in order (paths relative to ``cfg.out``);
+    ``verbose`` passes ``--verbose`` to the commands that write a log."""
     o = Path(cfg.out)
     degr = [a for d in cfg.degradations for a in ("--degradation", d)]
     train_images = o / ("images/train-crops" if cfg.crops else "images/train")
@@ -143,10 +144,13 @@ def stages(cfg: QuickstartConfig, lpips_weight: float) -> list[Stage]:
         Stage("generate", ["generate", "--run", str(o / "run"), "--data", str(o / "data/test.json"),
                            "--out", str(o / "generated"), "--batch-size", "8"]),
     ]
-    for slug in degradation_slugs(cfg):
-        for kind, pred in (("degraded", o / "data/test/lq" / slug), ("restored", o / "generated/images" / slug)):
-            out.append(Stage(f"eval {kind} {slug}", ["eval", "psnr,ssim", str(o / "data/test/hq"), str(pred),
-                                                     "--json", str(o / "scores" / f"{kind}-{slug}.json")]))
+    if verbose:
+        for stage in out[1:]:
+            stage.args.append("--verbose")
+    for slug in degradation_slugs(cfg):  # degraded input and lm4lv's output in one table
+        out.append(Stage(f"eval {slug}", ["eval", "psnr,ssim", str(o / "data/test/hq"), str(o / "data/test/lq" / slug),
+                                          str(o / "generated/images" / slug), "--labels", "degraded,lm4lv",
+                                          "--json", str(o / "scores" / f"{slug}.json")]))
     return out
 
 
@@ -160,28 +164,31 @@ def scores_table(cfg: QuickstartConfig) -> list[dict[str, Any]]:
     """Per degradation: mean PSNR/SSIM of the degraded inputs and of the restored images."""
     rows = []
     for slug in degradation_slugs(cfg):
+        data = json.loads((Path(cfg.out) / "scores" / f"{slug}.json").read_text(encoding="utf-8"))
         row: dict[str, Any] = {"degradation": slug}
-        for kind in ("degraded", "restored"):
-            data = json.loads((Path(cfg.out) / "scores" / f"{kind}-{slug}.json").read_text(encoding="utf-8"))
-            row[f"{kind}_psnr"] = data["mean"]["psnr"]
-            row[f"{kind}_ssim"] = data["mean"]["ssim"]
-            row["count"] = data["count"]
+        for kind, pred in zip(("degraded", "restored"), data["predictions"]):
+            row[f"{kind}_psnr"] = pred["mean"]["psnr"]
+            row[f"{kind}_ssim"] = pred["mean"]["ssim"]
+            row["count"] = pred["count"]
         rows.append(row)
     return rows
 
 
 def write_grid(cfg: QuickstartConfig) -> Path:
-    """``grid.png``: degraded | restored | clean, one row per held-out sample."""
-    from .plots import save_grid
+    """``grid.png``: degraded | lm4lv | ground truth, one labelled row per held-out sample, with
+    PSNR / SSIM under the degraded and restored tiles."""
+    from .grids import grid_scale, save_comparison
 
     o = Path(cfg.out)
-    rows = []
+    rows, labels = [], []
     for line in (o / "generated" / "results.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        rows.append([np.asarray(load_rgb(p)) for p in
-                     (rec["inputs"][0], o / "generated" / rec["outputs"][0], rec["target"])])
+        out = Path(rec["outputs"][0])
+        rows.append([np.asarray(load_rgb(p)) for p in (rec["inputs"][0], o / "generated" / out, rec["target"])])
+        labels.append(f"{out.stem}\n{out.parent.name}")
     path = o / "grid.png"
-    save_grid(rows, path, scale=max(1, 128 // cfg.size))
+    save_comparison(rows, path, columns=("degraded", "lm4lv", "ground truth"), row_labels=labels,
+                    truth_column=2, scale=grid_scale(cfg.size))
     return path
 
 
@@ -205,7 +212,8 @@ def write_report(cfg: QuickstartConfig, table: list[dict[str, Any]], ran: list[S
                      f"{r['restored_psnr'] - r['degraded_psnr']:+.2f} | {r['degraded_ssim']:.4f} | "
                      f"{r['restored_ssim']:.4f} |")
     lines += ["", "PSNR in dB (RGB, 4 px border cropped), SSIM averaged over channels.", "",
-              "![degraded | restored | clean](grid.png)", "", "Each row: degraded | restored | clean.", "",
+              "![degraded | lm4lv | ground truth](grid.png)", "",
+              "Each row: degraded | lm4lv | ground truth, with PSNR / SSIM against the ground truth.", "",
               "![loss](loss.png)", "", "## Commands", "", "```bash"]
     lines += [f"lm4lv {' '.join(s.args)}   # {s.seconds:.1f} s" for s in ran]
     lines += ["```", ""]

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("job", help="job YAML written by the lm4lv command")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # added by deepspeed
     args = parser.parse_args(argv)
+    from . import logs
+
+    logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
     try:
         job_function(args.kind)(load_yaml(args.job))
         # leave together: a worker exiting while another still uses the process group aborts it
@@ -55,6 +58,16 @@ def main(argv: list[str] | None = None) -> None:
         job.with_name(f"{job.stem}.error.rank{rank}").write_text(str(e), encoding="utf-8")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        # an unexpected failure: its traceback reaches the user, not only the log
+        import os
+        import traceback
+
+        if logs.redirected():  # else the traceback below reaches the console anyway
+            logs.console_file().write(f"worker rank {os.environ.get('RANK', '0')} failed:\n"
+                                      f"{traceback.format_exc()}")
+            logs.console_file().flush()
+        raise
 
 
 if __name__ == "__main__":

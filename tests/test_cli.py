@@ -35,3 +35,26 @@ def test_bad_data_is_one_line_error_and_nonzero_exit(tmp_path, pairs_file):
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "sample 2" in err[0] and "2.png" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def _console_script(*args, tmp_path):
+    import os
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("lm4lv")  # the installed entry point
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_usage_errors_are_reported_by_the_cli_framework(tmp_path):
+    for args, message in ((["train", "--bogus"], "No such option: --bogus"),
+                          (["eval", "psnr", "imgs"], "Missing argument"),
+                          (["no-such-command"], "No such command")):
+        proc = _console_script(*args, tmp_path=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert proc.stderr.startswith("Usage: lm4lv"), proc.stderr
+        assert message in proc.stderr
+    # lm4lv's own errors stay one line
+    proc = _console_script("eval", "psnr", "nope-gt", "nope-pred", tmp_path=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: nope-gt: no such file or folder"

@@ -58,6 +58,8 @@ class TrainConfig:
     num_workers: int = 0
     record_order: bool = False  # write data_order.csv (sample indices of every step and rank)
     lr_schedule: str = "reference"  # reference | cosine | constant (engine/schedule.py)
+    report_to: str = "none"  # trackers besides metrics.csv: none | tensorboard
+    verbose: bool = False  # show third-party warnings and logs on the console (train.log has them always)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -87,6 +89,9 @@ class TrainConfig:
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         need(self.lr_schedule in SCHEDULES,
              f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        from .reporting import parse_report_to
+
+        parse_report_to(self.report_to)
 
 
 def train_config_keys() -> set[str]:

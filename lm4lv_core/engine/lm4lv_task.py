@@ -7,7 +7,6 @@ batches carry the features (``Batch.features``) instead of re-encoding pixels ev
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -77,7 +76,9 @@ class LM4LVTask(TrainTask):
         if self.model_config.vision_loss == "feature_mse":
             dataset.skip_pixels = True  # the loss needs features only; previews load real pixels
         if dist.is_main():
-            print(f"cached encoder features of {len(cache)} images", file=sys.stderr, flush=True)
+            from .. import logs
+
+            logs.say(f"cached encoder features of {len(cache)} images")
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         out = model(batch)
@@ -96,7 +97,8 @@ class LM4LVTask(TrainTask):
         return self.collate([dataset.full_item(i) for i in ids])
 
     def preview(self, model: nn.Module, batch: Batch, path: Path | None, gather: Gather = no_gather) -> None:
-        """One row per target image: degraded input | teacher-forced prediction | target."""
+        """One row per target image: degraded input | teacher-forced prediction | target, labelled,
+        with PSNR / SSIM against the target under the other tiles."""
         out = model(batch)
         if out.vision_pred is None:
             return
@@ -104,16 +106,18 @@ class LM4LVTask(TrainTask):
             pred = model.decode_features(out.vision_pred)
         if path is None:
             return
-        from ..plots import save_grid
+        from ..grids import grid_scale, save_comparison
 
         owner = _image_owner(batch)
-        rows = []
+        rows, labels = [], []
         for t, img in enumerate(out.target_images.tolist()):
             inputs = [i for i in range(img) if owner[i] == owner[img] and not bool(batch.image_is_target[i])]
             src = tensor_to_uint8(batch.pixels[inputs[-1]]) if inputs else None
             rows.append([src, tensor_to_uint8(pred[t]), tensor_to_uint8(batch.pixels[img])])
-        size = rows[0][1].shape[0]
-        save_grid(rows, path, scale=max(1, 128 // size))
+            ids = batch.sample_index
+            labels.append(f"sample {ids[owner[img]]}" if owner[img] < len(ids) else "")
+        save_comparison(rows, path, columns=("degraded", "lm4lv", "target"), row_labels=labels,
+                        truth_column=2, scale=grid_scale(rows[0][1].shape[0]))
 
     def saved_parameter_names(self, model: nn.Module) -> list[str]:
         return model.saved_parameter_names()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from .. import dist
+from .. import dist, logs
 from ..errors import ConfigError
 from ..fsutil import write_json_atomic
 from .backends import Backend, make_backend
@@ -60,6 +59,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.backend: Backend = make_backend(cfg)
+        self.reporter = None  # trackers of --report-to (rank 0, while training)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -92,7 +92,7 @@ class Trainer:
         last = ckpt.latest(self.ckpt_root)
         if last is None:
             if dist.is_main():
-                print(f"no complete checkpoint in {self.ckpt_root}: starting from step 0", file=sys.stderr, flush=True)
+                logs.say(f"no complete checkpoint in {self.ckpt_root}: starting from step 0")
             return
         state = ckpt.read_state(last)
         diff = {k: (state["geometry"].get(k), v) for k, v in self._geometry().items()
@@ -106,7 +106,7 @@ class Trainer:
         if dist.is_main():
             _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
             _truncate_metrics(self.run_dir / "data_order.csv", self.step, header=False)
-            print(f"resumed from {last} (step {self.step} of {self.total_steps})", file=sys.stderr, flush=True)
+            logs.say(f"resumed from {last} (step {self.step} of {self.total_steps})")
 
     def _write_run_info(self) -> None:
         write_json_atomic(self.run_dir / "run.json", {
@@ -133,6 +133,7 @@ class Trainer:
         stop_at = min(self.total_steps, self.step + c.stop_after) if c.stop_after else self.total_steps
         names = task.metric_names
         progress = _Progress(self.total_steps, self.step) if dist.is_main() else None
+        self.reporter = _reporter(self.run_dir, c, self.step) if dist.is_main() else None
         try:
             while self.step < stop_at:
                 epoch, k = divmod(self.step, self.steps_per_epoch)
@@ -165,6 +166,8 @@ class Trainer:
         finally:
             if progress:
                 progress.close()
+            if self.reporter:
+                self.reporter.close()
         finished = self.step >= self.total_steps
         if finished:
             self.save_final()
@@ -188,6 +191,8 @@ class Trainer:
             if new:
                 w.writeheader()
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        if self.reporter:
+            self.reporter.scalars(row)
         if progress:
             progress.update(row)
 
@@ -205,6 +210,8 @@ class Trainer:
                 self.task.preview(self.module, batch, path, self.backend.gathered)
         finally:
             self.module.train(was_training)
+        if path is not None and self.reporter:
+            self.reporter.image(path, self.step)
 
     def save(self) -> None:
         if dist.is_main():
@@ -240,7 +247,14 @@ class Trainer:
         try:
             plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
         except Exception as e:  # noqa: BLE001 - a plot must never stop training
-            print(f"warning: loss.png not written ({e})", file=sys.stderr, flush=True)
+            logs.say(f"warning: loss.png not written ({e})")
+
+
+def _reporter(run_dir: Path, cfg: TrainConfig, step: int):
+    from .reporting import Reporter, parse_report_to
+
+    names = parse_report_to(cfg.report_to)
+    return Reporter(run_dir, names, resume_step=step) if names else None
 
 
 def _truncate_metrics(path: Path, step: int, header: bool = True) -> None:
@@ -257,12 +271,11 @@ class _Progress:
     """Rich progress bar with the latest losses (rank 0 only)."""
 
     def __init__(self, total: int, start: int) -> None:
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        # progress and status go to stderr: stdout stays free for results (e.g. a benchmark's JSON)
+        # progress and status go to the console's stderr: stdout stays free for results (e.g. a benchmark's JSON)
         self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+                          TextColumn("{task.fields[info]}"), console=logs.console())
         self.t = self.p.add_task("train", total=total, completed=start, info="")
         self.p.start()
 

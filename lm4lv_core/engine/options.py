@@ -21,7 +21,7 @@ MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "v
                 "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "resize")
 LORA = {"lora": "enabled", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
         "lora_targets": "target_modules"}
-RUN_ONLY = ("out", "resume", "overwrite", "stop_after")  # never taken from a saved run config
+RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "verbose")  # never taken from a saved run config
 
 
 def _norm(d: dict[str, Any], source: str) -> dict[str, Any]:

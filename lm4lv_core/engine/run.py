@@ -20,8 +20,9 @@ from .config import TrainConfig
 CONFIG_FILE = "config.yaml"
 JOB_DIR = ".lm4lv"
 # everything lm4lv writes into a run folder; --overwrite replaces only these
+LOG_FILE = "train.log"  # third-party output of every run (the console shows lm4lv's own lines)
 OWN_ENTRIES = ("checkpoints", "final", "previews", "metrics.csv", "loss.png", "data_order.csv", "run.json",
-               CONFIG_FILE, JOB_DIR, ".final.tmp")
+               CONFIG_FILE, JOB_DIR, ".final.tmp", LOG_FILE, "tensorboard")
 
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -55,13 +56,16 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 def run_training(task: str, cfg: TrainConfig, extra: dict[str, Any]) -> Any:
     """Parent side of any training task: write ``config.yaml`` and launch the workers."""
+    from .reporting import check_available, parse_report_to
+
+    check_available(parse_report_to(cfg.report_to))
     out = prepare_run_dir(cfg)
     resolved = {"task": task, "train": to_dict(cfg), **extra}
     save_yaml(resolved, out / CONFIG_FILE)
     job = {**resolved, "run_dir": str(out.resolve())}
     return launch.run_job("train", job, nproc=cfg.nproc, engine=cfg.engine, job_dir=out / JOB_DIR,
                           num_nodes=cfg.num_nodes, hostfile=cfg.hostfile, master_port=cfg.master_port,
-                          launcher=cfg.launcher)
+                          launcher=cfg.launcher, log_file=out / LOG_FILE, verbose=cfg.verbose)
 
 
 def validate(cfg: TrainConfig, model: ModelConfig) -> int:
@@ -72,6 +76,9 @@ def validate(cfg: TrainConfig, model: ModelConfig) -> int:
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
     if cfg.cache_features:
         check_cache_allowed(model)
+    from ..hub import resolve_model
+
+    resolve_model(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
     if not Path(model.llm).is_dir():
         raise ConfigError(f"llm {model.llm}: folder not found")
     for part in ("encoder", "decoder"):

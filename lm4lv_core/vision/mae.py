@@ -19,10 +19,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_mae(path: str):
-    """Load a ``ViTMAEForPreTraining`` folder with mask ratio 0."""
+    """Load a ``ViTMAEForPreTraining`` folder (or hub id, see :mod:`lm4lv_core.hub`) with mask ratio 0."""
     from transformers import ViTMAEForPreTraining
     from transformers.utils import logging as hf_logging
 
+    from ..hub import resolve
+
+    path, _ = resolve(path, "--mae")
     hf_logging.disable_progress_bar()
     try:
         return ViTMAEForPreTraining.from_pretrained(path, mask_ratio=0.0)

@@ -1,0 +1,182 @@
+"""Several prediction folders scored against one ground truth (``lm4lv eval METRICS GT PRED PRED ...``):
+per folder the mean of every metric and its difference to the first folder, per image rows, and a
+labelled grid of chosen pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, LM4LVError
+from .fsutil import write_json_atomic, write_text_atomic
+from .metrics import HIGHER_IS_BETTER, EvalReport, build_lpips, evaluate_paths, validate_metrics
+
+GRID_TILE_MAX = 256  # larger images are shown reduced in grids
+
+
+def default_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Short distinct names: the last path component, with parents added until all differ."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+@dataclass
+class Comparison:
+    """One :class:`EvalReport` per prediction folder (same ground truth, same settings)."""
+
+    gt: str
+    labels: list[str]
+    paths: list[str]
+    reports: list[EvalReport]
+    metrics: list[str] = field(default_factory=list)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.reports[0].settings
+
+    def mean(self, k: int) -> dict[str, float]:
+        return {m: self.reports[k].mean(m) for m in self.metrics}
+
+    def common_names(self) -> list[str]:
+        """Images every folder scored, in the first folder's order."""
+        sets = [{r["name"] for r in rep.rows} for rep in self.reports[1:]]
+        return [r["name"] for r in self.reports[0].rows if all(r["name"] in s for s in sets)]
+
+    def row(self, k: int, name: str) -> dict[str, Any]:
+        return next(r for r in self.reports[k].rows if r["name"] == name)
+
+    def difference(self, k: int) -> dict[str, float]:
+        """Mean over the images both folders scored of (folder ``k`` − first folder)."""
+        a = {r["name"]: r for r in self.reports[0].rows}
+        pairs = [(r, a[r["name"]]) for r in self.reports[k].rows if r["name"] in a]
+        return {m: float(np.mean([r[m] - f[m] for r, f in pairs])) if pairs else float("nan")
+                for m in self.metrics}
+
+    def summary(self) -> dict[str, Any]:
+        preds = []
+        for k, (label, path, rep) in enumerate(zip(self.labels, self.paths, self.reports)):
+            preds.append({"label": label, "path": path, "count": rep.count, "mean": self.mean(k),
+                          "difference_to_first": self.difference(k) if k else None,
+                          "unmatched_gt": rep.unmatched_gt, "unmatched_pred": rep.unmatched_pred})
+        return {"gt": self.gt, "first": self.labels[0], "settings": self.settings, "predictions": preds}
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        data = self.summary()
+        for entry, rep in zip(data["predictions"], self.reports):
+            entry["images"] = rep.rows
+        write_json_atomic(path, data)
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """One row per (folder, image): ``label, name, gt, pred`` and the metrics."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["label", "name", "gt", "pred", *self.metrics], lineterminator="\n")
+        w.writeheader()
+        for label, rep in zip(self.labels, self.reports):
+            w.writerows({"label": label, **r} for r in rep.rows)
+        write_text_atomic(path, buf.getvalue())
+
+
+def compare_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequence[str | os.PathLike],
+                  labels: Sequence[str] | None = None,
+                  progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> Comparison:
+    """Score every folder (or file) of ``preds`` against ``gt`` like :func:`evaluate_paths`."""
+    metrics = validate_metrics(metrics)
+    if not preds:
+        raise ConfigError("give at least one prediction folder")
+    labels = list(labels) if labels else default_labels(preds)
+    if len(labels) != len(preds):
+        raise ConfigError(f"--labels: {len(labels)} label(s) for {len(preds)} prediction folder(s)")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--labels: names must differ, got {', '.join(labels)}")
+    for p in [gt, *preds]:  # fail before scoring anything
+        if not Path(p).exists():
+            raise LM4LVError(f"{p}: no such file or folder")
+    if "lpips" in metrics and kwargs.get("lpips_module") is None:
+        kwargs["lpips_module"] = build_lpips(kwargs.pop("lpips_net", "alex"), kwargs.pop("lpips_weights", None))
+    reports, done = [], 0
+    for p in preds:
+        def step(i: int, n: int, base: int = done) -> None:
+            if progress:
+                progress(base + i, base + n)
+
+        rep = evaluate_paths(metrics, gt, p, progress=step, **kwargs)
+        done += rep.count
+        reports.append(rep)
+    return Comparison(str(gt), labels, [str(p) for p in preds], reports, list(metrics))
+
+
+def grid_names(cmp: Comparison, rows: int | None = None) -> list[tuple[str, str]]:
+    """``(name, row label)`` of the pairs a grid shows: the first ``rows`` images, or the worst,
+    median and best by PSNR gain of the last folder over the first (by PSNR with one folder)."""
+    names = cmp.common_names()
+    if not names:
+        raise LM4LVError("no image was scored in every prediction folder: nothing to draw")
+    if rows is not None:
+        if rows < 1:
+            raise ConfigError(f"--grid-rows must be >= 1, got {rows}")
+        return [(n, n) for n in names[:rows]]
+    metric = "psnr" if "psnr" in cmp.metrics else cmp.metrics[0]
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    last = len(cmp.reports) - 1
+
+    def gain(n: str) -> float:
+        v = cmp.row(last, n)[metric]
+        return sign * (v - cmp.row(0, n)[metric]) if last else sign * v
+
+    order = sorted(names, key=gain)
+    picks = {"worst": order[0], "median": order[(len(order) - 1) // 2], "best": order[-1]}
+    out, seen = [], set()
+    for which, n in picks.items():
+        if n in seen:
+            continue
+        seen.add(n)
+        # ASCII only: Pillow's default font has no Greek letters
+        what = f"{metric.upper()} gain {cmp.row(last, n)[metric] - cmp.row(0, n)[metric]:+.2f}" if last else \
+            f"{metric.upper()} {cmp.row(0, n)[metric]:.2f}"
+        out.append((n, f"{n}\n{which}: {what}"))
+    return out
+
+
+def _tile(path: str) -> np.ndarray:
+    from PIL import Image
+
+    from .imageio import load_rgb
+
+    img = load_rgb(path)
+    if max(img.size) > GRID_TILE_MAX:
+        img = img.copy()
+        img.thumbnail((GRID_TILE_MAX, GRID_TILE_MAX), Image.Resampling.LANCZOS)
+    return np.asarray(img)
+
+
+def write_grid(cmp: Comparison, path: str | os.PathLike, rows: int | None = None) -> Path:
+    """A labelled grid: one column per prediction folder and the ground truth, a row per chosen
+    image, the scored metrics under every prediction tile."""
+    from .grids import comparison_grid, grid_scale
+    from .fsutil import atomic_path
+
+    picks = grid_names(cmp, rows)
+    tiles, captions = [], []
+    fmt = {"psnr": "PSNR {:.2f} dB", "ssim": "SSIM {:.3f}", "lpips": "LPIPS {:.3f}"}
+    for name, _ in picks:
+        recs = [cmp.row(k, name) for k in range(len(cmp.reports))]
+        tiles.append([_tile(r["pred"]) for r in recs] + [_tile(recs[0]["gt"])])
+        captions.append(["\n".join(fmt[m].format(r[m]) for m in cmp.metrics) for r in recs] + [""])
+    size = max(max(t.shape[:2]) for r in tiles for t in r)
+    grid = comparison_grid(tiles, [*cmp.labels, "ground truth"], [lab for _, lab in picks], captions,
+                           scale=grid_scale(size))
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        grid.save(tmp, format="PNG")
+    return path
