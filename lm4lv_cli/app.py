@@ -47,10 +47,27 @@ def _root(
 
 
 def main() -> None:
+    from lm4lv_core.errors import Interrupted
+    from lm4lv_core.signals import EXIT_ABORTED, EXIT_INTERRUPTED
+
     try:
         app(standalone_mode=False)
     except LM4LVError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except Interrupted as e:  # stopped on SIGTERM / Ctrl-C with its progress saved
+        typer.secho(str(e), fg="yellow", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # a second signal
+        typer.echo("aborted", err=True)
+        sys.exit(EXIT_ABORTED)
+    except OSError as e:  # a write that failed outside lm4lv's own checks: still one line
+        from lm4lv_core.fsutil import write_failure
+
+        cause = write_failure(e)
+        if cause is None:
+            raise
+        typer.secho(f"error: cannot write {e.filename or 'an output'}: {cause}", fg="red", err=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

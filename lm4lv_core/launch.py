@@ -12,7 +12,10 @@ YAML and calls :func:`run_job`. Workers run ``python -m lm4lv_core.worker KIND J
   no GPU: without it accelerate silently starts independent processes), or ``torchrun``.
 
 A worker that fails with an lm4lv error writes its message beside the job file; :func:`run_job`
-raises it as one :class:`LM4LVError` once the launcher has exited.
+raises it as one :class:`LM4LVError` once the launcher has exited. A job stopped on request
+(:mod:`lm4lv_core.signals`) leaves ``KIND-job.interrupted.rankR``; :func:`run_job` raises it as
+:class:`Interrupted`. The launcher runs in its own session: a signal to this process is forwarded
+to the workers as the stop file ``KIND-job.stop``; a second one kills the launcher and workers.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import signals
 from .config import save_yaml
-from .errors import ConfigError, LM4LVError
+from .errors import ConfigError, Interrupted, LM4LVError
 
 LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
 ENGINES = ("deepspeed", "accelerate")
@@ -111,9 +115,42 @@ def single_worker_env(master_port: int | None = None) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _worker_errors(job_path: Path) -> list[str]:
+def interrupted_file(job_path: Path, rank: int) -> Path:
+    """Where worker ``rank`` writes the message of a stop on request (:class:`Interrupted`)."""
+    return job_path.with_name(f"{job_path.stem}.interrupted.rank{rank}")
+
+
+def stop_file(job_path: Path) -> Path:
+    """The file whose existence asks the workers of ``job_path`` to stop at their next safe point."""
+    return job_path.with_name(f"{job_path.stem}.stop")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process below it (workers may sit in sessions of their own)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        procs = []
+    for p in [*procs, proc]:
+        with contextlib.suppress(Exception):
+            p.kill()
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=30)
+
+
+def _request_stop(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError as e:
+        print(f"warning: could not write the stop request {path} ({e.strerror}); send the signal again "
+              "to abort at once", file=sys.stderr, flush=True)
+
+
+def _worker_errors(job_path: Path, kind: str = "error") -> list[str]:
     msgs = []
-    for f in sorted(job_path.parent.glob(f"{job_path.stem}.error.rank*")):
+    for f in sorted(job_path.parent.glob(f"{job_path.stem}.{kind}.rank*")):
         msg = f.read_text(encoding="utf-8").strip()
         if msg and msg not in msgs:
             msgs.append(msg)
@@ -141,23 +178,38 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     job_path = job_dir / f"{kind}-job.yaml"
-    for f in job_dir.glob(f"{job_path.stem}.error.rank*"):
-        f.unlink()
+    stop = stop_file(job_path)
+    for f in [*job_dir.glob(f"{job_path.stem}.error.rank*"), *job_dir.glob(f"{job_path.stem}.interrupted.rank*"), stop]:
+        f.unlink(missing_ok=True)
     save_yaml(job, job_path)
     if nproc == 1 and num_nodes == 1 and not hostfile:
         # a process group the job creates (world size 1) stays for later jobs of this process:
         # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
-        with single_worker_env(master_port):
+        with single_worker_env(master_port), signals.handling():
             return fn(job)
     cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
                            hostfile=hostfile, master_port=master_port)
+    env = launcher_env(launcher)
+    env[signals.STOP_FILE_ENV] = str(stop)
     try:
-        rc = subprocess.call(cmd, env=launcher_env(launcher))
+        # own session: a terminal's Ctrl-C reaches only this process, which forwards it as a stop
+        # request (launchers would kill their workers on SIGINT/SIGTERM)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     except FileNotFoundError as e:
         raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
+    try:
+        with signals.handling(on_stop=lambda: _request_stop(stop), on_abort=lambda: _kill_tree(proc)):
+            rc = proc.wait()
+    except BaseException:
+        _kill_tree(proc)
+        raise
+    stop.unlink(missing_ok=True)
     errors = _worker_errors(job_path)
     if errors:
         raise LM4LVError("; ".join(errors))
+    stopped = _worker_errors(job_path, "interrupted")
+    if stopped:
+        raise Interrupted(stopped[0])
     if rc != 0:
         raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}); see the output above")
     return None

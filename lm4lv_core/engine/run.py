@@ -15,6 +15,7 @@ from typing import Any
 from .. import launch
 from ..config import ModelConfig, from_dict, save_yaml, to_dict
 from ..errors import ConfigError
+from ..fsutil import user_entries
 from .config import TrainConfig
 
 CONFIG_FILE = "config.yaml"
@@ -22,6 +23,7 @@ JOB_DIR = ".lm4lv"
 # everything lm4lv writes into a run folder; --overwrite replaces only these
 OWN_ENTRIES = ("checkpoints", "final", "previews", "metrics.csv", "loss.png", "data_order.csv", "run.json",
                CONFIG_FILE, JOB_DIR, ".final.tmp")
+COMMANDS = {"lm4lv": "train", "mae": "ft-mae"}  # training task → the command that runs it
 
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+    if out.is_dir() and user_entries(out) and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--out {out}: the run folder is not empty; pass --resume to continue it "
                           "or --overwrite to replace lm4lv's files in it")
     if cfg.overwrite and out.is_dir():
@@ -54,14 +56,18 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def run_training(task: str, cfg: TrainConfig, extra: dict[str, Any]) -> Any:
-    """Parent side of any training task: write ``config.yaml`` and launch the workers."""
-    out = prepare_run_dir(cfg)
-    resolved = {"task": task, "train": to_dict(cfg), **extra}
-    save_yaml(resolved, out / CONFIG_FILE)
-    job = {**resolved, "run_dir": str(out.resolve())}
-    return launch.run_job("train", job, nproc=cfg.nproc, engine=cfg.engine, job_dir=out / JOB_DIR,
-                          num_nodes=cfg.num_nodes, hostfile=cfg.hostfile, master_port=cfg.master_port,
-                          launcher=cfg.launcher)
+    """Parent side of any training task: lock the run folder, write ``config.yaml`` and launch
+    the workers."""
+    from ..runlock import hold
+
+    with hold(cfg.out, COMMANDS.get(task, task)):  # one run per folder; removes killed runs' temp files
+        out = prepare_run_dir(cfg)
+        resolved = {"task": task, "train": to_dict(cfg), **extra}
+        save_yaml(resolved, out / CONFIG_FILE)
+        job = {**resolved, "run_dir": str(out.resolve())}
+        return launch.run_job("train", job, nproc=cfg.nproc, engine=cfg.engine, job_dir=out / JOB_DIR,
+                              num_nodes=cfg.num_nodes, hostfile=cfg.hostfile, master_port=cfg.master_port,
+                              launcher=cfg.launcher)
 
 
 def validate(cfg: TrainConfig, model: ModelConfig) -> int:
