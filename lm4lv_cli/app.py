@@ -51,14 +51,18 @@ def main() -> None:
     from lm4lv_core.signals import EXIT_ABORTED, EXIT_INTERRUPTED
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt (a second signal)
+        if code == EXIT_ABORTED:
+            typer.echo("aborted", err=True)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LM4LVError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
     except Interrupted as e:  # stopped on SIGTERM / Ctrl-C with its progress saved
         typer.secho(str(e), fg="yellow", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:  # a second signal
+    except KeyboardInterrupt:  # a second signal outside a command
         typer.echo("aborted", err=True)
         sys.exit(EXIT_ABORTED)
     except OSError as e:  # a write that failed outside lm4lv's own checks: still one line

@@ -125,7 +125,7 @@ def stop_file(job_path: Path) -> Path:
     return job_path.with_name(f"{job_path.stem}.stop")
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def _kill_tree(proc: subprocess.Popen, wait: bool = True) -> None:
     """SIGKILL the launcher and every process below it (workers may sit in sessions of their own)."""
     import psutil
 
@@ -136,8 +136,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     for p in [*procs, proc]:
         with contextlib.suppress(Exception):
             p.kill()
-    with contextlib.suppress(Exception):
-        proc.wait(timeout=30)
+    if wait:  # (not inside a signal handler that interrupted proc.wait: it holds the wait lock)
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=30)
 
 
 def _request_stop(path: Path) -> None:
@@ -179,8 +180,9 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     job_dir.mkdir(parents=True, exist_ok=True)
     job_path = job_dir / f"{kind}-job.yaml"
     stop = stop_file(job_path)
-    for f in [*job_dir.glob(f"{job_path.stem}.error.rank*"), *job_dir.glob(f"{job_path.stem}.interrupted.rank*"), stop]:
-        f.unlink(missing_ok=True)
+    for f in [*job_dir.glob(f"{job_path.stem}.error.rank*"), *job_dir.glob(f"{job_path.stem}.interrupted.rank*")]:
+        f.unlink()
+    stop.unlink(missing_ok=True)
     save_yaml(job, job_path)
     if nproc == 1 and num_nodes == 1 and not hostfile:
         # a process group the job creates (world size 1) stays for later jobs of this process:
@@ -198,7 +200,7 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     except FileNotFoundError as e:
         raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
     try:
-        with signals.handling(on_stop=lambda: _request_stop(stop), on_abort=lambda: _kill_tree(proc)):
+        with signals.handling(on_stop=lambda: _request_stop(stop), on_abort=lambda: _kill_tree(proc, wait=False)):
             rc = proc.wait()
     except BaseException:
         _kill_tree(proc)

@@ -325,6 +325,14 @@ def test_failed_writes_keep_their_cause(full_dir):
     assert write_failure(RuntimeError("unexpected pos 704 vs 598")) is None
 
 
+def test_make_data_on_a_full_disk_leaves_nothing(full_dir, data, monkeypatch, capsys):
+    code, log = lm4lv(monkeypatch, capsys, "make-data", data.parent / "hq", "--out", full_dir / "ds", "-d", "noise")
+    errors = _errors(log)
+    assert code == 2 and errors == [f"error: cannot write the dataset {full_dir / 'ds'}: "
+                                    f"{os.strerror(errno.ENOSPC)}"], log
+    assert not list(full_dir.iterdir())
+
+
 @pytest.fixture
 def readonly_dir(tmp_path):
     d = tmp_path / "ro"
