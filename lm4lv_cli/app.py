@@ -48,13 +48,46 @@ def _root(
 
 
 def main() -> None:
-    """Console entry point. The CLI framework reports usage errors itself (usage line, one error
-    line, exit code 2), whichever typer/click it vendors; lm4lv's own errors are one ``error:`` line."""
+    """Console entry point. Usage errors are reported the CLI framework's own way (usage line, one
+    error line, exit code 2), whichever click typer vendors; lm4lv's own errors are one ``error:`` line."""
+    from lm4lv_core.errors import Interrupted
+    from lm4lv_core.signals import EXIT_ABORTED, EXIT_INTERRUPTED
+
     try:
-        app()
+        code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt (a second signal)
+        if code == EXIT_ABORTED:
+            typer.echo("aborted", err=True)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LM4LVError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
+    except Interrupted as e:  # stopped on SIGTERM / Ctrl-C with its progress saved
+        typer.secho(str(e), fg="yellow", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # a second signal outside a command
+        typer.echo("aborted", err=True)
+        sys.exit(EXIT_ABORTED)
+    except OSError as e:  # a write that failed outside lm4lv's own checks: still one line
+        from lm4lv_core.fsutil import write_failure
+
+        cause = write_failure(e)
+        if cause is None:
+            raise
+        typer.secho(f"error: cannot write {e.filename or 'an output'}: {cause}", fg="red", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as e:
+        # usage errors of the click that typer uses (typer may vendor its own copy, so the class
+        # is recognised by what it offers, not by importing a click module)
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
 
 
 if __name__ == "__main__":

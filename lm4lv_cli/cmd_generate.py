@@ -66,13 +66,16 @@ def generate(
     job = {"model": str(model_dir), "data": str(data), "image_root": str(image_root) if image_root else None,
            "out": str(out), "batch_size": batch_size, "precision": precision, "generation": vars(gen).copy(),
            "attempt": new_attempt()}
-    prepare_out(out, job, overwrite)
-    stems = output_stems(samples)
-    before = len(finished_records(out, samples, stems))
-    launch.run_job("generate", job, nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes,
-                   hostfile=hostfile, master_port=master_port, job_dir=out / JOB_DIR,
-                   log_file=out / "generate.log", verbose=verbose)
-    after = len(finished_records(out, samples, stems))
+    from lm4lv_core.runlock import hold
+
+    with hold(out, "generate"):  # one run per folder; removes temporary files of killed runs
+        prepare_out(out, job, overwrite)
+        stems = output_stems(samples)
+        before = len(finished_records(out, samples, stems))
+        launch.run_job("generate", job, nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes,
+                       hostfile=hostfile, master_port=master_port, job_dir=out / JOB_DIR,
+                       log_file=out / "generate.log", verbose=verbose)
+        after = len(finished_records(out, samples, stems))
     skipped = f", {before} already done" if before else ""
     console.print(f"{after}/{len(samples)} samples finished ({after - before} generated{skipped}); "
                   f"wrote {out / RESULTS}", soft_wrap=True)

@@ -30,7 +30,7 @@ KEEP_CHECKPOINTS = O(None, "--keep-checkpoints", help="Newest checkpoints kept, 
 PREVIEW_EVERY = O(None, "--preview-every", help="Preview image every N steps [200].")
 SEED = O(None, "--seed", help="Seed of initialisation and data order [0].")
 NUM_WORKERS = O(None, "--num-workers", help="Data loading processes per worker [0].")
-RESUME = O(False, "--resume", help="Continue the run in --out from its last complete checkpoint.")
+RESUME = O(False, "--resume", help="Continue the run in --out from its newest intact checkpoint.")
 OVERWRITE = O(False, "--overwrite", help="Reuse --out, replacing lm4lv's files in it.")
 LR_SCHEDULE = O(None, "--lr-schedule", help="reference (DeepSpeed WarmupDecayLR: log warmup, linear decay to 0) | "
                 "cosine (linear warmup, cosine decay) | constant (linear warmup) [reference].")

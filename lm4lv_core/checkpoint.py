@@ -1,13 +1,15 @@
 """Training checkpoints: complete or invisible.
 
-A checkpoint ``RUN/checkpoints/step-N/`` is written into ``RUN/checkpoints/.step-N.tmp/`` by all
-ranks, then renamed to ``step-N`` by rank 0 in one ``os.replace`` once every rank has finished.
-Resume only looks at folders named ``step-N`` that hold ``state.json``, so a worker killed at
-any moment leaves either the previous checkpoints or the new one, never a half-written one.
+A checkpoint ``RUN/checkpoints/step-N/`` is written into ``RUN/checkpoints/.lm4lv-tmp-step-N/`` by
+all ranks, then rank 0 writes ``state.json`` and ``checksums.json`` (size and SHA-256 of every
+file) and renames the folder to ``step-N`` in one ``os.replace`` once every rank has finished. So
+a worker killed at any moment leaves the previous checkpoints and at most a temporary folder
+(removed by the next run). Resume verifies the newest ``step-N`` against its checksums and falls
+back to the newest intact one; pruning (``keep``) never removes the newest intact checkpoint.
 
 Contents (besides what the backend writes, e.g. ``deepspeed/`` or ``optimizer.pt``):
 ``trainable.safetensors`` (full trainable weights), ``state.json`` (step, data position,
-batch geometry) and ``rng-rankR.safetensors`` (torch, CUDA, numpy and Python RNG of rank R).
+batch geometry), ``checksums.json`` and ``rng-rankR.safetensors`` (torch, CUDA, numpy and Python RNG of rank R).
 Everything loads with ``torch.load(weights_only=True)`` or safetensors.
 """
 
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .fsutil import write_json_atomic
+from . import checksums
+from .fsutil import TEMP_PREFIX, write_json_atomic
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
@@ -36,20 +39,21 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def tmp_dir(root: Path, step: int) -> Path:
-    return Path(root) / f".step-{step}.tmp"
+    return Path(root) / f"{TEMP_PREFIX}step-{step}"
 
 
-def complete_steps(root: Path) -> list[int]:
-    """Steps of the complete checkpoints under ``root``, ascending."""
+def step_dirs(root: Path) -> list[int]:
+    """Steps of every ``step-N`` folder under ``root`` (intact or not), ascending."""
     root = Path(root)
     if not root.is_dir():
         return []
-    steps = []
-    for d in root.iterdir():
-        m = STEP_RE.match(d.name)
-        if m and d.is_dir() and (d / STATE_FILE).is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    return sorted(int(m.group(1)) for d in root.iterdir() if (m := STEP_RE.match(d.name)) and d.is_dir())
+
+
+def complete_steps(root: Path) -> list[int]:
+    """Steps of the published checkpoints under ``root`` (holding ``checksums.json``, the last
+    file written), ascending; :func:`newest_intact` also verifies their contents."""
+    return [s for s in step_dirs(root) if (step_dir(root, s) / checksums.CHECKSUMS_FILE).is_file()]
 
 
 def latest(root: Path) -> Path | None:
@@ -57,31 +61,67 @@ def latest(root: Path) -> Path | None:
     return step_dir(root, steps[-1]) if steps else None
 
 
+def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files all match ``checksums.json``, and one line per newer
+    ``step-N`` folder that is damaged or incomplete (``"PATH: problem"``)."""
+    problems = []
+    for s in reversed(step_dirs(root)):
+        d = step_dir(root, s)
+        problem = checksums.verify(d)
+        if problem is None:
+            return d, problems
+        problems.append(f"{d}: {problem}")
+    return None, problems
+
+
 def begin(root: Path, step: int) -> Path:
     """Rank 0: an empty temporary folder for the checkpoint of ``step`` (stale ones removed)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob(".step-*.tmp"), *root.glob(".step-*.del")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f"{TEMP_PREFIX}*"):
+        _remove(stale)
     tmp = tmp_dir(root, step)
     tmp.mkdir()
     return tmp
 
 
 def commit(root: Path, step: int, state: dict[str, Any], keep: int = 0) -> Path:
-    """Rank 0, after every rank has written into the temporary folder: publish it atomically."""
+    """Rank 0, after every rank has written into the temporary folder: record checksums and
+    publish it atomically, then prune to the ``keep`` newest intact checkpoints."""
     tmp = tmp_dir(root, step)
     write_json_atomic(tmp / STATE_FILE, state)
+    checksums.record(tmp)
     final = step_dir(root, step)
-    if final.exists():  # an older run's checkpoint of the same step (after --overwrite)
-        shutil.rmtree(final)
+    if final.exists():  # an older run's (or a damaged) checkpoint of the same step
+        _remove(final)
     tmp.replace(final)
     if keep:
-        for old in complete_steps(root)[:-keep]:
-            gone = Path(root) / f".step-{old}.del"
-            step_dir(root, old).replace(gone)  # invisible first, then removed
-            shutil.rmtree(gone, ignore_errors=True)
+        prune(root, keep)
     return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the ``keep`` newest intact checkpoints (sizes checked) and anything newer; remove
+    older ones. The newest intact checkpoint is never removed."""
+    intact = 0
+    for s in reversed(step_dirs(root)):
+        d = step_dir(root, s)
+        if intact >= keep:
+            _remove(d)
+        elif checksums.verify(d, full=False) is None:
+            intact += 1
+
+
+def _remove(d: Path) -> None:
+    """Make ``d`` invisible first (a temporary name), then delete it."""
+    if not d.is_dir():
+        d.unlink(missing_ok=True)
+        return
+    gone = d if d.name.startswith(TEMP_PREFIX) else d.with_name(f"{TEMP_PREFIX}del-{d.name}")
+    if gone != d:
+        shutil.rmtree(gone, ignore_errors=True)
+        d.replace(gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

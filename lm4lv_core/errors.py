@@ -11,3 +11,21 @@ class DataError(LM4LVError):
 
 class ConfigError(LM4LVError):
     """An option or config file value is invalid; the message names the option."""
+
+
+class OutputError(LM4LVError):
+    """An output cannot be written (disk full, quota, read-only or forbidden folder); the
+    message names the path and the cause (``cause``, e.g. ``No space left on device``).
+    Earlier outputs are left intact."""
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.cause))
+
+
+class Interrupted(Exception):
+    """A run stopped early on request (SIGTERM / Ctrl-C) after saving its progress; the message
+    says where it stopped and how to continue. Not an error: the CLI exits with code 75."""

@@ -1,34 +1,100 @@
-"""Atomic file writes: write to a temp file in the same folder, then rename."""
+"""Atomic file writes, recognisable temporary names, and write errors as one-line messages.
+
+Every temporary file or folder lm4lv writes starts with :data:`TEMP_PREFIX` and never ends in the
+final file's extension, so no output glob (``*.png``, ``*.jsonl``, ``step-*``) matches it. A process
+killed mid-write leaves such a name behind; the next run in that folder (holding the folder's run
+lock, see :mod:`lm4lv_core.runlock`) removes them with :func:`remove_stale_temps`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import OutputError
+
+TEMP_PREFIX = ".lm4lv-tmp-"
+LOCK_NAME = ".lm4lv-lock"
+# errors that mean "this output cannot be written here", reported as one line
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
+def is_internal(name: str) -> bool:
+    """Names of lm4lv's own bookkeeping entries (temporary files/folders, the run lock)."""
+    return name.startswith(TEMP_PREFIX) or name == LOCK_NAME
+
+
+def user_entries(folder: Path) -> list[Path]:
+    """Entries of ``folder`` other than lm4lv's temporary files and lock."""
+    return [p for p in Path(folder).iterdir() if not is_internal(p.name)]
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    The temporary name is ``.lm4lv-tmp-<name>.<random>.tmp`` (``suffix`` is accepted for
+    compatibility and ignored: a temporary name never ends in the final extension). On any
+    exception the temporary file is removed and ``path`` is left untouched; a full disk or an
+    unwritable folder raises :class:`OutputError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            os.replace(tmp_path, path)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+
+
+def temp_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new empty temporary folder ``parent/.lm4lv-tmp-<name>.<random>``."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.", dir=parent))
+
+
+def remove_stale_temps(root: str | os.PathLike, prefix: str = TEMP_PREFIX) -> list[Path]:
+    """Delete temporary files/folders (names starting with ``prefix``) anywhere under ``root``.
+
+    Only safe while no other process writes there: call it holding the folder's run lock.
+    Returns what was removed.
+    """
+    removed: list[Path] = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith(prefix):
+                p = Path(e.path)
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+            elif e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+    return removed
 
 
 def _umask() -> int:
@@ -51,3 +117,83 @@ def atomic_dir_commit(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():
         raise FileExistsError(f"{final_dir} already exists")
     os.replace(tmp_dir, final_dir)
+
+
+# ----------------------------------------------------------------------------- write errors
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The cause (e.g. ``No space left on device``) when ``exc`` or an exception it wraps is a
+    failed write to a full, read-only or forbidden place; ``None`` for anything else.
+
+    Understands ``OSError`` and libraries that only keep the OS message in their text
+    (safetensors: ``... No space left on device (os error 28)``).
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OutputError):
+            return e.cause
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e.strerror or os.strerror(e.errno)
+        recorded = getattr(e, "write_error", None)
+        if isinstance(recorded, OSError) and recorded.errno in WRITE_ERRNOS:
+            return recorded.strerror or os.strerror(recorded.errno)
+        m = _OS_ERROR_RE.search(str(e))
+        if m and int(m.group(1)) in WRITE_ERRNOS:
+            return os.strerror(int(m.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn a failed write inside the block into ``OutputError("cannot write PATH: CAUSE")`` (an
+    ``OutputError`` from an inner block is renamed to this, the outer, path)."""
+    try:
+        yield
+    except Exception as e:
+        cause = write_failure(e)
+        if cause is None:
+            raise
+        raise OutputError(f"cannot write {what or path}: {cause}", cause) from None
+
+
+class _RecordingWriter(io.RawIOBase):
+    """A file wrapper that remembers the ``OSError`` of a failed write: ``torch.save`` replaces
+    it by an uninformative ``RuntimeError``."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f = f
+        self.write_error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.write_error = e
+            raise
+
+    def flush(self) -> None:
+        if not self.f.closed:
+            self.f.flush()
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` whose write failures keep their cause (see :func:`write_failure`)."""
+    import torch
+
+    with writing(path), open(path, "wb") as f:
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError as e:
+            if w.write_error is not None:
+                raise w.write_error from e
+            raise

@@ -21,6 +21,8 @@ Correctness under several workers, kills and re-runs:
 * every run appends to fresh part files (``rank-K-<attempt>.jsonl``); rank 0 merges all records
   into ``results.jsonl`` (atomic replace) after a barrier, then deletes the merged part files.
   Merging is idempotent, so a kill between the two steps is harmless.
+* a stop request (SIGTERM / Ctrl-C, :mod:`lm4lv_core.signals`) ends each worker after its current
+  batch; finished samples are merged and kept, and a re-run generates the rest.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data.format import Sample, load_checked
-from .errors import ConfigError, LM4LVError
+from .errors import ConfigError, Interrupted, LM4LVError
+from .fsutil import user_entries, write_json_atomic
 from .progress import rank0_progress
 
 MANIFEST = "generate.json"
@@ -141,9 +144,16 @@ def merge_results(out: Path, samples: Sequence[Sample]) -> int:
 
 
 def _append_line(f, rec: dict[str, Any]) -> None:
-    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    from .fsutil import writing
+
+    with writing(f.name):
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _StopAfterBatch(Exception):
+    """Raised after a finished batch when a stop was requested."""
 
 
 # ---------------------------------------------------------------------------- out folder
@@ -218,12 +228,10 @@ def prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> str:
             changed = [k for k in _IDENTITY_KEYS if old.get(k) != manifest[k]]
             raise ConfigError(f"--out {out}: holds outputs of another {'/'.join(changed) or 'setup'}; "
                               "pass --overwrite to regenerate, or choose another --out")
-    elif out.is_dir() and any(p.name != JOB_DIR for p in out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(p.name != JOB_DIR for p in user_entries(out)) and not overwrite:
         raise ConfigError(f"--out {out}: not empty and not an lm4lv generate output; choose an empty "
                           "or new folder (or pass --overwrite to write beside its files)")
     out.mkdir(parents=True, exist_ok=True)
-    from .fsutil import write_json_atomic
-
     write_json_atomic(old_path, manifest)
     return state
 
@@ -256,7 +264,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     """
     import torch
 
-    from . import dist
+    from . import dist, signals
     from .generate import GenerationConfig, generate_samples, output_image
     from .imageio import oriented_size, save_png
     from .model import LM4LV
@@ -278,7 +286,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     todo = [s for s in samples if s.index not in done]
     mine = todo[rank::world]  # unfinished work is shared evenly, also on a resumed run
     skipped = len(done) if rank == 0 else 0
-    if mine:
+    stopped = bool(mine) and signals.requested()
+    if mine and not stopped:
         model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]))
         model = model.to(device).eval()
         part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
@@ -296,12 +305,21 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
                     rec.update({k: v for k, v in s.extra if k not in rec})
                     _append_line(f, rec)
                 advance(len(chunk))
+                if signals.requested():
+                    raise _StopAfterBatch
 
-            generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write)
+            try:
+                generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write)
+            except _StopAfterBatch:
+                stopped = True
     dist.barrier()
+    stopped = any(dist.all_gather_objects(stopped))
     if rank == 0:
-        merge_results(out, samples)
+        finished = merge_results(out, samples)
     dist.barrier()
+    if stopped and rank == 0:
+        raise Interrupted(f"interrupted: {finished} of {len(samples)} samples finished and kept; "
+                          "run the same command again to generate the rest")
     return {"generated": len(mine), "skipped": skipped, "total": len(samples)}
 
 

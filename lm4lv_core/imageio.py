@@ -46,7 +46,7 @@ def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike) -> None:
     """Write a PNG atomically (temp file + rename). Arrays must be HxWx3 uint8."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
 

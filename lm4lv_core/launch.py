@@ -17,6 +17,10 @@ raises it as one :class:`LM4LVError` once the launcher has exited.
 With a ``log_file``, everything but lm4lv's own lines (third-party warnings, launcher and
 DeepSpeed INFO lines) goes to that file instead of the console (see :mod:`lm4lv_core.logs`);
 ``verbose`` shows it on the console as well. Tracebacks of failing workers still reach the console.
+
+A job stopped on request (:mod:`lm4lv_core.signals`) leaves ``KIND-job.interrupted.rankR``; :func:`run_job` raises it as
+:class:`Interrupted`. The launcher runs in its own session: a signal to this process is forwarded
+to the workers as the stop file ``KIND-job.stop``; a second one kills the launcher and workers.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import signals
 from .config import save_yaml
-from .errors import ConfigError, LM4LVError
+from .errors import ConfigError, Interrupted, LM4LVError
 
 LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
 ENGINES = ("deepspeed", "accelerate")
@@ -115,9 +120,43 @@ def single_worker_env(master_port: int | None = None) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _worker_errors(job_path: Path) -> list[str]:
+def interrupted_file(job_path: Path, rank: int) -> Path:
+    """Where worker ``rank`` writes the message of a stop on request (:class:`Interrupted`)."""
+    return job_path.with_name(f"{job_path.stem}.interrupted.rank{rank}")
+
+
+def stop_file(job_path: Path) -> Path:
+    """The file whose existence asks the workers of ``job_path`` to stop at their next safe point."""
+    return job_path.with_name(f"{job_path.stem}.stop")
+
+
+def _kill_tree(proc: subprocess.Popen, wait: bool = True) -> None:
+    """SIGKILL the launcher and every process below it (workers may sit in sessions of their own)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        procs = []
+    for p in [*procs, proc]:
+        with contextlib.suppress(Exception):
+            p.kill()
+    if wait:  # (not inside a signal handler that interrupted proc.wait: it holds the wait lock)
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=30)
+
+
+def _request_stop(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError as e:
+        print(f"warning: could not write the stop request {path} ({e.strerror}); send the signal again "
+              "to abort at once", file=sys.stderr, flush=True)
+
+
+def _worker_errors(job_path: Path, kind: str = "error") -> list[str]:
     msgs = []
-    for f in sorted(job_path.parent.glob(f"{job_path.stem}.error.rank*")):
+    for f in sorted(job_path.parent.glob(f"{job_path.stem}.{kind}.rank*")):
         msg = f.read_text(encoding="utf-8").strip()
         if msg and msg not in msgs:
             msgs.append(msg)
@@ -146,8 +185,10 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     job_path = job_dir / f"{kind}-job.yaml"
-    for f in job_dir.glob(f"{job_path.stem}.error.rank*"):
+    stop = stop_file(job_path)
+    for f in [*job_dir.glob(f"{job_path.stem}.error.rank*"), *job_dir.glob(f"{job_path.stem}.interrupted.rank*")]:
         f.unlink()
+    stop.unlink(missing_ok=True)
     save_yaml(job, job_path)
     if log_file:
         import datetime
@@ -158,20 +199,36 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
         # a process group the job creates (world size 1) stays for later jobs of this process:
         # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
         quiet = logs.capture(log_file, verbose) if log_file else contextlib.nullcontext()
-        with single_worker_env(master_port), quiet:
+        with single_worker_env(master_port), signals.handling(), quiet:
             return fn(job)
     cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
                            hostfile=hostfile, master_port=master_port)
+    env = launcher_env(launcher)
+    env[signals.STOP_FILE_ENV] = str(stop)
     relay = logs.launched(log_file, job_dir, verbose) if log_file else contextlib.nullcontext((None, {}))
     with relay as (out, relay_env):
         try:
-            rc = subprocess.call(cmd, env={**launcher_env(launcher), **relay_env}, stdout=out,
-                                 stderr=subprocess.STDOUT if out is not None else None)
+            # own session: a terminal's Ctrl-C reaches only this process, which forwards it as a stop
+            # request (launchers would kill their workers on SIGINT/SIGTERM)
+            proc = subprocess.Popen(cmd, env={**env, **relay_env}, stdout=out,
+                                    stderr=subprocess.STDOUT if out is not None else None,
+                                    start_new_session=True)
         except FileNotFoundError as e:
             raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
+        try:
+            with signals.handling(on_stop=lambda: _request_stop(stop),
+                                  on_abort=lambda: _kill_tree(proc, wait=False)):
+                rc = proc.wait()
+        except BaseException:
+            _kill_tree(proc)
+            raise
+    stop.unlink(missing_ok=True)
     errors = _worker_errors(job_path)
     if errors:
         raise LM4LVError("; ".join(errors))
+    stopped = _worker_errors(job_path, "interrupted")
+    if stopped:
+        raise Interrupted(stopped[0])
     if rc != 0:
         where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
         raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}); {where}")

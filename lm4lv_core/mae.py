@@ -7,6 +7,7 @@ fine-tuned here is the decoder LM4LV uses (``--mae-decoder``).
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,11 +237,19 @@ def finetune(train_cfg, mae_cfg: MAEFinetuneConfig) -> Any:
     mae_cfg.mae = str(Path(mae_cfg.mae).resolve())
     if train_cfg.max_steps == 0:
         from .config import save_yaml
+        from .fsutil import temp_dir, writing
+        from .runlock import hold
 
-        out = prepare_run_dir(train_cfg)
-        save_yaml({"task": "mae", "train": to_dict(train_cfg), "mae": to_dict(mae_cfg)}, out / "config.yaml")
-        MAEAutoencoder(mae_cfg.mae).save_pretrained(out / ".final.tmp")
-        os.replace(out / ".final.tmp", out / "final")
+        with hold(train_cfg.out, "ft-mae"):
+            out = prepare_run_dir(train_cfg)
+            save_yaml({"task": "mae", "train": to_dict(train_cfg), "mae": to_dict(mae_cfg)}, out / "config.yaml")
+            with writing(out / "final"):
+                tmp = temp_dir(out, "final")
+                try:
+                    MAEAutoencoder(mae_cfg.mae).save_pretrained(tmp)
+                    os.replace(tmp, out / "final")
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
         return {"step": 0, "total_steps": 0, "finished": True}
     mae_cfg.build_lpips()  # fail now, not in the workers, when LPIPS weights are missing
     return run_training("mae", train_cfg, {"mae": to_dict(mae_cfg)})

@@ -17,24 +17,26 @@ after this.
 
 Reproducibility: the generator of each (image, degradation) is seeded from the seed, the
 image's output path and the degradation index, so outputs are byte-identical whatever the
-number of workers. The output is built in a hidden sibling folder and renamed into place at
-the end; on any error that folder is removed and ``DATA_DIR`` is untouched.
+number of workers. The output is built in a hidden sibling folder (``.lm4lv-tmp-NAME.partial.*``)
+and renamed into place at the end; on any error (a full disk included) that folder is removed and
+``DATA_DIR`` is untouched. While it runs, ``.lm4lv-lock-NAME`` beside ``DATA_DIR`` keeps a second
+make-data out of the same folder; the next run removes what a killed one left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
 import platform
 import shutil
-import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -42,7 +44,7 @@ from PIL import Image
 from . import __version__
 from .degrade import Pipeline, parse_spec
 from .errors import ConfigError, LM4LVError
-from .fsutil import write_json_atomic
+from .fsutil import temp_dir, user_entries, write_json_atomic, writing
 from .imageio import (RESIZE_POLICIES, check_resize, list_images, load_rgb, pair_images, save_png,
                       to_square)
 
@@ -200,7 +202,7 @@ def _check_out(cfg: MakeDataConfig) -> None:
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise LM4LVError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and user_entries(out):
         if not cfg.overwrite:
             raise LM4LVError(f"--out {out} is not empty; choose a new folder or pass --overwrite "
                              "to replace a dataset made by lm4lv make-data")
@@ -216,7 +218,7 @@ def _commit(tmp: Path, out: Path) -> None:
             out.rmdir()
         os.replace(tmp, out)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    trash = temp_dir(out.parent, f"{out.name}.old")
     for name in OUR_ENTRIES:
         if (out / name).exists():
             os.replace(out / name, trash / name)
@@ -283,6 +285,27 @@ def make_data(cfg: MakeDataConfig,
     """Build the dataset described by ``cfg`` into ``cfg.out`` (see the module docstring)."""
     if cfg.pairing:
         return pair_data(cfg)
+    with _holding(cfg):
+        return _degrade_data(cfg, progress)
+
+
+def pair_data(cfg: MakeDataConfig) -> MakeDataResult:
+    """Pairing mode: reference existing LQ/HQ images (paired by relative path / stem)."""
+    with _holding(cfg):
+        return _pair_data(cfg)
+
+
+@contextlib.contextmanager
+def _holding(cfg: MakeDataConfig) -> Iterator[None]:
+    """The dataset folder's run lock (a second make-data into it fails at once); a full disk or an
+    unwritable folder becomes one error line naming the dataset."""
+    from .runlock import hold
+
+    with hold(cfg.out, "make-data", beside=True), writing(cfg.out, f"the dataset {cfg.out}"):
+        yield
+
+
+def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | None) -> MakeDataResult:
     pipes = [parse_spec(s) for s in cfg.degradations]
     slugs = [p.slug for p in pipes]
     dupes = {s for s in slugs if slugs.count(s) > 1}
@@ -294,7 +317,7 @@ def make_data(cfg: MakeDataConfig,
     test_keys = (set() if cfg.test_dir else _split(sorted(train_src), cfg.test_fraction,
                                                     cfg.seed))
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.partial-", dir=cfg.out.parent))
+    tmp = temp_dir(cfg.out.parent, f"{cfg.out.name}.partial")
     pipelines = tuple(zip(slugs, pipes))
     jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
             for key, src in sorted(train_src.items())]
@@ -336,8 +359,7 @@ def make_data(cfg: MakeDataConfig,
     return MakeDataResult(cfg.out, "degrade", len(jobs), len(train), len(test), slugs)
 
 
-def pair_data(cfg: MakeDataConfig) -> MakeDataResult:
-    """Pairing mode: reference existing LQ/HQ images (paired by relative path / stem)."""
+def _pair_data(cfg: MakeDataConfig) -> MakeDataResult:
     assert cfg.lq_dir is not None and cfg.hq_dir is not None
     pairing = pair_images(cfg.lq_dir, cfg.hq_dir)
     only_lq = [p.relative_to(cfg.lq_dir).as_posix() for p in pairing.only_a]
@@ -359,7 +381,7 @@ def pair_data(cfg: MakeDataConfig) -> MakeDataResult:
              if k not in test_keys]
     test = [_sample(cfg.prompt, lq, hq, True) for k, lq, hq in pairing.pairs if k in test_keys]
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.partial-", dir=cfg.out.parent))
+    tmp = temp_dir(cfg.out.parent, f"{cfg.out.name}.partial")
     try:
         write_json_atomic(tmp / "train.json", train)
         write_json_atomic(tmp / "test.json", test)

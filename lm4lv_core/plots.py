@@ -43,7 +43,7 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(out_png, suffix=".png") as tmp:
+    with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 

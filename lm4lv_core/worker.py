@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Any, Callable
 
 from .config import load_yaml
@@ -37,37 +38,58 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("job", help="job YAML written by the lm4lv command")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # added by deepspeed
     args = parser.parse_args(argv)
-    from . import logs
+    import os
+    from pathlib import Path
+
+    from . import dist, logs, signals
+    from .errors import Interrupted
+    from .fsutil import write_failure
 
     logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
+    job = Path(args.job)
+    rank = int(os.environ.get("RANK", "0"))
+    # a signal sent to this worker itself (e.g. to every process of a cluster job) stops it
+    # gracefully too; the lm4lv parent forwards its own signals as a stop file
+    with signals.handling(announce=False):
+        try:
+            try:
+                job_function(args.kind)(load_yaml(args.job))
+            except Interrupted as e:
+                # stopped on request with the progress saved: the parent reports it and exits 75
+                job.with_name(f"{job.stem}.interrupted.rank{rank}").write_text(str(e), encoding="utf-8")
+            # leave together: a worker exiting while another still uses the process group aborts it
+            dist.barrier()
+            dist.destroy()
+        except (LM4LVError, OSError) as e:
+            if isinstance(e, OSError) and write_failure(e) is None:
+                _show_traceback(rank)
+                raise
+            msg = str(e) if isinstance(e, LM4LVError) else f"cannot write {e.filename or ''}: {write_failure(e)}"
+            _report(job, rank, msg)
+            sys.exit(2)
+        except Exception:
+            _show_traceback(rank)
+            raise
+
+
+def _show_traceback(rank: int) -> None:
+    """An unexpected failure: its traceback reaches the user, not only the log."""
+    import traceback
+
+    from . import logs
+
+    if logs.redirected():  # else the traceback reaches the console anyway
+        logs.console_file().write(f"worker rank {rank} failed:\n{traceback.format_exc()}")
+        logs.console_file().flush()
+
+
+def _report(job, rank: int, msg: str) -> None:
+    """Leave ``msg`` for the parent (lm4lv_core.launch.run_job reports it once all workers exit)."""
     try:
-        job_function(args.kind)(load_yaml(args.job))
-        # leave together: a worker exiting while another still uses the process group aborts it
-        from . import dist
-
-        dist.barrier()
-        dist.destroy()
-    except LM4LVError as e:
-        # the parent (lm4lv_core.launch.run_job) reports this message once all workers exit
-        import os
-        import sys
-        from pathlib import Path
-
-        job = Path(args.job)
-        rank = int(os.environ.get("RANK", "0"))
-        job.with_name(f"{job.stem}.error.rank{rank}").write_text(str(e), encoding="utf-8")
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Exception:
-        # an unexpected failure: its traceback reaches the user, not only the log
-        import os
-        import traceback
-
-        if logs.redirected():  # else the traceback below reaches the console anyway
-            logs.console_file().write(f"worker rank {os.environ.get('RANK', '0')} failed:\n"
-                                      f"{traceback.format_exc()}")
-            logs.console_file().flush()
-        raise
+        job.with_name(f"{job.stem}.error.rank{rank}").write_text(msg, encoding="utf-8")
+    except OSError:
+        pass  # e.g. the disk is full: the message below is all the user gets
+    print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

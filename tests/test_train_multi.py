@@ -79,13 +79,16 @@ def test_torchrun_probe_and_worker_errors_reach_the_parent(tmp_path):
 
 
 def test_kill_9_never_leaves_a_checkpoint_resume_would_pick(tiny_config, pairs_file, tmp_path):
-    # a half-written checkpoint and a stray step folder without state are invisible
+    # a half-written checkpoint is invisible; a step folder without checksums is reported and skipped
     root = tmp_path / "fake"
-    (root / ".step-7.tmp").mkdir(parents=True)
+    ckpt.begin(root, 5)
+    (ckpt.tmp_dir(root, 5) / "x.bin").write_bytes(b"x")
+    ckpt.commit(root, 5, {"step": 5})
+    ckpt.tmp_dir(root, 7).mkdir()
     (root / "step-9").mkdir()
-    (root / "step-5").mkdir()
-    (root / "step-5" / ckpt.STATE_FILE).write_text("{}")
     assert ckpt.latest(root) == root / "step-5"
+    found, problems = ckpt.newest_intact(root)
+    assert found == root / "step-5" and len(problems) == 1 and "step-9" in problems[0], problems
 
     kw = dict(max_steps=12, save_every=1, preview_every=100, micro_batch=1, keep_checkpoints=0)
     run(tiny_config, pairs_file, tmp_path / "straight", **kw)

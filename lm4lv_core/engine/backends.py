@@ -25,6 +25,7 @@ from .. import dist
 from ..checkpoint import WEIGHTS_FILE, load_weights, save_weights
 from ..config import load_yaml
 from ..errors import ConfigError
+from ..fsutil import torch_save
 from .config import TrainConfig
 
 DS_TAG = "ckpt"
@@ -87,6 +88,10 @@ def _weights_only_load(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _save_keeping_write_errors(state_dict, path: str) -> None:
+    torch_save(state_dict, path)  # a full disk is reported as such, not as torch's "unexpected pos"
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -126,6 +131,7 @@ class DeepSpeedBackend(Backend):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=self.ds_config())
         self.engine.checkpoint_engine.load = _weights_only_load
+        self.engine.checkpoint_engine.save = _save_keeping_write_errors
         self.module = self.engine.module
         self._torch_optimizer = opt
         self.device = self.engine.device
@@ -226,7 +232,7 @@ class AccelerateBackend(Backend):
         state = {"optimizer": self._torch_optimizer.state_dict()}
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
-        torch.save(state, ckpt / "optimizer.pt")
+        torch_save(state, ckpt / "optimizer.pt")
         sd = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
         (ckpt / "scheduler.json").write_text(json.dumps(sd), encoding="utf-8")
 

@@ -5,6 +5,10 @@ whole number of global batches (``micro_batch × grad_accum × world_size``). Gl
 slice ``[k·G, (k+1)·G)``; micro-step ``j`` of rank ``r`` takes its ``micro_batch`` samples at
 ``k·G + (j·world + r)·micro_batch``. So a run with more workers and the same global batch sees the
 same samples per step, and a resumed run continues exactly where the checkpoint was taken.
+
+Stopping on request (:mod:`lm4lv_core.signals`): every rank adds its stop flag to the per-step
+all-reduce of the losses, so all ranks see the same verdict after the same step; they save one
+checkpoint there and raise :class:`Interrupted`.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from .. import dist, logs
-from ..errors import ConfigError
-from ..fsutil import write_json_atomic
+from .. import dist, logs, signals
+from ..errors import ConfigError, Interrupted, OutputError
+from ..fsutil import TEMP_PREFIX, write_failure, write_json_atomic, writing
 from .backends import Backend, make_backend
 from .config import TrainConfig
 from .schedule import lr_lambda, warmup_steps_for
@@ -89,11 +93,19 @@ class Trainer:
                 "engine": c.engine, "zero_stage": c.zero_stage, "seed": c.seed, "dataset_size": len(self.dataset)}
 
     def _resume(self) -> None:
-        last = ckpt.latest(self.ckpt_root)
-        if last is None:
+        # rank 0 verifies the checksums (newest first); every rank loads the same checkpoint
+        found, problems = ckpt.newest_intact(self.ckpt_root) if dist.is_main() else (None, [])
+        found, problems = dist.broadcast_object((str(found) if found else None, problems))
+        if dist.is_main():
+            for problem in problems:
+                logs.say(f"warning: skipping damaged checkpoint {problem}")
+        if found is None:
+            if problems:
+                raise ConfigError(f"--resume: no intact checkpoint in {self.ckpt_root} ({'; '.join(problems)})")
             if dist.is_main():
                 logs.say(f"no complete checkpoint in {self.ckpt_root}: starting from step 0")
             return
+        last = Path(found)
         state = ckpt.read_state(last)
         diff = {k: (state["geometry"].get(k), v) for k, v in self._geometry().items()
                 if state["geometry"].get(k) != v}
@@ -124,7 +136,8 @@ class Trainer:
         mbs = rank_batches(order, c.micro_batch, c.grad_accum, self.world, self.rank)[skip_steps * c.grad_accum:]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=mbs, collate_fn=self.task.collate, num_workers=c.num_workers,
-            generator=torch.Generator().manual_seed(c.seed + epoch))  # never draws from the global RNG
+            generator=torch.Generator().manual_seed(c.seed + epoch),  # never draws from the global RNG
+            worker_init_fn=signals.ignore_interrupts)
         return iter(loader)
 
     def train(self) -> dict[str, Any]:
@@ -155,14 +168,19 @@ class Trainer:
                         be.step(boundary)
                         sums += torch.stack([out[n].detach().float().cpu() for n in names]) / c.grad_accum
                     self.step += 1
+                    # the stop flag rides on the loss all-reduce: every rank stops after the same step
+                    sums = torch.cat([sums, torch.tensor([float(signals.requested())])])
                     means = dist.all_reduce_mean(sums.to(be.device) if be.device.type == "cuda" else sums).cpu()
+                    stop, means = bool(means[-1] > 0) and self.step < stop_at, means[:-1]
                     row = {"step": self.step, **{n: float(v) for n, v in zip(names, means)}, "lr": lr,
                            "samples/s": self.global_batch / (time.perf_counter() - t0)}
                     self._log(row, ids, progress)
                     if c.preview_every and self.step % c.preview_every == 0:
                         self.preview()
-                    if self.step % c.save_every == 0 or self.step == stop_at:
+                    if self.step % c.save_every == 0 or self.step == stop_at or stop:
                         self.save()
+                    if stop:
+                        raise Interrupted(f"interrupted at step {self.step}; continue with --resume")
         finally:
             if progress:
                 progress.close()
@@ -179,14 +197,15 @@ class Trainer:
         if self.cfg.record_order:
             all_ids = dist.all_gather_objects(ids)
             if dist.is_main():
-                with open(self.run_dir / "data_order.csv", "a", encoding="utf-8") as f:
+                order = self.run_dir / "data_order.csv"
+                with writing(order), open(order, "a", encoding="utf-8") as f:
                     for r, rid in enumerate(all_ids):
                         f.write(f"{row['step']},{r},{' '.join(map(str, rid))}\n")
         if not dist.is_main():
             return
         path = self.run_dir / METRICS_FILE
         new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as f:
+        with writing(path), open(path, "a", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 w.writeheader()
@@ -214,31 +233,47 @@ class Trainer:
             self.reporter.image(path, self.step)
 
     def save(self) -> None:
-        if dist.is_main():
-            ckpt.begin(self.ckpt_root, self.step)
-        dist.barrier()
         tmp = ckpt.tmp_dir(self.ckpt_root, self.step)
-        weights = self.backend.full_trainable_state_dict()
-        self.backend.save(tmp, weights)
-        ckpt.save_rng(tmp / f"rng-rank{self.rank}.safetensors")
-        dist.barrier()
+        try:
+            if dist.is_main():
+                ckpt.begin(self.ckpt_root, self.step)
+            dist.barrier()
+            weights = self.backend.full_trainable_state_dict()
+            self.backend.save(tmp, weights)
+            ckpt.save_rng(tmp / f"rng-rank{self.rank}.safetensors")
+            dist.barrier()
+            if dist.is_main():
+                epoch, k = divmod(self.step, self.steps_per_epoch)
+                ckpt.commit(self.ckpt_root, self.step,
+                            {"step": self.step, "epoch": epoch, "step_in_epoch": k, "total_steps": self.total_steps,
+                             "geometry": self._geometry()}, keep=self.cfg.keep_checkpoints)
+        except Exception as e:
+            cause = write_failure(e)
+            if cause is None:
+                raise
+            if self.world == 1:  # (with several workers the next run removes it)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputError(f"cannot write checkpoint {ckpt.step_dir(self.ckpt_root, self.step)}: {cause}; "
+                              "the earlier checkpoints are intact", cause) from None
         if dist.is_main():
-            epoch, k = divmod(self.step, self.steps_per_epoch)
-            ckpt.commit(self.ckpt_root, self.step,
-                        {"step": self.step, "epoch": epoch, "step_in_epoch": k, "total_steps": self.total_steps,
-                         "geometry": self._geometry()}, keep=self.cfg.keep_checkpoints)
             self._plot()
         dist.barrier()
 
     def save_final(self) -> None:
         weights = self.backend.full_state_dict(self.task.saved_parameter_names(self.module))
         if dist.is_main():
-            final, tmp = self.run_dir / "final", self.run_dir / ".final.tmp"
+            final, tmp = self.run_dir / "final", self.run_dir / f"{TEMP_PREFIX}final"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.task.save_final(self.module, weights, tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.replace(final)
+            try:
+                with writing(final):
+                    self.task.save_final(self.module, weights, tmp)
+                    if final.exists():
+                        old = self.run_dir / f"{TEMP_PREFIX}final-old"
+                        final.replace(old)
+                        shutil.rmtree(old)
+                    tmp.replace(final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             self._plot()
 
     def _plot(self) -> None:

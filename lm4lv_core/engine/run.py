@@ -15,6 +15,7 @@ from typing import Any
 from .. import launch
 from ..config import ModelConfig, from_dict, save_yaml, to_dict
 from ..errors import ConfigError
+from ..fsutil import user_entries
 from .config import TrainConfig
 
 CONFIG_FILE = "config.yaml"
@@ -23,6 +24,7 @@ JOB_DIR = ".lm4lv"
 LOG_FILE = "train.log"  # third-party output of every run (the console shows lm4lv's own lines)
 OWN_ENTRIES = ("checkpoints", "final", "previews", "metrics.csv", "loss.png", "data_order.csv", "run.json",
                CONFIG_FILE, JOB_DIR, ".final.tmp", LOG_FILE, "tensorboard")
+COMMANDS = {"lm4lv": "train", "mae": "ft-mae"}  # training task → the command that runs it
 
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +42,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+    if out.is_dir() and user_entries(out) and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--out {out}: the run folder is not empty; pass --resume to continue it "
                           "or --overwrite to replace lm4lv's files in it")
     if cfg.overwrite and out.is_dir():
@@ -55,17 +57,20 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def run_training(task: str, cfg: TrainConfig, extra: dict[str, Any]) -> Any:
-    """Parent side of any training task: write ``config.yaml`` and launch the workers."""
+    """Parent side of any training task: lock the run folder, write ``config.yaml`` and launch
+    the workers."""
+    from ..runlock import hold
     from .reporting import check_available, parse_report_to
 
     check_available(parse_report_to(cfg.report_to))
-    out = prepare_run_dir(cfg)
-    resolved = {"task": task, "train": to_dict(cfg), **extra}
-    save_yaml(resolved, out / CONFIG_FILE)
-    job = {**resolved, "run_dir": str(out.resolve())}
-    return launch.run_job("train", job, nproc=cfg.nproc, engine=cfg.engine, job_dir=out / JOB_DIR,
-                          num_nodes=cfg.num_nodes, hostfile=cfg.hostfile, master_port=cfg.master_port,
-                          launcher=cfg.launcher, log_file=out / LOG_FILE, verbose=cfg.verbose)
+    with hold(cfg.out, COMMANDS.get(task, task)):  # one run per folder; removes killed runs' temp files
+        out = prepare_run_dir(cfg)
+        resolved = {"task": task, "train": to_dict(cfg), **extra}
+        save_yaml(resolved, out / CONFIG_FILE)
+        job = {**resolved, "run_dir": str(out.resolve())}
+        return launch.run_job("train", job, nproc=cfg.nproc, engine=cfg.engine, job_dir=out / JOB_DIR,
+                              num_nodes=cfg.num_nodes, hostfile=cfg.hostfile, master_port=cfg.master_port,
+                              launcher=cfg.launcher, log_file=out / LOG_FILE, verbose=cfg.verbose)
 
 
 def validate(cfg: TrainConfig, model: ModelConfig) -> int:
