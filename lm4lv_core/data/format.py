@@ -131,10 +131,11 @@ def load_samples(path: str | os.PathLike, *, image_root: str | os.PathLike | Non
 
 
 def check_for_training(samples: Iterable[Sample], source: str = "data") -> None:
-    """Every sample must have something to learn: a non-empty gpt turn."""
+    """Every sample must have something to learn: a non-empty gpt turn (or a none turn, which the
+    ``default`` template trains as the reference does)."""
     for s in samples:
-        if not any(t.role == "gpt" and t.value for t in s.turns):
-            raise DataError(f"{source}: sample {s.index}: no non-empty 'gpt' turn to learn from")
+        if not any(t.role in ("gpt", "none") and t.value for t in s.turns):
+            raise DataError(f"{source}: sample {s.index}: no non-empty 'gpt' (or 'none') turn to learn from")
 
 
 def as_generation_prompt(s: Sample) -> Sample:
