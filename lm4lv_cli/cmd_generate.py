@@ -13,7 +13,8 @@ console = Console()
 
 def generate(
     run: Path = typer.Option(..., "--run", help="Training run folder (uses its final/) or a saved model folder."),
-    data: Path = typer.Option(..., "--data", help="Data file whose samples end with an empty gpt turn."),
+    data: Path = typer.Option(..., "--data", help="Data file: prompts ending with an empty gpt turn, or training "
+                              "samples (their last answer is dropped and generated)."),
     out: Path = typer.Option(..., "--out", help="Output folder: images/, results.jsonl, generate.json."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Base of relative image paths (default: the data file's folder)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Samples per batch and worker."),
@@ -63,6 +64,10 @@ def generate(
     data, out = data.resolve(), out.resolve()
     image_root = image_root.resolve() if image_root else None
     samples = load_checked(data, image_root=image_root, mode="generate")
+    dropped = sum(s.answer_dropped for s in samples)
+    if dropped:
+        console.print(f"note: {dropped} of {len(samples)} samples in {data} end with an answer (training format); "
+                      "each last answer is dropped and generated", soft_wrap=True)
     job = {"model": str(model_dir), "data": str(data), "image_root": str(image_root) if image_root else None,
            "out": str(out), "batch_size": batch_size, "precision": precision, "generation": vars(gen).copy(),
            "attempt": new_attempt()}

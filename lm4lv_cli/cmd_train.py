@@ -72,6 +72,7 @@ def train(
                               "(as the reference) | crop (centre square); recorded for generate [stretch]."),
     report_to: Optional[str] = opt.REPORT_TO,
     verbose: bool = opt.VERBOSE,
+    system_prompt: Optional[str] = O(None, "--system-prompt", help="System message before the conversation [none, as the reference]."),
 ) -> None:
     """Train the adapters and task tokens of LM4LV on a data file."""
     options = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}
@@ -97,9 +98,11 @@ def _dry_run(cfg, model) -> None:
     from lm4lv_core.prompt import render_first_prompt
 
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
-    text, counts = render_first_prompt(model, samples[0])
+    text, tokens, counts = render_first_prompt(model, samples[0])
     console.print(f"[green]ok[/green]: {len(samples)} samples in {cfg.data}, all images readable")
     console.rule("first sample, rendered")
-    console.print(text, markup=False, highlight=False)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.rule("its tokens («trained»)")
+    console.print(tokens, markup=False, highlight=False, soft_wrap=True)
     console.rule()
     console.print(", ".join(f"{k}: {v}" for k, v in counts.items()))

@@ -8,11 +8,13 @@ Generation continues each conversation from its last, empty gpt turn:
 
   - *text*: the next token comes from the LM head (greedy, or temperature / top-k / top-p sampling
     with a per-sample ``torch.Generator``, so a sample's output does not depend on its batch);
-    when the text ids end with the ids of ``<Img>``, the sample switches to *image*;
+    when the text ends with ``<Img>``, the sample switches to *image*;
   - *image*: ``f_i = deadapter(h_last)`` is visual token ``i`` and ``adapter(f_i)`` is the next input
     embedding; after N tokens the ids of ``</Img>`` are fed as forced text and text resumes;
-  - *done*: after EOS or ``max_new_tokens`` sampled tokens (or after the first image in
-    image-only mode). Finished samples feed a masked-out position until the whole batch ends.
+  - *done*: after EOS, after the template's stop string (``###`` for ``default``; it is not part
+    of the answer text, nor is the line break before it), after ``max_new_tokens`` sampled tokens,
+    or after the first image in image-only mode. Finished samples feed a masked-out position
+    until the whole batch ends.
 
 * the MAE decoder turns each image's N features into pixels.
 
@@ -29,7 +31,7 @@ import torch
 
 from .data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
 from .data.format import TASK_TOKEN, Sample, parse_sample
-from .data.sequence import IMG_END, IMG_START, SLOT_TEXT
+from .data.sequence import IMG_START, SLOT_TEXT
 from .errors import ConfigError
 from .imageio import OUTPUT_SIZES, check_resize, resize_to, restored_size
 
@@ -139,7 +141,8 @@ class _State:
     def __init__(self, tail: list[int], image_only: bool, start_image: bool):
         self.mode = IMAGE if start_image else TEXT
         self.image_only = image_only
-        self.tail = tail            # all text ids so far (prompt tail and generated)
+        self.tail = tail            # the last text ids (prompt tail and generated; -1 at slots)
+        self.stop = ""              # the stop string that ended the answer
         self.segments: list[list[int] | None] = [[]]  # text runs; None marks an image
         self.generated: list[int] = []
         self.n_sampled = 0
@@ -147,10 +150,39 @@ class _State:
         self.forced: list[int] = []  # ids still to feed (</Img>)
         if start_image:
             self.segments.append(None)
+            self.tail.append(-1)
 
 
-def _ends_with(ids: list[int], suffix: list[int]) -> bool:
-    return bool(suffix) and len(ids) >= len(suffix) and ids[-len(suffix):] == suffix
+_WINDOW = 16  # text tokens decoded to find <Img> and stop strings (each token is >= 1 character)
+
+
+def _tail_text(tokenizer, ids: list[int]) -> str:
+    """The decoded text of the last run of text ids (at most ``_WINDOW``; -1 marks a slot)."""
+    run: list[int] = []
+    for i in reversed(ids[-_WINDOW:]):
+        if i < 0:
+            break
+        run.append(i)
+    return tokenizer.decode(run[::-1]) if run else ""
+
+
+def _answer_text(tokenizer, st: _State) -> str:
+    """The answer: text runs with each generated image as ``<image>`` (its ``<Img>`` dropped) and
+    without the stop string (and the line break before it)."""
+    parts = []
+    for k, seg in enumerate(st.segments):
+        if seg is None:
+            parts.append("<image>")
+            continue
+        text = tokenizer.decode(seg, skip_special_tokens=True)
+        if k + 1 < len(st.segments):  # an image follows: its <Img> (maybe begun in the prompt) goes
+            cut = next((j for j in range(len(IMG_START), 0, -1) if text.endswith(IMG_START[-j:])), 0)
+            text = text[:len(text) - cut]
+        elif st.stop and text.endswith(st.stop):
+            text = text[:-len(st.stop)]
+            text = text[:-1] if text.endswith("\n") else text
+        parts.append(text)
+    return "".join(parts)
 
 
 @torch.inference_mode()
@@ -165,7 +197,8 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
     dev = batch.input_ids.device
     n_vis = model.num_visual_tokens
     tok = model.builder
-    start_ids, end_ids, eos = tok.text_ids(IMG_START), tok.text_ids(IMG_END), tok.eos_id
+    end_ids, eos, stops = tok.image_end_ids(), tok.eos_id, tok.stop_strings
+    tokenizer = model.tokenizer
     keys = list(keys) if keys is not None else list(batch.sample_index)
     embed_tokens = model.llm.get_input_embeddings()
     adapter_dtype = model.adapter_dtype
@@ -184,8 +217,8 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
     states = []
     for b in range(B):
         ids, stype, m = batch.input_ids[b].tolist(), batch.slot_type[b].tolist(), batch.attention_mask[b].tolist()
-        tail = [i if s == SLOT_TEXT and k else -1 for i, s, k in zip(ids, stype, m)][-max(len(start_ids), 1):]
-        start_image = _ends_with(tail, start_ids)
+        tail = [i if s == SLOT_TEXT and k else -1 for i, s, k in zip(ids, stype, m)][-_WINDOW:]
+        start_image = _tail_text(tokenizer, tail).endswith(IMG_START)
         if image_only[b] and not start_image:
             raise ConfigError(f"sample {keys[b]}: image-only generation needs a prompt that ends with {IMG_START}")
         states.append(_State(tail, image_only[b], start_image))
@@ -259,11 +292,13 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
                     continue
                 st.tail.append(t)
                 st.segments[-1].append(t)
-                if _ends_with(st.tail, start_ids):
-                    del st.segments[-1][len(st.segments[-1]) - len(start_ids):]
+                text = _tail_text(tokenizer, st.segments[-1]) if stops else ""
+                st.stop = next((x for x in stops if text.endswith(x)), "")
+                if _tail_text(tokenizer, st.tail).endswith(IMG_START):
                     st.segments.append(None)
+                    st.tail.append(-1)
                     st.mode = IMAGE
-                elif st.n_sampled >= cfg.max_new_tokens:
+                elif st.stop or st.n_sampled >= cfg.max_new_tokens:
                     st.mode = DONE
                     active[b] = False
                     continue
@@ -282,8 +317,7 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
     for b, st in enumerate(states):
         o = outputs[b]
         o.token_ids = st.generated
-        o.text = "".join("<image>" if seg is None else model.tokenizer.decode(seg, skip_special_tokens=True)
-                         for seg in st.segments)
+        o.text = _answer_text(tokenizer, st)
     if decode_images:
         flat = [(b, k) for b, o in enumerate(outputs) for k in range(len(o.features))]
         if flat:

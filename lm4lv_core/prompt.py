@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import ModelConfig
 from .data.format import Sample
-from .data.sequence import SLOT_IMAGE, SLOT_TASK, SequenceBuilder, IGNORE_INDEX
+from .data.sequence import SLOT_IMAGE, SLOT_TASK, SLOT_TEXT, Encoded, SequenceBuilder, IGNORE_INDEX
 
 
 def vision_token_count(cfg: ModelConfig) -> int:
@@ -21,7 +21,36 @@ def vision_token_count(cfg: ModelConfig) -> int:
     return min(n, cfg.num_visual_tokens or n)
 
 
-def render_first_prompt(cfg: ModelConfig, sample: Sample) -> tuple[str, dict[str, int]]:
+def token_view(enc: Encoded, tokenizer) -> str:
+    """The sequence token by token: text tokens as the tokenizer's strings, each image / task block
+    as one ``[...]`` item; runs that carry a loss (text loss or target image) are wrapped in « »."""
+    items: list[tuple[str, bool]] = []
+    ids, labels, stype = enc.input_ids.tolist(), enc.labels.tolist(), enc.slot_type.tolist()
+    simg, spos = enc.slot_image.tolist(), enc.slot_pos.tolist()
+    targets = enc.image_is_target.tolist()
+    for i, t in enumerate(stype):
+        if t == SLOT_TEXT:
+            items.append((str(tokenizer.convert_ids_to_tokens(ids[i])), labels[i] != IGNORE_INDEX))
+        elif spos[i] == 0 and t == SLOT_IMAGE:
+            n = sum(1 for j in range(i, len(stype)) if stype[j] == SLOT_IMAGE and simg[j] == simg[i])
+            target = targets[simg[i]]
+            items.append((f"[image {simg[i]}: {n} slots{', target' if target else ''}]", target))
+        elif spos[i] == 0 and t == SLOT_TASK:
+            n = 1
+            while i + n < len(stype) and stype[i + n] == SLOT_TASK and spos[i + n] == n:
+                n += 1
+            items.append((f"[task: {n} slots]", False))
+    out: list[str] = []
+    for k, (s, trained) in enumerate(items):
+        before = items[k - 1][1] if k else False
+        after = items[k + 1][1] if k + 1 < len(items) else False
+        out.append(("«" if trained and not before else "") + s + ("»" if trained and not after else ""))
+    return " ".join(out)
+
+
+def render_first_prompt(cfg: ModelConfig, sample: Sample) -> tuple[str, str, dict[str, int]]:
+    """The sample's rendered text (the exact string the template tokenises), its ``token_view``,
+    and counts of tokens, slots and trained positions."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(cfg.llm)
@@ -37,4 +66,4 @@ def render_first_prompt(cfg: ModelConfig, sample: Sample) -> tuple[str, dict[str
         "task slots": int((enc.slot_type == SLOT_TASK).sum()),
         "text-loss tokens": int((enc.labels != IGNORE_INDEX).sum()),
     }
-    return enc.text, counts
+    return enc.text, token_view(enc, tok), counts

@@ -26,6 +26,29 @@ def test_train_dry_run_shows_first_prompt(pairs_file, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_train_dry_run_shows_the_reference_prompt_of_its_example_file(tmp_path):
+    """The reference's example_denoising.json (its images made up under --image-root): the first
+    prompt is shown exactly as the reference renders it, then token by token."""
+    import json
+
+    from PIL import Image
+
+    from conftest import REFERENCE
+
+    data = REFERENCE / "example_denoising.json"
+    for s in json.loads(data.read_text()):
+        for p in s["image"]:
+            (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30)).save(tmp_path / p)
+    res = runner.invoke(app, ["train", "--data", str(data), "--image-root", str(tmp_path), "--preset", "tiny",
+                              "--out", str(tmp_path / "run"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "\n<s>### Human: <Img><image></Img> <task>\n### Assistant: <Img><image></Img>\n###\n" in res.output
+    assert ("<s> ### ĠHuman : Ġ < Img > [image 0: 17 slots] < / Img > Ġ [task: 10 slots] Ċ ### ĠAssistant : Ġ "
+            "«< Img > [image 1: 17 slots, target] < / Img > Ċ ###»") in res.output
+    assert "text-loss tokens: 9" in res.output and not (tmp_path / "run").exists()
+
+
 def test_bad_data_is_one_line_error_and_nonzero_exit(tmp_path, pairs_file):
     (pairs_file.parent / "lq" / "2.png").write_bytes(b"broken")
     proc = subprocess.run([sys.executable, "-m", "lm4lv_cli.app", "train", "--data", str(pairs_file),

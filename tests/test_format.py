@@ -49,6 +49,7 @@ def _bad(mutate):
     (lambda o: o["conversations"][1].pop("role"), "no 'role' or 'from'"),
     (lambda o: o["conversations"][1].update(value=3), "'value' must be a string"),
     (lambda o: o.update(conversations=[]), "non-empty list"),
+    (lambda o: o["conversations"][1].update(value="<query>"), "<query> (a learnable visual query) is not supported"),
 ])
 def test_bad_samples_name_the_index(tmp_path, mutate, needle):
     f = tmp_path / "d.json"
@@ -85,9 +86,35 @@ def test_training_needs_an_answer_and_generation_an_open_turn(tmp_path):
     f = tmp_path / "d.json"
     gen = _bad(lambda o: (o["conversations"][1].update(value=""), o["image"].pop()))
     f.write_text(json.dumps([gen]))
-    with pytest.raises(DataError, match="sample 0: no non-empty 'gpt' turn"):
+    with pytest.raises(DataError, match="sample 0: no non-empty 'gpt' \\(or 'none'\\) turn"):
         load_checked(f, mode="train", check_files=False)
-    assert load_checked(f, mode="generate", check_files=False)[0].is_generation_prompt
+    s = load_checked(f, mode="generate", check_files=False)[0]
+    assert s.is_generation_prompt and not s.answer_dropped
+
+
+def test_generation_on_a_training_file_drops_the_last_answer_and_its_images(tmp_path):
+    """A training file serves as generation prompts: the last gpt answer (and the target image it
+    holds) is dropped, so the sample equals the explicit generation prompt; the dropped target
+    image need not exist."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "lq.png")
+    f = tmp_path / "train.json"
+    two_answers = {"conversations": [{"from": "human", "value": "<image> <task>"},
+                                     {"from": "gpt", "value": "<image>"},
+                                     {"from": "human", "value": "Again, <task>"},
+                                     {"from": "gpt", "value": "Done: <image> <image>"}],
+                   "image": ["lq.png", "hq.png", "hq2.png", "hq3.png"]}
+    f.write_text(json.dumps([GOOD, two_answers]))
+    got = load_checked(f, mode="generate", check_files=False)
+    prompt = copy.deepcopy(GOOD)
+    prompt["conversations"][1]["value"] = ""
+    prompt["image"] = ["lq.png"]
+    assert got[0].to_json() == parse_sample(prompt, 0, image_root=tmp_path).to_json()
+    assert got[0].answer_dropped and got[0].is_generation_prompt
+    assert [t.value for t in got[1].turns] == ["<image> <task>", "<image>", "Again, <task>", ""]
+    assert got[1].images == (str(tmp_path / "lq.png"), str(tmp_path / "hq.png"))
     f.write_text(json.dumps([GOOD]))
-    with pytest.raises(DataError, match="last gpt turn must be empty"):
-        load_checked(f, mode="generate", check_files=False)
+    assert load_checked(f, mode="generate")[0].images == (str(tmp_path / "lq.png"),)  # hq.png is absent
+    with pytest.raises(DataError, match="hq.png: file not found"):
+        load_checked(f, mode="train")

@@ -120,6 +120,9 @@ class _ScriptedHead(torch.nn.Module):
 def test_text_then_image_then_text(models, lq_images, monkeypatch):
     """In text mode, emitting <Img> starts N visual tokens (equal to the reference algorithm on
     the same context), </Img> is forced after them and text resumes until EOS."""
+    from lm4lv_core.data.dataset import Item
+    from lm4lv_core.data.sequence import SLOT_TEXT, Encoded
+
     model = models["tiny"]
     b = model.builder
     prefix = "a cat"
@@ -130,12 +133,42 @@ def test_text_then_image_then_text(models, lq_images, monkeypatch):
     out = generate_samples(model, [s], GenerationConfig(mode="text", max_new_tokens=20))[0]
     assert out.text == f"{prefix}<image> the"
     assert out.token_ids[-1] == b.eos_id and len(out.features) == 1 and len(out.images) == 1
-    # the reference algorithm on "... Assistant: a cat<Img>" gives the same visual tokens
-    ref_builder = type(b)(model.tokenizer, template=model.config.template, num_task_tokens=b.num_task_tokens,
-                          num_visual_tokens=b.num_visual_tokens, gpt_prefix=prefix)
-    ds = LM4LVDataset([s], ref_builder, model.encoder.image_size, generation=True, image_only=True)
-    naive = naive_generate_images(model, collate([ds[0]], pad_id=b.pad_id, padding_side="left"))
-    assert (out.features[0] - naive).abs().max().item() <= 1e-4
+    # the reference algorithm on the prompt + "a cat<Img>" (the same ids) gives the same visual tokens
+    items, flags = build_items(model, [s], "text")
+    e, extra = items[0].encoded, torch.tensor(b.text_ids(prefix) + b.text_ids(IMG_START))
+    n = len(extra)
+    grown = Encoded(torch.cat([e.input_ids, extra]), torch.cat([e.labels, torch.full((n,), -100)]),
+                    torch.cat([e.slot_type, torch.full((n,), SLOT_TEXT)]), torch.cat([e.slot_image, torch.full((n,), -1)]),
+                    torch.cat([e.slot_pos, torch.zeros(n, dtype=torch.long)]), e.image_is_target, e.text)
+    batch = collate([Item(s, grown, items[0].pixels)], pad_id=b.pad_id, padding_side="left")
+    naive = naive_generate_images(model, batch)
+    assert flags == [False] and (out.features[0] - naive).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_default_template_text_stops_at_separator(models, lq_images, monkeypatch, split):
+    """The default template's answers end with a trained "\n###": generation stops there (the
+    separator is not part of the answer), whether "###" comes as one token or one "#" at a time;
+    other templates go on to EOS."""
+    from lm4lv_core.data.sequence import SequenceBuilder
+
+    model = models["tiny"]
+    b = model.builder
+    hashes = [b.text_ids("#")[0]] * 3 if split else b.text_ids("###")
+    assert len(hashes) == (3 if split else 1)
+    script = b.text_ids("a cat\n") + hashes + b.text_ids(" more")
+    s = _samples(lq_images, ["Describe <image>"])[0]
+    head = _ScriptedHead(script, len(model.tokenizer), b.eos_id)
+    monkeypatch.setattr(model, "lm_head", lambda: head)
+    out = generate_samples(model, [s], GenerationConfig(mode="text", max_new_tokens=30))[0]
+    assert out.text == "a cat" and out.token_ids == script[:len(script) - len(b.text_ids(" more"))]
+    monkeypatch.setattr(model, "builder", SequenceBuilder(model.tokenizer, template="vicuna_v1.1",
+                                                          num_task_tokens=b.num_task_tokens,
+                                                          num_visual_tokens=b.num_visual_tokens))
+    head2 = _ScriptedHead(script, len(model.tokenizer), b.eos_id)
+    monkeypatch.setattr(model, "lm_head", lambda: head2)
+    out = generate_samples(model, [s], GenerationConfig(mode="text", max_new_tokens=30))[0]
+    assert out.text == "a cat\n### more" and out.token_ids == script + [b.eos_id]
 
 
 def test_filter_logits_top_k_top_p():
@@ -163,7 +196,10 @@ def test_restore_api_returns_pil_images(models, lq_images):
 def test_training_to_overfit_two_pairs_improves_psnr(pairs_file):
     """The MAE decoder is first fitted to reconstruct the two clean images from their encoder
     features (as ``ft-mae`` does); training the adapters and task tokens on the two pairs then
-    makes generated images measurably closer to their targets than before training."""
+    makes generated images measurably closer to their targets than before training: every
+    sample's generated features (free-running, one visual token at a time) and the images on
+    average. (Per image, pixel PSNR of a 2-layer random LLM's free-running generation is too noisy
+    to demand a gain for each.)"""
     from lm4lv_core.metrics import psnr
 
     torch.manual_seed(0)
@@ -193,9 +229,10 @@ def test_training_to_overfit_two_pairs_improves_psnr(pairs_file):
         model.eval()
         outs = generate_samples(model, prompts, GenerationConfig())
         model.train()
-        return [psnr(t, tensor_to_uint8(o.images[0]), crop_border=0) for t, o in zip(targets, outs)]
+        mse = [float(((o.features[0].float() - f.float()) ** 2).mean()) for o, f in zip(outs, fh)]
+        return [psnr(t, tensor_to_uint8(o.images[0]), crop_border=0) for t, o in zip(targets, outs)], mse
 
-    before = score()
+    before, mse_before = score()
     ds = LM4LVDataset(train, model.builder, size)
     batch = collate([ds[i] for i in range(len(ds))], pad_id=model.builder.pad_id)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
@@ -204,6 +241,6 @@ def test_training_to_overfit_two_pairs_improves_psnr(pairs_file):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    after = score()
-    assert all(a > b + 0.25 for a, b in zip(after, before)), (before, after)
+    after, mse_after = score()
+    assert all(a < 0.9 * b for a, b in zip(mse_after, mse_before)), (mse_before, mse_after)
     assert sum(after) / 2 >= sum(before) / 2 + 1.0, (before, after)

@@ -112,15 +112,9 @@ def test_refusals_happen_before_any_worker(setup, tmp_path, monkeypatch, capsys)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
     bad = json.loads(data.read_text())
-    bad[1]["conversations"][1]["value"] = "a restored photo"
     bad[2]["image"] = ["lq/missing.png"]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     (tmp_path / "lq").symlink_to(setup / "lq")
-    code, log = lm4lv(monkeypatch, capsys, "generate", "--run", run, "--data", tmp_path / "bad.json",
-                      "--out", tmp_path / "o1")
-    assert code == 2 and "sample 1" in log and "last gpt turn must be empty" in log, log
-    bad[1]["conversations"][1]["value"] = ""
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
     code, log = lm4lv(monkeypatch, capsys, "generate", "--run", run, "--data", tmp_path / "bad.json",
                       "--out", tmp_path / "o1")
     assert code == 2 and "sample 2" in log and "missing.png" in log, log
@@ -202,3 +196,28 @@ def test_changed_prompt_is_regenerated_and_a_retrained_model_is_refused(setup, t
     model.save_pretrained(run / "final")
     code, log = lm4lv(monkeypatch, capsys, *args)
     assert code == 2 and "model_fingerprint" in log
+
+
+def test_training_file_answers_are_dropped_and_generated(setup, tmp_path, monkeypatch, capsys):
+    """A training file (each sample ends with its answer) generates like the explicit prompts,
+    and the command says once that it dropped the answers."""
+    out = tmp_path / "out"
+    code, log = lm4lv(monkeypatch, capsys, "generate", "--run", setup / "run", "--data", setup / "train.json",
+                      "--out", out, "--max-new-tokens", "4")
+    assert code == 0 and "4/4 samples finished (4 generated)" in log, log
+    notes = [line for line in log.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "4 of 4 samples" in notes[0] and "each last answer is dropped and generated" in notes[0]
+    recs = _results(out)
+    assert [r["inputs"] for r in recs] == [[str(setup / "lq" / f"{i}.png")] for i in range(4)]
+    assert all(r["text"] == "<image>" and len(r["outputs"]) == 1 for r in recs)
+    prompt = tmp_path / "prompt.json"
+    prompt.write_text(json.dumps([{"image": [str(setup / "lq" / "1.png")], "conversations": [
+        {"from": "human", "value": "<image> <task>"}, {"from": "gpt", "value": ""}]}]))
+    code, log = lm4lv(monkeypatch, capsys, "generate", "--run", setup / "run", "--data", prompt,
+                      "--out", tmp_path / "explicit", "--max-new-tokens", "4")
+    assert code == 0 and "note:" not in log, log
+    import numpy as np
+    from PIL import Image
+
+    explicit = np.asarray(Image.open(tmp_path / "explicit" / _results(tmp_path / "explicit")[0]["outputs"][0]))
+    assert np.array_equal(np.asarray(Image.open(out / recs[1]["outputs"][0])), explicit)

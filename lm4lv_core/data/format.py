@@ -12,6 +12,7 @@ paths are resolved against ``image_root`` (by default the folder of the JSON fil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ..errors import DataError
 
 IMAGE_TOKEN = "<image>"
 TASK_TOKEN = "<task>"
+QUERY_TOKEN = "<query>"  # the reference's learnable visual query: not supported
 ROLES = ("human", "gpt", "none")
 TASK_TYPES = ("conversation", "simple")
 
@@ -39,6 +41,7 @@ class Sample:
     turns: tuple[Turn, ...]
     images: tuple[str, ...]
     extra: tuple[tuple[str, Any], ...] = ()
+    answer_dropped: bool = False  # a training sample whose last answer was dropped for generation
 
     @property
     def is_generation_prompt(self) -> bool:
@@ -88,6 +91,8 @@ def parse_sample(obj: Any, index: int, *, image_root: str | os.PathLike | None =
         value = t.get("value")
         if not isinstance(value, str):
             raise fail(f"turn {j} 'value' must be a string")
+        if QUERY_TOKEN in value:
+            raise fail(f"turn {j}: {QUERY_TOKEN} (a learnable visual query) is not supported; use {IMAGE_TOKEN}")
         turns.append(Turn(role, value))
     if turns[0].role not in ("human", "none"):
         raise fail(f"the first turn must be 'human' or 'none', got {turns[0].role!r}")
@@ -126,18 +131,23 @@ def load_samples(path: str | os.PathLike, *, image_root: str | os.PathLike | Non
 
 
 def check_for_training(samples: Iterable[Sample], source: str = "data") -> None:
-    """Every sample must have something to learn: a non-empty gpt turn."""
+    """Every sample must have something to learn: a non-empty gpt turn (or a none turn, which the
+    ``default`` template trains as the reference does)."""
     for s in samples:
-        if not any(t.role == "gpt" and t.value for t in s.turns):
-            raise DataError(f"{source}: sample {s.index}: no non-empty 'gpt' turn to learn from")
+        if not any(t.role in ("gpt", "none") and t.value for t in s.turns):
+            raise DataError(f"{source}: sample {s.index}: no non-empty 'gpt' (or 'none') turn to learn from")
 
 
-def check_for_generation(samples: Iterable[Sample], source: str = "data") -> None:
-    """Generation continues from a last, empty gpt turn (or adds one when the last turn is human)."""
-    for s in samples:
-        last = s.turns[-1]
-        if last.role == "gpt" and last.value:
-            raise DataError(f"{source}: sample {s.index}: the last gpt turn must be empty for generation")
+def as_generation_prompt(s: Sample) -> Sample:
+    """The sample as a generation prompt. A training sample (its last turn is a gpt answer) loses that
+    answer and the images it holds, as the reference's batch generation does; generation then
+    writes the answer anew."""
+    last = s.turns[-1]
+    if last.role != "gpt" or not last.value:
+        return s
+    n = last.value.count(IMAGE_TOKEN)
+    images = s.images[:len(s.images) - n]
+    return dataclasses.replace(s, turns=s.turns[:-1] + (Turn("gpt", ""),), images=images, answer_dropped=True)
 
 
 def find_image_problems(samples: Iterable[Sample], limit: int = 10) -> list[str]:
@@ -168,7 +178,8 @@ def find_image_problems(samples: Iterable[Sample], limit: int = 10) -> list[str]
 
 def load_checked(path: str | os.PathLike, *, image_root: str | os.PathLike | None = None,
                  mode: str = "train", check_files: bool = True, limit: int = 10) -> list[Sample]:
-    """Load a data file and validate it for ``mode`` (``train`` | ``generate``).
+    """Load a data file and validate it for ``mode`` (``train`` | ``generate``). In ``generate`` mode
+    samples are generation prompts (``as_generation_prompt``: training samples lose their last answer).
 
     With ``check_files`` every image is opened once; the first ``limit`` problems are reported
     together in one ``DataError`` (with sample indices), before any work starts.
@@ -177,7 +188,7 @@ def load_checked(path: str | os.PathLike, *, image_root: str | os.PathLike | Non
     if mode == "train":
         check_for_training(samples, str(path))
     elif mode == "generate":
-        check_for_generation(samples, str(path))
+        samples = [as_generation_prompt(s) for s in samples]
     else:
         raise ValueError(f"unknown mode {mode!r}")
     if check_files:
