@@ -50,6 +50,7 @@ def ft_mae(
     num_workers: Optional[int] = opt.NUM_WORKERS,
     resume: bool = opt.RESUME,
     overwrite: bool = opt.OVERWRITE,
+    gradient_checkpointing: Optional[bool] = opt.GRADIENT_CHECKPOINTING,
 ) -> None:
     """Fine-tune the MAE decoder with |x − D(E(x))|₁ + λ·LPIPS (encoder frozen by default)."""
     from lm4lv_core.mae import finetune, resolve_finetune_options
@@ -76,12 +77,13 @@ def recon_mae(
     engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
     crop_border: int = O(4, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out."),
+    precision: str = O("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
 ) -> None:
     """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
     from lm4lv_core.mae import mean_rows, reconstruct
 
     rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, nproc=nproc,
-                       engine=engine, crop_border=crop_border, overwrite=overwrite)
+                       engine=engine, crop_border=crop_border, overwrite=overwrite, precision=precision)
     table = Table(title=f"MAE reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")

@@ -67,6 +67,8 @@ def train(
     resume: bool = opt.RESUME,
     overwrite: bool = opt.OVERWRITE,
     dry_run: bool = O(False, "--dry-run", help="Validate data, images and config, show the first prompt, exit."),
+    gradient_checkpointing: Optional[bool] = opt.GRADIENT_CHECKPOINTING,
+    attn_implementation: Optional[str] = O(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [sdpa]."),
 ) -> None:
     """Train the adapters and task tokens of LM4LV on a data file."""
     options = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}

@@ -32,3 +32,5 @@ SEED = O(None, "--seed", help="Seed of initialisation and data order [0].")
 NUM_WORKERS = O(None, "--num-workers", help="Data loading processes per worker [0].")
 RESUME = O(False, "--resume", help="Continue the run in --out from its last complete checkpoint.")
 OVERWRITE = O(False, "--overwrite", help="Reuse --out, replacing lm4lv's files in it.")
+GRADIENT_CHECKPOINTING = O(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                           help="Recompute transformer layers in the backward pass: less activation memory, one more forward [off].")

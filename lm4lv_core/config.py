@@ -66,6 +66,7 @@ class ModelConfig:
     train_encoder: bool = False
     train_decoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | eager | flash_attention_2
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -89,6 +90,11 @@ class ModelConfig:
         VISION_LOSSES.get(self.vision_loss)  # unknown names list the valid ones
         if self.vision_loss_weight < 0 or self.text_loss_weight < 0:
             raise ConfigError("loss weights must be >= 0")
+        from .loading import ATTN_IMPLEMENTATIONS
+
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                              f"got {self.attn_implementation!r}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -20,16 +20,25 @@ from .data.dataset import image_to_tensor, tensor_to_uint8
 from .engine.task import TrainTask
 from .errors import ConfigError, LM4LVError
 from .imageio import list_images, load_rgb, save_png
+from .loading import cast_by_trainability
 from .progress import rank0_progress
 from .vision.mae import MAEDecoder, MAEEncoder, load_mae
 
 
 class MAEAutoencoder(nn.Module):
-    """Encoder + decoder of one ``ViTMAEForPreTraining``; only the decoder trains by default."""
+    """Encoder + decoder of one ``ViTMAEForPreTraining``; only the decoder trains by default.
 
-    def __init__(self, path: str, train_encoder: bool = False) -> None:
+    ``dtype`` is the compute dtype (default float32). With ``train=False`` (reconstruction) the
+    whole MAE is read from disk in it. When training, the MAE is read in float32 so the trainable
+    decoder's master weights are exact, and a frozen encoder is then cast to ``dtype``.
+    """
+
+    def __init__(self, path: str, train_encoder: bool = False, dtype: torch.dtype | None = None,
+                 train: bool = True) -> None:
         super().__init__()
-        hf = load_mae(path)
+        dtype = dtype or torch.float32
+        hf = load_mae(path, torch.float32 if train else dtype)
+        self.path = path
         object.__setattr__(self, "_hf", hf)  # not a submodule: its parts are registered below
         self.encoder = MAEEncoder(mae=hf)
         self.decoder = MAEDecoder(mae=hf)
@@ -39,6 +48,8 @@ class MAEAutoencoder(nn.Module):
             p.requires_grad_(train_encoder)
         for p in self.decoder.parameters():
             p.requires_grad_(True)
+        if train:
+            cast_by_trainability(self, dtype, torch.float32)
 
     def forward(self, pixels: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] → reconstruction ``[B, 3, H, W]``."""
@@ -49,19 +60,28 @@ class MAEAutoencoder(nn.Module):
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write a complete Hugging Face ``ViTMAEForPreTraining`` folder into ``path``.
 
-        ``state_dict`` (e.g. gathered trainable weights) is loaded first.
+        ``state_dict`` (e.g. gathered trainable weights) is loaded first. Weights held in a lower
+        precision while training are written in float32; a frozen part is written exactly as it
+        was read (from the source folder), not rounded through the compute dtype.
         """
         if state_dict is not None:
             missing, unexpected = self.load_state_dict(state_dict, strict=False)
             if unexpected:
                 raise ValueError(f"unexpected MAE weights: {', '.join(unexpected[:5])}")
+        hf = self._hf
+        if any(p.dtype != torch.float32 for p in hf.parameters()):
+            hf = load_mae(self.path, torch.float32)
+            for name, part in (("vit", self.encoder.vit), ("decoder", self.decoder.decoder)):
+                if name == "decoder" or self.train_encoder:
+                    getattr(hf, name).load_state_dict({k: v.float() for k, v in part.state_dict().items()})
         Path(path).mkdir(parents=True, exist_ok=True)
-        self._hf.save_pretrained(str(path))
+        hf.save_pretrained(str(path))
 
 
 def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Path, *,
                        batch_size: int = 8, rank: int = 0, world_size: int = 1,
-                       crop_border: int = 4, progress=None) -> list[dict[str, Any]]:
+                       crop_border: int = 4, progress=None, precision: str = "fp32",
+                       device: torch.device | None = None) -> list[dict[str, Any]]:
     """Reconstruct every image under ``images_dir`` (this rank's share) into ``out_dir`` under the
     same relative names (``.png``); return per-image PSNR/SSIM rows against the (resized) input."""
     from .metrics import psnr, ssim
@@ -70,14 +90,17 @@ def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Pat
     files = list_images(images_dir)
     if not files:
         raise LM4LVError(f"{images_dir}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
-    model = MAEAutoencoder(mae_path).eval()
+    from .loading import compute_dtype
+
+    device = device or torch.device("cpu")
+    model = MAEAutoencoder(mae_path, dtype=compute_dtype(precision), train=False).to(device).eval()
     mine = files[rank::world_size]
     rows: list[dict[str, Any]] = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         x = torch.stack([image_to_tensor(load_rgb(f), model.image_size) for f in chunk])
         with torch.inference_mode():
-            y = model(x)
+            y = model(x.to(device)).float().cpu()
         for f, xi, yi in zip(chunk, x, y):
             rel = f.relative_to(images_dir).with_suffix(".png")
             src, rec = tensor_to_uint8(xi), tensor_to_uint8(yi)
@@ -166,7 +189,16 @@ class MAETask(TrainTask):
         return {"mae": to_dict(self.mae_config)}
 
     def build_model(self) -> nn.Module:
-        self.model = MAEAutoencoder(self.mae_config.mae, train_encoder=self.mae_config.train_encoder)
+        from .loading import compute_dtype
+
+        self.model = MAEAutoencoder(self.mae_config.mae, train_encoder=self.mae_config.train_encoder,
+                                    dtype=compute_dtype(self.train_config.precision))
+        if self.train_config.gradient_checkpointing:
+            from .activation_checkpointing import checkpoint_layers
+
+            checkpoint_layers(self.model.decoder, "decoder")
+            if self.mae_config.train_encoder:
+                checkpoint_layers(self.model.encoder, "encoder")
         return self.model.train()
 
     def dataset(self) -> ImageFolder:
@@ -236,7 +268,8 @@ def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
     with rank0_progress("reconstruct", n_mine, show=dist.is_main()) as advance:
         rows = reconstruct_folder(job["mae"], job["images"], job["out"], batch_size=job["batch_size"],
                                   rank=dist.rank(), world_size=dist.world_size(),
-                                  crop_border=job.get("crop_border", 4), progress=advance)
+                                  crop_border=job.get("crop_border", 4), progress=advance,
+                                  precision=job.get("precision", "fp32"), device=dist.device())
     gathered = dist.all_gather_objects(rows)
     if not dist.is_main():
         return None
@@ -301,10 +334,14 @@ def resolve_finetune_options(options: dict[str, Any], config_file: str | None = 
 
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
                 batch_size: int = 8, nproc: int = 1, engine: str = "deepspeed", crop_border: int = 4,
-                overwrite: bool = False) -> list[dict[str, Any]]:
+                overwrite: bool = False, precision: str = "fp32") -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon-mae``: validate, then run the reconstruction workers."""
     from . import launch
+    from .loading import compute_dtype
 
+    compute_dtype(precision)
+    if precision == "fp16" and not launch.has_cuda():
+        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
     path = _mae_path(mae, preset)
     images, out = Path(images), Path(out)
     if not images.is_dir():
@@ -316,7 +353,7 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
     job = {"mae": path, "images": str(images.resolve()), "out": str(out.resolve()),
-           "batch_size": batch_size, "crop_border": crop_border}
+           "batch_size": batch_size, "crop_border": crop_border, "precision": precision}
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:

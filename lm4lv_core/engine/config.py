@@ -55,6 +55,7 @@ class TrainConfig:
     cache_features: bool = False
     num_workers: int = 0
     record_order: bool = False  # write data_order.csv (sample indices of every step and rank)
+    gradient_checkpointing: bool = False  # recompute transformer layers in the backward pass
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
