@@ -269,7 +269,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     mine = todo[rank::world]  # unfinished work is shared evenly, also on a resumed run
     skipped = len(done) if rank == 0 else 0
     if mine:
-        model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]))
+        model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]),
+                                      attn_implementation=job.get("attn_implementation"))
         model = model.to(device).eval()
         part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +287,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
                     _append_line(f, rec)
                 advance(len(chunk))
 
-            generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write)
+            generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write,
+                             compile=bool(job.get("compile", False)))
     dist.barrier()
     if rank == 0:
         merge_results(out, samples)
