@@ -21,7 +21,8 @@ path takes under a minute on two CPU cores:
 Usage: ``python benchmarks/generate.py [--threads 1] [--device cuda --precision bf16]``. On a CPU
 shared with other work, ``--threads 1`` gives stable timings (two OpenMP threads on two busy cores
 spend most of their time waiting for each other). The paper's shape on a GPU:
-``--hidden 4096 --layers 32 --heads 32 --intermediate 11008 --vocab 32000 --mae MAE_LARGE_FOLDER``.
+``--hidden 4096 --layers 32 --heads 32 --intermediate 11008 --vocab 32000 --mae MAE_LARGE_FOLDER``
+(or ``--llm FOLDER`` for an LLM folder already built, e.g. by ``benchmarks/scale.py``).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--repeats", type=int, default=3, help="runs of each fast measurement (median)")
+    ap.add_argument("--llm", default=None, help="LLM folder to use instead of building one (its own widths)")
     ap.add_argument("--mae", default=None, help="MAE folder (default: the tiny-224 preset's)")
     ap.add_argument("--vocab", type=int, default=None, help="LLM vocabulary size (default: the tokenizer's)")
     ap.add_argument("--batch-sizes", default="1,8", help="batch sizes of the throughput table")
@@ -132,7 +134,8 @@ def main() -> None:
     encoder, decoder = mae.encoder, mae.decoder
     if args.mae:
         encoder = decoder = ModuleSpec("mae", {"path": str(Path(args.mae).resolve())})
-    llm = build_llm(args.hidden, args.layers, args.heads, args.intermediate, args.vocab)
+    llm = Path(args.llm).resolve() if args.llm else build_llm(args.hidden, args.layers, args.heads,
+                                                              args.intermediate, args.vocab)
     torch.manual_seed(0)
     # frozen weights read in the compute dtype; the adapters are scaled, then cast, below
     model = LM4LV.from_config(ModelConfig(llm=str(llm), encoder=encoder, decoder=decoder), dtype,
@@ -212,10 +215,11 @@ def main() -> None:
         throughput.append(row)
 
     params = sum(p.numel() for p in model.llm.parameters())
+    c = model.llm.config
     result = {
         "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
-        "llm": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                "intermediate": args.intermediate, "vocab": model.llm.config.vocab_size, "params": params},
+        "llm": {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+                "intermediate": c.intermediate_size, "vocab": c.vocab_size, "params": params},
         "encoder_width": model.encoder.dim,
         "visual_tokens": n, "prompt_tokens": prompt_len,
         "batch8_prompt_tokens": sorted(len(it.encoded) for it in items),
