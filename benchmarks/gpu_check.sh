@@ -20,7 +20,8 @@
 # Environment: PYTHON (default: python), MODELS (the folder holding llm/ and mae/, default: the
 # models scale.py keeps in OUT_DIR/scale/models), LAYERS (default 32), STEPS (ZeRO-2 steps, 3),
 # BATCH_SIZES (restoration, default 1,8,32), RESTORE_ARGS (more options of benchmarks/generate.py).
-# GPU_CHECK_DEVICE=cpu runs the same steps on the CPU: a smoke test of this script, not a measurement.
+# GPU_CHECK_DEVICE=cpu runs the same steps on the CPU (two CPU workers for the ZeRO-2 step): a smoke
+# test of this script, not a measurement.
 set -euo pipefail
 
 OUT=${1:-gpu-check}
@@ -38,7 +39,7 @@ MODELS=${MODELS:-$OUT/scale/models}
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [ "$DEVICE" = cpu ]; then
-    NGPU=0
+    NGPU=2  # two CPU workers for the ZeRO-2 step
     export DS_ACCELERATOR=cpu
 elif [ "$NGPU" -lt 1 ]; then
     echo "error: benchmarks/gpu_check.sh needs a CUDA GPU (torch sees none)" >&2

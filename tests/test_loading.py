@@ -115,3 +115,27 @@ def test_cli_flash_attention_error_is_one_line(pairs_file, tmp_path, monkeypatch
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: --attn-implementation flash_attention_2 needs")
     assert not (tmp_path / "run").exists()
+
+
+def test_ft_mae_bf16_keeps_the_frozen_encoder_exact_and_recon_reads_bf16(tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from conftest import _skimage_rgb
+    from lm4lv_core.mae import MAEAutoencoder, MAEFinetuneConfig, finetune
+    from lm4lv_core.presets import preset_dir
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(_skimage_rgb(name, 32)).save(images / f"{name}.png")
+    mae = preset_dir("tiny") / "mae"
+    finetune(TrainConfig(data=str(images), out=str(tmp_path / "run"), precision="bf16", micro_batch=2, max_steps=2,
+                         preview_every=10, lr=1e-2, gradient_checkpointing=True),
+             MAEFinetuneConfig(mae=str(mae), lpips_weight=0.0))
+    before, after = load_file(str(mae / "model.safetensors")), load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert before.keys() == after.keys() and {v.dtype for v in after.values()} == {torch.float32}
+    for k in before:  # the frozen encoder is written exactly as read, not rounded through bf16
+        assert torch.equal(before[k], after[k]) == (not k.startswith("decoder.") or "mask_token" in k), k
+    model = MAEAutoencoder(str(mae), dtype=BF16, train=False)  # recon-mae --precision bf16
+    assert {p.dtype for p in model.parameters()} == {BF16}
