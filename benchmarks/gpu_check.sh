@@ -152,8 +152,9 @@ try:
     import torch
 
     result["torch"] = torch.__version__
-    result["gpu"] = torch.cuda.get_device_name(0)
-    result["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    result["gpu"] = torch.cuda.get_device_name(0) if device == "cuda" else None
+    if device == "cuda":
+        result["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
 except Exception as e:  # noqa: BLE001
     result["gpu"] = f"unknown ({e})"
 
