@@ -53,6 +53,7 @@ def ft_mae(
     overwrite: bool = opt.OVERWRITE,
     report_to: Optional[str] = opt.REPORT_TO,
     verbose: bool = opt.VERBOSE,
+    gradient_checkpointing: Optional[bool] = opt.GRADIENT_CHECKPOINTING,
 ) -> None:
     """Fine-tune the MAE decoder with |x − D(E(x))|₁ + λ·LPIPS (encoder frozen by default)."""
     from lm4lv_core.mae import finetune, resolve_finetune_options
@@ -81,12 +82,14 @@ def recon_mae(
     crop_border: int = O(4, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out."),
     verbose: bool = opt.VERBOSE,
+    precision: str = O("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
 ) -> None:
     """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
     from lm4lv_core.mae import mean_rows, reconstruct
 
     rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, nproc=nproc,
-                       engine=engine, crop_border=crop_border, overwrite=overwrite, verbose=verbose)
+                       engine=engine, crop_border=crop_border, overwrite=overwrite, verbose=verbose,
+                       precision=precision)
     table = Table(title=f"MAE reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")

@@ -73,6 +73,8 @@ def train(
     report_to: Optional[str] = opt.REPORT_TO,
     verbose: bool = opt.VERBOSE,
     system_prompt: Optional[str] = O(None, "--system-prompt", help="System message before the conversation [none, as the reference]."),
+    gradient_checkpointing: Optional[bool] = opt.GRADIENT_CHECKPOINTING,
+    attn_implementation: Optional[str] = O(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [sdpa]."),
 ) -> None:
     """Train the adapters and task tokens of LM4LV on a data file."""
     options = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}

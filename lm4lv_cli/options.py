@@ -36,3 +36,5 @@ LR_SCHEDULE = O(None, "--lr-schedule", help="reference (DeepSpeed WarmupDecayLR:
                 "cosine (linear warmup, cosine decay) | constant (linear warmup) [reference].")
 REPORT_TO = O(None, "--report-to", help="Also log to: tensorboard (event files in RUN/tensorboard) | none [none].")
 VERBOSE = O(False, "--verbose", help="Show third-party warnings and logs on the console too (RUN/train.log has them always).")
+GRADIENT_CHECKPOINTING = O(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                           help="Recompute transformer layers in the backward pass: less activation memory, one more forward [off].")

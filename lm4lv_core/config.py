@@ -73,6 +73,7 @@ class ModelConfig:
     resize: str = "stretch"  # size policy of every image (stretch, as the reference, or crop)
     # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.hub)
     hub: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | eager | flash_attention_2
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
@@ -99,6 +100,12 @@ class ModelConfig:
         from .imageio import check_resize
 
         check_resize(self.resize)
+
+        from .loading import ATTN_IMPLEMENTATIONS
+
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ConfigError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                              f"got {self.attn_implementation!r}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

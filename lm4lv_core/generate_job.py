@@ -288,7 +288,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     skipped = len(done) if rank == 0 else 0
     stopped = bool(mine) and signals.requested()
     if mine and not stopped:
-        model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]))
+        model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]),
+                                      attn_implementation=job.get("attn_implementation"))
         model = model.to(device).eval()
         part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +310,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
                     raise _StopAfterBatch
 
             try:
-                generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write)
+                generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write,
+                                 compile=bool(job.get("compile", False)))
             except _StopAfterBatch:
                 stopped = True
     dist.barrier()

@@ -21,16 +21,25 @@ from .data.dataset import image_to_tensor, tensor_to_uint8
 from .engine.task import TrainTask
 from .errors import ConfigError, LM4LVError
 from .imageio import list_images, load_rgb, save_png
+from .loading import cast_by_trainability
 from .progress import rank0_progress
 from .vision.mae import MAEDecoder, MAEEncoder, load_mae
 
 
 class MAEAutoencoder(nn.Module):
-    """Encoder + decoder of one ``ViTMAEForPreTraining``; only the decoder trains by default."""
+    """Encoder + decoder of one ``ViTMAEForPreTraining``; only the decoder trains by default.
 
-    def __init__(self, path: str, train_encoder: bool = False) -> None:
+    ``dtype`` is the compute dtype (default float32). With ``train=False`` (reconstruction) the
+    whole MAE is read from disk in it. When training, the MAE is read in float32 so the trainable
+    decoder's master weights are exact, and a frozen encoder is then cast to ``dtype``.
+    """
+
+    def __init__(self, path: str, train_encoder: bool = False, dtype: torch.dtype | None = None,
+                 train: bool = True) -> None:
         super().__init__()
-        hf = load_mae(path)
+        dtype = dtype or torch.float32
+        hf = load_mae(path, torch.float32 if train else dtype)
+        self.path = path
         object.__setattr__(self, "_hf", hf)  # not a submodule: its parts are registered below
         self.encoder = MAEEncoder(mae=hf)
         self.decoder = MAEDecoder(mae=hf)
@@ -40,6 +49,8 @@ class MAEAutoencoder(nn.Module):
             p.requires_grad_(train_encoder)
         for p in self.decoder.parameters():
             p.requires_grad_(True)
+        if train:
+            cast_by_trainability(self, dtype, torch.float32)
 
     def train(self, mode: bool = True) -> "MAEAutoencoder":
         """A frozen encoder stays in eval mode whatever ``mode`` is (no dropout in a frozen part)."""
@@ -58,21 +69,33 @@ class MAEAutoencoder(nn.Module):
         """Write a complete Hugging Face ``ViTMAEForPreTraining`` folder into ``path``.
 
         ``state_dict`` (this module's names, e.g. all parameters gathered from ZeRO-3 partitions)
-        overrides the module's own tensors in what is written.
+        overrides the module's own tensors in what is written. Weights held in a lower precision
+        while training are written in float32; a frozen part is then written exactly as it was
+        read (from the source folder), not rounded through the compute dtype.
         """
-        hf_sd = self._hf.state_dict()
-        for k, v in (state_dict or {}).items():
-            hf_key = k.split(".", 1)[1]  # encoder.vit.* → vit.*, decoder.decoder.* → decoder.*
+        hf = self._hf
+        reread = any(p.dtype != torch.float32 for p in hf.parameters())
+        if reread:
+            hf = load_mae(self.path, torch.float32)
+        hf_sd = hf.state_dict()
+        updates = state_dict if state_dict is not None else (self.state_dict() if reread else {})
+        for k, v in updates.items():
+            part, hf_key = k.split(".", 1)  # encoder.vit.* → vit.*, decoder.decoder.* → decoder.*
+            if reread and not (part == "decoder" or self.train_encoder):
+                continue  # frozen: keep the source's exact weights
             if hf_key not in hf_sd:
+                if state_dict is None:
+                    continue
                 raise ValueError(f"unexpected MAE weight: {k}")
             hf_sd[hf_key] = v.to(hf_sd[hf_key].dtype)
         Path(path).mkdir(parents=True, exist_ok=True)
-        self._hf.save_pretrained(str(path), state_dict=hf_sd)
+        hf.save_pretrained(str(path), state_dict=hf_sd)
 
 
 def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Path, *,
                        batch_size: int = 8, rank: int = 0, world_size: int = 1,
-                       crop_border: int = 4, progress=None) -> list[dict[str, Any]]:
+                       crop_border: int = 4, progress=None, precision: str = "fp32",
+                       device: torch.device | None = None) -> list[dict[str, Any]]:
     """Reconstruct every image under ``images_dir`` (this rank's share) into ``out_dir`` under the
     same relative names (``.png``); return per-image PSNR/SSIM rows against the (resized) input."""
     from .metrics import psnr, ssim
@@ -81,14 +104,17 @@ def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Pat
     files = list_images(images_dir)
     if not files:
         raise LM4LVError(f"{images_dir}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
-    model = MAEAutoencoder(mae_path).eval()
+    from .loading import compute_dtype
+
+    device = device or torch.device("cpu")
+    model = MAEAutoencoder(mae_path, dtype=compute_dtype(precision), train=False).to(device).eval()
     mine = files[rank::world_size]
     rows: list[dict[str, Any]] = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         x = torch.stack([image_to_tensor(load_rgb(f), model.image_size) for f in chunk])
         with torch.inference_mode():
-            y = model(x)
+            y = model(x.to(device)).float().cpu()
         for f, xi, yi in zip(chunk, x, y):
             rel = f.relative_to(images_dir).with_suffix(".png")
             src, rec = tensor_to_uint8(xi), tensor_to_uint8(yi)
@@ -180,7 +206,16 @@ class MAETask(TrainTask):
         return {"mae": to_dict(self.mae_config)}
 
     def build_model(self) -> nn.Module:
-        self.model = MAEAutoencoder(self.mae_config.mae, train_encoder=self.mae_config.train_encoder)
+        from .loading import compute_dtype
+
+        self.model = MAEAutoencoder(self.mae_config.mae, train_encoder=self.mae_config.train_encoder,
+                                    dtype=compute_dtype(self.train_config.precision))
+        if self.train_config.gradient_checkpointing:
+            from .activation_checkpointing import checkpoint_layers
+
+            checkpoint_layers(self.model.decoder, "decoder")
+            if self.mae_config.train_encoder:
+                checkpoint_layers(self.model.encoder, "encoder")
         return self.model.train()
 
     def dataset(self) -> ImageFolder:
@@ -265,7 +300,8 @@ def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
     with rank0_progress("reconstruct", n_mine, show=dist.is_main()) as advance:
         rows = reconstruct_folder(job["mae"], job["images"], job["out"], batch_size=job["batch_size"],
                                   rank=dist.rank(), world_size=dist.world_size(),
-                                  crop_border=job.get("crop_border", 4), progress=advance)
+                                  crop_border=job.get("crop_border", 4), progress=advance,
+                                  precision=job.get("precision", "fp32"), device=dist.device())
     gathered = dist.all_gather_objects(rows)
     if not dist.is_main():
         return None
@@ -332,11 +368,15 @@ def resolve_finetune_options(options: dict[str, Any], config_file: str | None = 
 
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
                 batch_size: int = 8, nproc: int = 1, engine: str = "deepspeed", crop_border: int = 4,
-                overwrite: bool = False, verbose: bool = False) -> list[dict[str, Any]]:
+                overwrite: bool = False, verbose: bool = False, precision: str = "fp32") -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon-mae``: validate, then run the reconstruction workers
     (third-party output goes to ``out/recon-mae.log``)."""
     from . import launch
+    from .loading import compute_dtype
 
+    compute_dtype(precision)
+    if precision == "fp16" and not launch.has_cuda():
+        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
     path, _ = _mae_path(mae, preset)
     images, out = Path(images), Path(out)
     if not images.is_dir():
@@ -348,7 +388,7 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
     job = {"mae": path, "images": str(images.resolve()), "out": str(out.resolve()),
-           "batch_size": batch_size, "crop_border": crop_border}
+           "batch_size": batch_size, "crop_border": crop_border, "precision": precision}
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:

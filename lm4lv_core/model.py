@@ -22,6 +22,7 @@ from .data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
 from .errors import ConfigError
 from .fsutil import atomic_path
 from .logits import check_output_logits, output_logits
+from .loading import cast_by_trainability, check_attn_implementation
 from .losses import text_cross_entropy, zero_touching
 from .registry import VISION_LOSSES
 from .vision import build_adapter, build_decoder, build_encoder
@@ -42,17 +43,21 @@ class LM4LVOutput(ModelOutput):
     target_images: torch.Tensor | None = None  # [T] indices into batch.pixels
 
 
-def load_llm(path: str, dtype: torch.dtype | None = None):
-    """Any Hugging Face causal LM folder and its tokenizer."""
+def load_llm(path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+    """Any Hugging Face causal LM folder and its tokenizer, its weights read in ``dtype`` (default
+    float32; never the checkpoint's own dtype, which transformers v5 would pick by default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    kwargs = {"dtype": dtype or torch.float32}
+    if attn_implementation:
+        check_attn_implementation(attn_implementation, dtype=kwargs["dtype"])
+        kwargs["attn_implementation"] = attn_implementation
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else \
-            AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as e:
+        llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
         raise ConfigError(f"{path}: cannot load a causal LM folder ({e})") from None
     return llm, tokenizer
 
@@ -85,29 +90,43 @@ class LM4LV(nn.Module):
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "LM4LV":
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None,
+                    trainable_dtype: torch.dtype | None = None) -> "LM4LV":
+        """Build from ``config``: frozen parts are read from disk directly in ``dtype`` (default
+        float32), trainable parameters are kept in ``trainable_dtype`` (default ``dtype``; float32
+        master weights when training in bf16/fp16)."""
+        dtype = dtype or torch.float32
+        trainable_dtype = trainable_dtype or dtype
         from .hub import resolve_model
 
         resolve_model(config)  # hub ids -> snapshot folders in the Hugging Face cache
-        llm, tokenizer = load_llm(config.llm, dtype)
+        llm, tokenizer = load_llm(config.llm, dtype, config.attn_implementation)
         check_output_logits(llm, config.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if config.lora.enabled:
             llm = _wrap_lora(llm, config)
-        model = cls(config, llm, tokenizer, build_encoder(config.encoder), build_decoder(config.decoder))
-        return model.to(dtype) if dtype else model
+        encoder = build_encoder(config.encoder, trainable_dtype if config.train_encoder else dtype)
+        decoder = build_decoder(config.decoder, trainable_dtype if config.train_decoder else dtype)
+        model = cls(config, llm, tokenizer, encoder, decoder)
+        cast_by_trainability(model, dtype, trainable_dtype)
+        return model
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "LM4LV":
-        """Rebuild a model saved by ``save_pretrained``: frozen parts from their recorded folders."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        trainable_dtype: torch.dtype | None = None,
+                        attn_implementation: str | None = None) -> "LM4LV":
+        """Rebuild a model saved by ``save_pretrained``: frozen parts from their recorded folders,
+        read directly in ``dtype`` (default float32); ``attn_implementation`` overrides the saved one."""
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"{path}: not an lm4lv model folder (no {CONFIG_FILE})")
         config = from_dict(ModelConfig, load_yaml(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+        if attn_implementation:
+            config.attn_implementation = attn_implementation
         lora = config.lora.enabled
         config.lora.enabled = False  # the saved adapter is loaded below instead of a fresh one
-        model = cls.from_config(config)
+        model = cls.from_config(config, dtype, trainable_dtype)
         if lora:
             from peft import PeftModel
 
@@ -115,7 +134,8 @@ class LM4LV(nn.Module):
             model.llm = PeftModel.from_pretrained(model.llm, str(path / LORA_DIR), is_trainable=True)
             model._apply_trainability()
         model.load_trainable_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
-        return model.to(dtype) if dtype else model
+        cast_by_trainability(model, dtype or torch.float32, trainable_dtype or dtype or torch.float32)
+        return model
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``lm4lv.yaml``, ``trainable.safetensors`` (adapters, task tokens, any trained
@@ -191,6 +211,18 @@ class LM4LV(nn.Module):
         if not cfg.train_decoder:
             self.decoder.eval()
         return self
+
+    def enable_gradient_checkpointing(self) -> int:
+        """Recompute the LLM's layers (and the encoder's / decoder's when they train) in the
+        backward pass, in train and eval mode alike; returns the number of layers checkpointed."""
+        from .activation_checkpointing import checkpoint_layers
+
+        n = checkpoint_layers(self.backbone(), "LLM")
+        for module, flag, what in ((self.encoder, self.config.train_encoder, "encoder"),
+                                   (self.decoder, self.config.train_decoder, "decoder")):
+            if flag:
+                n += checkpoint_layers(module, what)
+        return n
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -60,6 +60,7 @@ class TrainConfig:
     lr_schedule: str = "reference"  # reference | cosine | constant (engine/schedule.py)
     report_to: str = "none"  # trackers besides metrics.csv: none | tensorboard
     verbose: bool = False  # show third-party warnings and logs on the console (train.log has them always)
+    gradient_checkpointing: bool = False  # recompute transformer layers in the backward pass
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:

@@ -39,7 +39,13 @@ class LM4LVTask(TrainTask):
     def build_model(self) -> nn.Module:
         from ..model import LM4LV
 
-        self.model = LM4LV.from_config(self.model_config)
+        from ..loading import compute_dtype
+
+        # frozen parts in the compute dtype from the first byte; trainables keep float32 masters
+        self.model = LM4LV.from_config(self.model_config, compute_dtype(self.train_config.precision),
+                                       trainable_dtype=torch.float32)
+        if self.train_config.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
         self.model.train()
         return self.model
 

@@ -18,7 +18,8 @@ from .config import TrainConfig, train_config_keys
 MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config")
 MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss",
                 "text_loss_weight", "vision_loss_weight",
-                "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "resize")
+                "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "resize",
+                "attn_implementation")
 LORA = {"lora": "enabled", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
         "lora_targets": "target_modules"}
 RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "verbose")  # never taken from a saved run config

@@ -92,6 +92,9 @@ def validate(cfg: TrainConfig, model: ModelConfig) -> int:
             raise ConfigError(f"{part} {path}: folder not found")
     if cfg.precision == "fp16" and not launch.has_cuda():
         raise ConfigError("--precision fp16 needs a GPU; use bf16 (or fp32) on CPU")
+    from ..loading import check_attn_implementation, compute_dtype
+
+    check_attn_implementation(model.attn_implementation, dtype=compute_dtype(cfg.precision))
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
         raise ConfigError(f"--hostfile {cfg.hostfile}: file not found")
     if cfg.deepspeed_config:

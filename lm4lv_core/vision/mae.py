@@ -18,8 +18,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_mae(path: str):
-    """Load a ``ViTMAEForPreTraining`` folder (or hub id, see :mod:`lm4lv_core.hub`) with mask ratio 0."""
+def load_mae(path: str, dtype: torch.dtype | None = None):
+    """Load a ``ViTMAEForPreTraining`` folder (or hub id, see :mod:`lm4lv_core.hub`) with mask
+    ratio 0, its weights read in ``dtype`` (default float32)."""
     from transformers import ViTMAEForPreTraining
     from transformers.utils import logging as hf_logging
 
@@ -28,7 +29,7 @@ def load_mae(path: str):
     path, _ = resolve(path, "--mae")
     hf_logging.disable_progress_bar()
     try:
-        return ViTMAEForPreTraining.from_pretrained(path, mask_ratio=0.0)
+        return ViTMAEForPreTraining.from_pretrained(path, mask_ratio=0.0, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load an MAE (ViTMAEForPreTraining) folder ({e})") from None
 
@@ -41,9 +42,9 @@ class _MAEPart(nn.Module):
     round them. Normalisation and de-normalisation always run in fp32.
     """
 
-    def _setup(self, path: str | None, mae):
+    def _setup(self, path: str | None, mae, dtype: torch.dtype | None = None):
         """Load (or take) the MAE, record its geometry; return it for the subclass to keep a part."""
-        mae = mae if mae is not None else load_mae(path)
+        mae = mae if mae is not None else load_mae(path, dtype)
         cfg = mae.config
         self.path = path
         self.patch_size = cfg.patch_size
@@ -78,9 +79,9 @@ def _patch_order_noise(batch: int, n: int, device: torch.device) -> torch.Tensor
 class MAEEncoder(_MAEPart, VisionEncoder):
     """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
 
-    def __init__(self, path: str | None = None, mae=None) -> None:
+    def __init__(self, path: str | None = None, mae=None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.vit = self._setup(path, mae).vit
+        self.vit = self._setup(path, mae, dtype).vit
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.normalize(pixels).to(self.vit.embeddings.patch_embeddings.projection.weight.dtype)
@@ -92,15 +93,16 @@ class MAEEncoder(_MAEPart, VisionEncoder):
 class MAEDecoder(_MAEPart, VisionDecoder):
     """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
 
-    def __init__(self, path: str | None = None, mae=None) -> None:
+    def __init__(self, path: str | None = None, mae=None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.decoder = self._setup(path, mae).decoder
+        self.decoder = self._setup(path, mae, dtype).decoder
 
     def forward(self, features: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """``clamp=False`` keeps gradients for pixels outside [0, 1] (used when training)."""
         b, n, _ = features.shape
         if n != self.num_tokens:
             raise ValueError(f"MAE decoder expects {self.num_tokens} tokens, got {n}")
+        features = features.to(self.decoder.decoder_embed.weight.dtype)
         ids_restore = torch.arange(self.num_patches, device=features.device).expand(b, -1)
         patches = self.decoder(features, ids_restore).logits  # [B, N, p*p*3]
         p, g = self.patch_size, self.image_size // self.patch_size
