@@ -191,12 +191,10 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
             return fn(job)
     cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
                            hostfile=hostfile, master_port=master_port)
-    env = launcher_env(launcher)
-    env[signals.STOP_FILE_ENV] = str(stop)
     try:
         # own session: a terminal's Ctrl-C reaches only this process, which forwards it as a stop
         # request (launchers would kill their workers on SIGINT/SIGTERM)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=launcher_env(launcher), start_new_session=True)
     except FileNotFoundError as e:
         raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
     try:
