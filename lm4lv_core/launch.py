@@ -203,14 +203,12 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
             return fn(job)
     cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
                            hostfile=hostfile, master_port=master_port)
-    env = launcher_env(launcher)
-    env[signals.STOP_FILE_ENV] = str(stop)
     relay = logs.launched(log_file, job_dir, verbose) if log_file else contextlib.nullcontext((None, {}))
     with relay as (out, relay_env):
         try:
             # own session: a terminal's Ctrl-C reaches only this process, which forwards it as a stop
             # request (launchers would kill their workers on SIGINT/SIGTERM)
-            proc = subprocess.Popen(cmd, env={**env, **relay_env}, stdout=out,
+            proc = subprocess.Popen(cmd, env={**launcher_env(launcher), **relay_env}, stdout=out,
                                     stderr=subprocess.STDOUT if out is not None else None,
                                     start_new_session=True)
         except FileNotFoundError as e:

@@ -8,8 +8,8 @@ at once (:data:`EXIT_ABORTED`).
 
 The ``lm4lv`` parent of launched workers starts the launcher in its own session (terminal
 signals reach only the parent, not the launchers, which would kill the workers) and forwards a
-stop as a file named by ``LM4LV_STOP_FILE``, which every worker polls with the flag. A second
-signal kills the launcher and all workers.
+stop as a file beside the job file (``LM4LV_STOP_FILE`` in the workers), which every worker polls
+with the flag. A second signal kills the launcher and all workers.
 """
 
 from __future__ import annotations

@@ -44,19 +44,21 @@ def main(argv: list[str] | None = None) -> None:
     from . import dist, logs, signals
     from .errors import Interrupted
     from .fsutil import write_failure
+    from .launch import interrupted_file, stop_file
 
     logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
     job = Path(args.job)
     rank = int(os.environ.get("RANK", "0"))
-    # a signal sent to this worker itself (e.g. to every process of a cluster job) stops it
-    # gracefully too; the lm4lv parent forwards its own signals as a stop file
+    # the lm4lv parent forwards its signals as this file (beside the job: other nodes see it too);
+    # a signal sent to this worker itself (e.g. to every process of a cluster job) stops it as well
+    os.environ[signals.STOP_FILE_ENV] = str(stop_file(job))
     with signals.handling(announce=False):
         try:
             try:
                 job_function(args.kind)(load_yaml(args.job))
             except Interrupted as e:
                 # stopped on request with the progress saved: the parent reports it and exits 75
-                job.with_name(f"{job.stem}.interrupted.rank{rank}").write_text(str(e), encoding="utf-8")
+                interrupted_file(job, rank).write_text(str(e), encoding="utf-8")
             # leave together: a worker exiting while another still uses the process group aborts it
             dist.barrier()
             dist.destroy()
@@ -85,8 +87,10 @@ def _show_traceback(rank: int) -> None:
 
 def _report(job, rank: int, msg: str) -> None:
     """Leave ``msg`` for the parent (lm4lv_core.launch.run_job reports it once all workers exit)."""
+    from .launch import error_file
+
     try:
-        job.with_name(f"{job.stem}.error.rank{rank}").write_text(msg, encoding="utf-8")
+        error_file(job, rank).write_text(msg, encoding="utf-8")
     except OSError:
         pass  # e.g. the disk is full: the message below is all the user gets
     print(f"error: {msg}", file=sys.stderr, flush=True)
