@@ -245,7 +245,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     """
     import torch
 
-    from . import dist
+    from . import dist, memreport
     from .data.dataset import tensor_to_uint8
     from .generate import GenerationConfig, generate_samples
     from .imageio import save_png
@@ -269,7 +269,9 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     mine = todo[rank::world]  # unfinished work is shared evenly, also on a resumed run
     skipped = len(done) if rank == 0 else 0
     if mine:
+        load = memreport.LoadMeter()  # measures only with LM4LV_MEMORY_REPORT set
         model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]))
+        load.done("generate", model, getattr(torch, PRECISIONS[precision]))
         model = model.to(device).eval()
         part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from .. import dist
+from .. import dist, memreport
 from ..errors import ConfigError
 from ..fsutil import write_json_atomic
+from ..loading import compute_dtype
 from .backends import Backend, make_backend
 from .config import TrainConfig
 from .task import TrainTask
@@ -76,7 +77,9 @@ class Trainer:
         self.backend.setup()
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(cfg.seed)
+        load = memreport.LoadMeter()
         model = self.task.build_model()
+        load.done("train", model, compute_dtype(cfg.precision))
         self.dataset = self.task.dataset()
         n = len(self.dataset)
         self.global_batch = cfg.micro_batch * cfg.grad_accum * self.world
@@ -84,6 +87,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup_steps = int(round(cfg.warmup_ratio * self.total_steps))
         self.backend.wrap(model, lr_lambda_for(self.total_steps, self.warmup_steps))
+        memreport.engine_done(self.backend.module)
         self.module = self.backend.module
         self.task.prepare(self.module, self.dataset, self.backend.device)
         self.step = 0
@@ -150,6 +154,7 @@ class Trainer:
                     if self.step >= stop_at:
                         break
                     t0 = time.perf_counter()
+                    meter = memreport.StepMeter()  # measures one step with LM4LV_MEMORY_REPORT set
                     lr = be.lr()
                     sums = torch.zeros(len(names))
                     ids: list[int] = []
@@ -159,9 +164,11 @@ class Trainer:
                         boundary = j == c.grad_accum - 1
                         with be.no_sync(boundary), be.autocast():
                             out = task.loss(be.forward, batch)
+                        meter.backward()
                         be.backward(out["loss"])
                         be.step(boundary)
                         sums += torch.stack([out[n].detach().float().cpu() for n in names]) / c.grad_accum
+                    meter.done()
                     self.step += 1
                     means = dist.all_reduce_mean(sums.to(be.device) if be.device.type == "cuda" else sums).cpu()
                     row = {"step": self.step, **{n: float(v) for n, v in zip(names, means)}, "lr": lr,
