@@ -263,14 +263,17 @@ def activation_bytes(m: ModelShape, d: DataShape, run: RunShape, micro_batch: in
              + micro_batch * d.target_slots * (m.hidden * s + 8 * m.vision_dim))  # deadapter input, MSE
     images = micro_batch * d.images
     inputs = images * 3 * m.image_size ** 2 * 4 + tokens * 7 * 8  # float32 pixels, seven int64 maps per token
-    vision = 0.0
+    vision = 0.0  # a trained encoder / decoder (or the decoder under a pixel loss) keeps activations too;
+    # --gradient-checkpointing recomputes their layers only when they train
     if run.train_encoder and not run.cache_features:
-        layer = _vit_layer_bytes(m.vision_dim, m.encoder_intermediate, s) * images * m.vision_tokens
-        vision += layer * (1 if checkpointing else m.encoder_layers)
+        n = images * m.vision_tokens
+        layer = _vit_layer_bytes(m.vision_dim, m.encoder_intermediate, s) * n
+        vision += m.encoder_layers * s * m.vision_dim * n + layer if checkpointing else m.encoder_layers * layer
     if run.pixel_loss or run.train_decoder:
         n = micro_batch * d.target_slots
         layer = _vit_layer_bytes(m.decoder_dim, m.decoder_intermediate, s) * n
-        vision += layer * (1 if checkpointing else m.decoder_layers)
+        ckpt = checkpointing and run.train_decoder
+        vision += m.decoder_layers * s * m.decoder_dim * n + layer if ckpt else m.decoder_layers * layer
     saved = llm + final_norm + text + slots + vision
     backward = 3 * s * m.intermediate * tokens + (per_layer if checkpointing else 0)
     loss = micro_batch * d.text_loss_tokens * m.vocab * (s + 4)
