@@ -10,11 +10,19 @@ path takes under a minute on two CPU cores:
 * ``llm_decode_s``: the same LLM's own KV-cached ``generate`` of 197 greedy tokens from a prompt of
   the same length; ``overhead_vs_llm_decode = cached_s / llm_decode_s``;
 * ``batch8_vs_batch1_throughput``: samples per second with batch 8 (mixed prompt lengths) over
-  batch 1.
+  batch 1;
+* ``compiled_s``: the batch-1 sample with the decode step under ``torch.compile`` (``generate
+  --compile``; static KV cache), after a first call that compiles (``compile_s``);
+  ``compiled_vs_eager = cached_s / compiled_s``; ``compiled_max_abs_diff`` against the eager
+  features;
+* ``throughput``: per ``--batch-sizes`` entry, eager (and compiled) seconds per batch, images/s and
+  visual tokens/s per sample.
 
 Usage: ``python benchmarks/generate.py [--threads 1] [--device cuda --precision bf16]``. On a CPU
 shared with other work, ``--threads 1`` gives stable timings (two OpenMP threads on two busy cores
-spend most of their time waiting for each other).
+spend most of their time waiting for each other). The paper's shape on a GPU:
+``--hidden 4096 --layers 32 --heads 32 --intermediate 11008 --vocab 32000 --mae MAE_LARGE_FOLDER``
+(or ``--llm FOLDER`` for an LLM folder already built, e.g. by ``benchmarks/scale.py``).
 """
 
 from __future__ import annotations
@@ -44,18 +52,20 @@ PROMPTS = [
 ]
 
 
-def build_llm(hidden: int, layers: int, heads: int, intermediate: int) -> Path:
-    """A random Llama with the presets' tokenizer, built once under ``$LM4LV_HOME/bench``."""
+def build_llm(hidden: int, layers: int, heads: int, intermediate: int, vocab: int | None = None) -> Path:
+    """A random Llama with the presets' tokenizer, built once under ``$LM4LV_HOME/bench``
+    (``vocab``: embedding rows, at least the tokenizer's; e.g. Llama-2's 32000)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lm4lv_core.presets import build_tokenizer, preset_home
 
-    out = preset_home().parent / "bench" / f"llama-h{hidden}-l{layers}-a{heads}-i{intermediate}"
+    name = f"llama-h{hidden}-l{layers}-a{heads}-i{intermediate}" + (f"-v{vocab}" if vocab else "")
+    out = preset_home().parent / "bench" / name
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(0)
     tok = build_tokenizer(out)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+    cfg = LlamaConfig(vocab_size=max(len(tok), vocab or 0), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -70,7 +80,7 @@ def scale_adapter_to_embeddings(model, pixels: torch.Tensor) -> float:
     larger than any embedding back into itself, and that loop amplifies float rounding
     exponentially over 197 steps, so no two exact algorithms could agree on its features."""
     emb_std = model.llm.get_input_embeddings().weight.float().std()
-    scale = float(emb_std / model.adapter(model.encode_images(pixels)).float().std())
+    scale = float(emb_std / model.adapter(model.encode_images(pixels).to(model.adapter_dtype)).float().std())
     model.adapter.weight.mul_(scale)
     model.adapter.bias.mul_(scale)
     return scale
@@ -96,6 +106,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--repeats", type=int, default=3, help="runs of each fast measurement (median)")
+    ap.add_argument("--llm", default=None, help="LLM folder to use instead of building one (its own widths)")
+    ap.add_argument("--mae", default=None, help="MAE folder (default: the tiny-224 preset's)")
+    ap.add_argument("--vocab", type=int, default=None, help="LLM vocabulary size (default: the tokenizer's)")
+    ap.add_argument("--batch-sizes", default="1,8", help="batch sizes of the throughput table")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the naive reference algorithm")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,9 +119,10 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed (imported by peft) stays quiet
     from PIL import Image
 
-    from lm4lv_core.config import ModelConfig
+    from lm4lv_core.config import ModelConfig, ModuleSpec
     from lm4lv_core.data.dataset import collate
     from lm4lv_core.data.format import parse_sample
+    from lm4lv_core.errors import ConfigError
     from lm4lv_core.generate import GenerationConfig, build_items, generate_batch, naive_generate_images
     from lm4lv_core.model import LM4LV
     from lm4lv_core.presets import preset_config
@@ -114,13 +131,20 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     mae = preset_config("tiny-224")
-    llm = build_llm(args.hidden, args.layers, args.heads, args.intermediate)
+    encoder, decoder = mae.encoder, mae.decoder
+    if args.mae:
+        encoder = decoder = ModuleSpec("mae", {"path": str(Path(args.mae).resolve())})
+    llm = Path(args.llm).resolve() if args.llm else build_llm(args.hidden, args.layers, args.heads,
+                                                              args.intermediate, args.vocab)
     torch.manual_seed(0)
-    model = LM4LV.from_config(ModelConfig(llm=str(llm), encoder=mae.encoder, decoder=mae.decoder))
+    # frozen weights read in the compute dtype; the adapters are scaled, then cast, below
+    model = LM4LV.from_config(ModelConfig(llm=str(llm), encoder=encoder, decoder=decoder), dtype,
+                              trainable_dtype=torch.float32)
     model.eval()
 
     rng = np.random.default_rng(0)
-    images = {f"mem:{i}": Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for i in range(8)}
+    size = model.encoder.image_size
+    images = {f"mem:{i}": Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for i in range(8)}
     samples = [parse_sample({"image": [f"mem:{i}"], "conversations": [{"from": "human", "value": p},
                                                                       {"from": "gpt", "value": ""}]}, i)
                for i, p in enumerate(PROMPTS)]
@@ -132,10 +156,13 @@ def main() -> None:
     def batch_of(its):
         return collate(its, pad_id=model.builder.pad_id, padding_side="left").to(device, dtype)
 
+    def runner(batch, compile=False):
+        flags = [True] * batch.size
+        return lambda: generate_batch(model, batch, cfg, image_only=flags, decode_images=False, compile=compile)
+
     b1, b8 = batch_of(items[:1]), batch_of(items)
     prompt_len = int(b1.input_ids.shape[1])
-    run1 = lambda: generate_batch(model, b1, cfg, image_only=[True], decode_images=False)  # noqa: E731
-    run8 = lambda: generate_batch(model, b8, cfg, image_only=[True] * 8, decode_images=False)  # noqa: E731
+    run1, run8 = runner(b1), runner(b8)
     n = model.num_visual_tokens
     ids = torch.randint(4, len(model.tokenizer), (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     gen_kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -147,7 +174,7 @@ def main() -> None:
 
     for fn in (run1, run8, run_llm):  # warm-up
         fn()
-    naive_s, naive = timed(lambda: naive_generate_images(model, b1), device)
+    naive_s, naive = timed(lambda: naive_generate_images(model, b1), device) if not args.skip_naive else (None, None)
     # the fast measurements are interleaved so that load from other processes hits all alike
     times: dict[str, list[float]] = {"cached": [], "batch8": [], "llm": []}
     for _ in range(args.repeats):
@@ -158,22 +185,57 @@ def main() -> None:
         times["llm"].append(t)
     assert llm_out.shape[1] == prompt_len + n
     cached_s, b8_s, llm_s = (statistics.median(times[k]) for k in ("cached", "batch8", "llm"))
-    diff = (cached[0].features[0].float() - naive.float()).abs().max().item()
+    diff = (cached[0].features[0].float() - naive.float()).abs().max().item() if naive is not None else None
+
+    # torch.compile of the decode step (static KV cache): batch 1, the same sample as cached_s
+    compiled: dict = {}
+    if not args.no_compile:
+        try:
+            compile_s, first = timed(runner(b1, compile=True), device)  # includes compilation
+            ts = [timed(runner(b1, compile=True), device)[0] for _ in range(args.repeats)]
+            compiled = {"compile_s": round(compile_s, 2), "compiled_s": round(statistics.median(ts), 4),
+                        "compiled_vs_eager": round(cached_s / statistics.median(ts), 3),
+                        "compiled_max_abs_diff": (first[0].features[0].float()
+                                                  - cached[0].features[0].float()).abs().max().item()}
+        except ConfigError as e:
+            compiled = {"compiled_s": None, "compiled_vs_eager": None, "compile_error": str(e)}
+
+    throughput = []
+    for bs in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
+        batch = batch_of([items[i % len(items)] for i in range(bs)])
+        row = {"batch": bs}
+        for key, comp in (("eager", False), ("compiled", True)):
+            if comp and (args.no_compile or compiled.get("compiled_s") is None):
+                continue
+            run = runner(batch, comp)
+            run()  # warm-up (and compilation for this shape)
+            t = statistics.median(timed(run, device)[0] for _ in range(args.repeats))
+            row.update({f"{key}_s": round(t, 4), f"{key}_images_per_s": round(bs / t, 3),
+                        f"{key}_visual_tokens_per_s_per_sample": round(n / t, 2)})
+        throughput.append(row)
 
     params = sum(p.numel() for p in model.llm.parameters())
-    print(json.dumps({
+    c = model.llm.config
+    result = {
         "device": str(device), "precision": args.precision, "threads": torch.get_num_threads(),
-        "llm": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                "intermediate": args.intermediate, "params": params},
+        "llm": {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+                "intermediate": c.intermediate_size, "vocab": c.vocab_size, "params": params},
+        "encoder_width": model.encoder.dim,
         "visual_tokens": n, "prompt_tokens": prompt_len,
         "batch8_prompt_tokens": sorted(len(it.encoded) for it in items),
-        "naive_s": round(naive_s, 4), "cached_s": round(cached_s, 4), "speedup": round(naive_s / cached_s, 2),
+        "naive_s": round(naive_s, 4) if naive_s else None, "cached_s": round(cached_s, 4),
+        "speedup": round(naive_s / cached_s, 2) if naive_s else None,
         "max_abs_diff": diff,
         "llm_decode_s": round(llm_s, 4), "overhead_vs_llm_decode": round(cached_s / llm_s, 3),
         "batch8_s": round(b8_s, 4), "batch8_vs_batch1_throughput": round(8 * cached_s / b8_s, 2),
+        **compiled, "throughput": throughput,
         "runs_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
-    }, indent=1))
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+        result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of text sampling (per sample, independent of batching)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step of image-only batches (static KV cache); pays off on a GPU."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [the model's]."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
     from lm4lv_core import launch
@@ -52,6 +54,16 @@ def generate(
     launcher = launcher or launch.default_launcher(engine)
     if launcher not in launch.LAUNCHERS:
         raise ConfigError(f"--launcher must be one of {', '.join(launch.LAUNCHERS)}, got {launcher!r}")
+    if attn_implementation or compile:
+        import torch
+
+        from lm4lv_core.compiled_decode import check_compile_available
+        from lm4lv_core.loading import check_attn_implementation, compute_dtype
+
+        if attn_implementation:
+            check_attn_implementation(attn_implementation, dtype=compute_dtype(precision))
+        if compile:
+            check_compile_available(torch.device("cuda" if launch.has_cuda() else "cpu"))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode)
     model_dir = resolve_model_dir(run)
@@ -60,7 +72,7 @@ def generate(
     samples = load_checked(data, image_root=image_root, mode="generate")
     job = {"model": str(model_dir), "data": str(data), "image_root": str(image_root) if image_root else None,
            "out": str(out), "batch_size": batch_size, "precision": precision, "generation": vars(gen).copy(),
-           "attempt": new_attempt()}
+           "attempt": new_attempt(), "compile": compile, "attn_implementation": attn_implementation}
     prepare_out(out, job, overwrite)
     stems = output_stems(samples)
     before = len(finished_records(out, samples, stems))

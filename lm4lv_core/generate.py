@@ -22,11 +22,13 @@ every step, no cache); tests and ``benchmarks/generate.py`` compare the two.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from .compiled_decode import compiled_decode, eager_step
 from .data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
 from .data.format import TASK_TOKEN, Sample, parse_sample
 from .data.sequence import IMG_END, IMG_START, SLOT_TEXT
@@ -142,11 +144,13 @@ def _ends_with(ids: list[int], suffix: list[int]) -> bool:
 
 @torch.inference_mode()
 def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Sequence[bool],
-                   keys: Sequence[int] | None = None, decode_images: bool = True) -> list[SampleOutput]:
+                   keys: Sequence[int] | None = None, decode_images: bool = True,
+                   compile: bool = False) -> list[SampleOutput]:
     """Generate for a left-padded batch (``collate(..., padding_side="left")`` of generation items).
 
     ``image_only[b]``: sample ``b`` was encoded with the forced ``<Img>`` opening and stops after
     one image. ``keys`` (default: the batch's sample indices) seed each sample's generator.
+    ``compile``: run the decode steps of an image-only batch through ``torch.compile``.
     """
     B = batch.size
     dev = batch.input_ids.device
@@ -162,11 +166,19 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
         model.encode_images(batch.pixels) if batch.pixels.shape[0] else None)
     emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos, feats)
     mask = batch.attention_mask
-    cache = new_cache(model, batch.input_ids.shape[1] + n_vis if all(image_only) else None)
+    L = batch.input_ids.shape[1]
+    final_len = L + n_vis if all(image_only) else None
+    step = compiled_decode(model) if compile and final_len else None
+    cache = step.cache_for(B, final_len) if step else new_cache(model, final_len)
+    fixed = static_length(cache)
+    if fixed:  # a fixed-size mask over the whole cache; slot L + t is opened at decode step t
+        mask = torch.cat([mask, mask.new_zeros(B, fixed - L)], dim=1)
     out = model.backbone()(inputs_embeds=emb, attention_mask=mask, position_ids=batch.position_ids,
                            cache=cache, use_cache=True)
     cache, h = out.cache, out.last_hidden_state[:, -1]
     pos = batch.position_ids[:, -1] + 1
+    step = step or functools.partial(eager_step, model.backbone())
+    n_steps = 0
 
     states = []
     for b in range(B):
@@ -260,11 +272,13 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
                 next_emb[torch.tensor(feed, device=dev)] = embed_tokens(ids)
         if all(st.mode == DONE for st in states):
             break
-        mask = torch.cat([mask, active.to(mask.dtype)[:, None]], dim=1)
-        out = model.backbone()(inputs_embeds=next_emb[:, None], attention_mask=mask, position_ids=pos[:, None],
-                               cache=cache, use_cache=True)
-        cache, h = out.cache, out.last_hidden_state[:, -1]
+        if fixed:
+            mask[:, L + n_steps] = active.to(mask.dtype)
+        else:
+            mask = torch.cat([mask, active.to(mask.dtype)[:, None]], dim=1)
+        h = step(next_emb[:, None], mask, pos[:, None], cache)
         pos = pos + active.to(pos.dtype)
+        n_steps += 1
 
     for b, st in enumerate(states):
         o = outputs[b]
@@ -293,6 +307,15 @@ def new_cache(model, max_len: int | None):
         except (TypeError, ValueError, NotImplementedError):
             pass
     return DynamicCache(config=config)
+
+
+def static_length(cache) -> int | None:
+    """The preallocated length of a ``StaticCache`` (``None`` for a growing cache)."""
+    from transformers import StaticCache
+
+    if not isinstance(cache, StaticCache) or any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        return None
+    return cache.layers[0].max_cache_len
 
 
 def decode_images_of(model, features: torch.Tensor) -> torch.Tensor:
@@ -342,10 +365,11 @@ def model_device(model) -> torch.device:
 
 def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | None = None, *,
                      batch_size: int = 8, loader=None, decode_images: bool = True,
-                     on_batch=None) -> list[SampleOutput]:
+                     on_batch=None, compile: bool = False) -> list[SampleOutput]:
     """Generate for ``samples`` (in order) in batches of ``batch_size``.
 
-    ``on_batch(samples, outputs)`` is called after each batch (e.g. to write results).
+    ``on_batch(samples, outputs)`` is called after each batch (e.g. to write results);
+    ``compile``: compiled decode steps for image-only batches (``generate_batch``).
     """
     cfg = cfg or GenerationConfig()
     if batch_size < 1:
@@ -361,7 +385,7 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
         chunk = list(samples[start:start + batch_size])
         items, flags = build_items(model, chunk, cfg.mode, loader)
         batch = collate(items, pad_id=model.builder.pad_id, padding_side="left").to(dev, dtype)
-        outs = generate_batch(model, batch, cfg, image_only=flags, decode_images=decode_images)
+        outs = generate_batch(model, batch, cfg, image_only=flags, decode_images=decode_images, compile=compile)
         if on_batch is not None:
             on_batch(chunk, outs)
         results += outs

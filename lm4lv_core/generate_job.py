@@ -270,7 +270,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     skipped = len(done) if rank == 0 else 0
     if mine:
         load = memreport.LoadMeter()  # measures only with LM4LV_MEMORY_REPORT set
-        model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]))
+        model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]),
+                                      attn_implementation=job.get("attn_implementation"))
         load.done("generate", model, getattr(torch, PRECISIONS[precision]))
         model = model.to(device).eval()
         part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
@@ -288,7 +289,8 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
                     _append_line(f, rec)
                 advance(len(chunk))
 
-            generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write)
+            generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write,
+                             compile=bool(job.get("compile", False)))
     dist.barrier()
     if rank == 0:
         merge_results(out, samples)

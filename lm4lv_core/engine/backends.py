@@ -112,10 +112,15 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
+        # DeepSpeed casts the module to bf16/fp16 and builds its float32 masters from that cast;
+        # the exact float32 values are put back into the masters below
+        exact = [(p, p.detach().clone()) for p in params if p.dtype == torch.float32] \
+            if self.cfg.precision != "fp32" else []
         opt = make_optimizer(params, self.cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=self.ds_config())
+        set_exact_masters(self.optimizer, exact)
         self.engine.checkpoint_engine.load = _weights_only_load
         self.module = self.engine.module
         self._torch_optimizer = opt
@@ -159,6 +164,25 @@ class DeepSpeedBackend(Backend):
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise ConfigError(f"{ckpt}: DeepSpeed checkpoint could not be loaded")
+
+
+def set_exact_masters(optimizer: Any, exact: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Write float32 ``(param, value)`` pairs into DeepSpeed's master copies: ZeRO 1–3 and the
+    bf16 optimizer through ``safe_set_full_fp32_param``, ZeRO 0 (fp16/bf16) into ``fp32_groups``."""
+    if not exact:
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    lp_groups, hp_groups = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if lp_groups is not None and hp_groups is not None and not hasattr(exact[0][0], "_hp_mapping"):
+        hp_of = {id(lp): hp for lg, hg in zip(lp_groups, hp_groups) for lp, hp in zip(lg, hg)}
+        with torch.no_grad():
+            for p, value in exact:
+                if id(p) in hp_of:
+                    hp_of[id(p)].copy_(value)
+        return
+    for p, value in exact:
+        safe_set_full_fp32_param(p, value.to(p.device))
 
 
 # ----------------------------------------------------------------------------- accelerate
