@@ -75,9 +75,10 @@ def train(
     system_prompt: Optional[str] = O(None, "--system-prompt", help="System message before the conversation [none, as the reference]."),
     gradient_checkpointing: Optional[bool] = opt.GRADIENT_CHECKPOINTING,
     attn_implementation: Optional[str] = O(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [sdpa]."),
+    gpu_memory: Optional[float] = O(None, "--gpu-memory", help="With --dry-run: GPU memory in GiB to check the memory plan against [the detected GPU]."),
 ) -> None:
     """Train the adapters and task tokens of LM4LV on a data file."""
-    options = {k: v for k, v in locals().items() if k not in ("config", "dry_run")}
+    options = {k: v for k, v in locals().items() if k not in ("config", "dry_run", "gpu_memory")}
     from lm4lv_core.engine.options import resolve_options
 
     options["resume"] = resume or None
@@ -86,8 +87,12 @@ def train(
     for key in ("data", "out", "image_root"):
         options[key] = str(options[key]) if options[key] is not None else None
     cfg, model = resolve_options(options, str(config) if config else None)
+    if gpu_memory is not None and gpu_memory <= 0:
+        from lm4lv_core.errors import ConfigError
+
+        raise ConfigError(f"--gpu-memory must be > 0 (GiB), got {gpu_memory}")
     if dry_run:
-        _dry_run(cfg, model)
+        _dry_run(cfg, model, gpu_memory)
         return
     from lm4lv_core.engine.run import train as run_train
 
@@ -95,8 +100,9 @@ def train(
     console.print(f"[green]done[/green]: {cfg.out}" + (f" (step {summary['step']})" if summary else ""))
 
 
-def _dry_run(cfg, model) -> None:
+def _dry_run(cfg, model, gpu_memory: float | None) -> None:
     from lm4lv_core.data.format import load_checked
+    from lm4lv_core.memplan import detected_gpu_memory_gib, format_plan, plan_training
     from lm4lv_core.prompt import render_first_prompt
 
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
@@ -108,3 +114,5 @@ def _dry_run(cfg, model) -> None:
     console.print(tokens, markup=False, highlight=False, soft_wrap=True)
     console.rule()
     console.print(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    plan = plan_training(cfg, model, samples, gpu_memory if gpu_memory is not None else detected_gpu_memory_gib())
+    console.print(format_plan(plan), markup=False, highlight=False, soft_wrap=True)

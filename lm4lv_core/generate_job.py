@@ -264,7 +264,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     """
     import torch
 
-    from . import dist, signals
+    from . import dist, memreport, signals
     from .generate import GenerationConfig, generate_samples, output_image
     from .imageio import oriented_size, save_png
     from .model import LM4LV
@@ -288,8 +288,10 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     skipped = len(done) if rank == 0 else 0
     stopped = bool(mine) and signals.requested()
     if mine and not stopped:
+        load = memreport.LoadMeter()  # measures only with LM4LV_MEMORY_REPORT set
         model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]),
                                       attn_implementation=job.get("attn_implementation"))
+        load.done("generate", model, getattr(torch, PRECISIONS[precision]))
         model = model.to(device).eval()
         part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,8 @@ class LM4LV(nn.Module):
         self.num_visual_tokens = min(config.num_visual_tokens or encoder.num_tokens, encoder.num_tokens)
         self.adapter = build_adapter(config.adapter, d_v, d_llm)
         self.deadapter = build_adapter(config.deadapter, d_llm, d_v)
-        std = float(llm.get_input_embeddings().weight.detach().float().std())
+        emb_w = llm.get_input_embeddings().weight
+        std = 1.0 if emb_w.is_meta else float(emb_w.detach().float().std())  # meta: memory planning
         self.task_tokens = nn.Parameter(torch.randn(config.num_task_tokens, d_llm) * std)
         self.vision_loss_fn = VISION_LOSSES.get(config.vision_loss)
         if config.vision_loss == "pixel_l1" and self.num_visual_tokens != decoder.num_tokens:

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
-from .. import dist, logs, signals
+from .. import dist, logs, memreport, signals
 from ..errors import ConfigError, Interrupted, OutputError
 from ..fsutil import TEMP_PREFIX, write_failure, write_json_atomic, writing
+from ..loading import compute_dtype
 from .backends import Backend, make_backend
 from .config import TrainConfig
 from .schedule import lr_lambda, warmup_steps_for
@@ -71,7 +72,9 @@ class Trainer:
         self.backend.setup()
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(cfg.seed)
+        load = memreport.LoadMeter()
         model = self.task.build_model()
+        load.done("train", model, compute_dtype(cfg.precision))
         self.dataset = self.task.dataset()
         n = len(self.dataset)
         self.global_batch = cfg.micro_batch * cfg.grad_accum * self.world
@@ -79,6 +82,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup_steps = warmup_steps_for(cfg.lr_schedule, self.total_steps, cfg.warmup_ratio)
         self.backend.wrap(model, lr_lambda(cfg.lr_schedule, self.total_steps, self.warmup_steps))
+        memreport.engine_done(self.backend.module)
         self.module = self.backend.module
         self.task.prepare(self.module, self.dataset, self.backend.device)
         self.step = 0
@@ -155,6 +159,7 @@ class Trainer:
                     if self.step >= stop_at:
                         break
                     t0 = time.perf_counter()
+                    meter = memreport.StepMeter()  # measures one step with LM4LV_MEMORY_REPORT set
                     lr = be.lr()
                     sums = torch.zeros(len(names))
                     ids: list[int] = []
@@ -164,9 +169,11 @@ class Trainer:
                         boundary = j == c.grad_accum - 1
                         with be.no_sync(boundary), be.autocast():
                             out = task.loss(be.forward, batch)
+                        meter.backward()
                         be.backward(out["loss"])
                         be.step(boundary)
                         sums += torch.stack([out[n].detach().float().cpu() for n in names]) / c.grad_accum
+                    meter.done()
                     self.step += 1
                     # the stop flag rides on the loss all-reduce: every rank stops after the same step
                     sums = torch.cat([sums, torch.tensor([float(signals.requested())])])
