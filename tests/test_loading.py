@@ -131,7 +131,8 @@ def test_ft_mae_bf16_keeps_the_frozen_encoder_exact_and_recon_reads_bf16(tmp_pat
         Image.fromarray(_skimage_rgb(name, 32)).save(images / f"{name}.png")
     mae = preset_dir("tiny") / "mae"
     finetune(TrainConfig(data=str(images), out=str(tmp_path / "run"), precision="bf16", micro_batch=2, max_steps=2,
-                         preview_every=10, lr=1e-2, gradient_checkpointing=True),
+                         preview_every=10, lr=1e-2, gradient_checkpointing=True,
+                         lr_schedule="constant"),
              MAEFinetuneConfig(mae=str(mae), lpips_weight=0.0))
     before, after = load_file(str(mae / "model.safetensors")), load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     assert before.keys() == after.keys() and {v.dtype for v in after.values()} == {torch.float32}

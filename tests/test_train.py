@@ -143,7 +143,7 @@ def _text_samples(pairs_file: Path, mixed: bool) -> Path:
 
 def test_captioning_trains_text_alone_and_mixed_trains_both(tiny_config, pairs_file, tmp_path):
     cap = _text_samples(pairs_file, mixed=False)
-    run(tiny_config, cap, tmp_path / "cap", max_steps=3, lr=1e-2)
+    run(tiny_config, cap, tmp_path / "cap", max_steps=3, lr=1e-2, lr_schedule="constant")
     rows = metrics(tmp_path / "cap")
     assert all(float(r["vision_loss"]) == 0 for r in rows)
     assert float(rows[-1]["text_loss"]) < float(rows[0]["text_loss"])

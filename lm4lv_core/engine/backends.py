@@ -211,6 +211,13 @@ class AccelerateBackend(Backend):
         mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.cfg.precision]
         if mp == "fp16" and not torch.cuda.is_available():
             raise ConfigError("--precision fp16 needs a GPU with --engine accelerate; use bf16 on CPU")
+        from accelerate.state import AcceleratorState, GradientState
+
+        # a job that runs in this process after another (the Python API, the quickstart) sets up
+        # its own precision: accelerate keeps the first one process-wide otherwise and refuses
+        # a different one (the process group, held by PartialState, stays)
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision=mp,
                                        kwargs_handlers=[InitProcessGroupKwargs(backend=dist.backend_name())])
         self.device = self.accelerator.device
