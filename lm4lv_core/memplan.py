@@ -22,7 +22,8 @@ saved-tensor hooks on the Hugging Face implementation with frozen weights and an
 a gradient: the two RMSNorms keep a float32 copy of their input (``2·4h``), attention keeps q, k, v
 and its output (``s·(2h + 2kv)``) and the float32 log-sum-exp (``4n``), the gated MLP keeps the
 gate and up projections and the activation (``3·s·I``). ``eager`` attention adds the float32
-softmax (and its copy in the compute dtype) of ``n × seq`` per token. The backward of a layer
+softmax (and its copy in the compute dtype) of ``n × seq`` per token; ZeRO-3's linear function keeps
+every linear layer's input (``s·(2h + h + I)``). The backward of a layer
 needs ``3·s·I`` per token more (the MLP's input gradients). The loss keeps the float32
 log-softmax of the text-loss positions only (``vocab`` per position) and the deadapter's input
 at target image slots. A frozen encoder runs without gradient: only its working set during the
@@ -239,6 +240,10 @@ def layer_bytes_per_token(m: ModelShape, run: RunShape, seq_len: int) -> float:
     b = 8 * m.hidden + s * (m.q_width + m.hidden + 2 * m.kv_width) + 4 * m.heads + 8 + 3 * s * m.intermediate
     if run.attn_implementation == "eager":
         b += m.heads * seq_len * (4 + (s if s < 4 else 0)) - s * m.hidden
+    if run.engine == "deepspeed" and run.zero_stage == 3:
+        # ZeRO-3 replaces F.linear by a function that keeps every linear's input (to re-gather the
+        # weight in the backward): the two normed inputs, o_proj's and down_proj's inputs
+        b += s * (2 * m.hidden + m.q_width + m.intermediate)
     for in_features, r in m.lora_per_layer:
         b += (s + 1) * in_features + s * r if run.lora_dropout > 0 else s * (in_features + r)
     return b

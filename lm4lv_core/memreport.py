@@ -4,17 +4,20 @@ Unset (the default) nothing is measured and nothing is written. Set, every worke
 ``generate`` writes ``DIR/<kind>-rank<R>.json`` (replaced atomically as it grows):
 
 * ``load``: resident memory before loading the model and its peak after (``VmHWM``, reset first
-  through ``/proc/self/clear_refs`` where allowed), parameter bytes by dtype, frozen and trainable,
-  and how many frozen parameters are not in the run's compute dtype;
+  through ``/proc/self/clear_refs`` where allowed; pages of memory-mapped safetensors count once
+  touched), parameter bytes by dtype, frozen and trainable, and how many frozen parameters are not
+  in the run's compute dtype;
 * ``engine`` (train): parameter bytes by dtype once the engine has wrapped the model;
-* ``step`` (train, the step ``LM4LV_MEMORY_STEP``, default 2, counted from 1 in this invocation): bytes
-  live when the backward starts and the peak during the step, both above what was live when the
-  step began; on CUDA also ``torch.cuda.max_memory_allocated`` since the process started.
+* ``step`` (train, the ``LM4LV_MEMORY_STEP``-th step of the job, default 2): bytes live when the
+  backward starts and the peak during the step, both above what was live when the step began; on
+  CUDA also ``max_memory_allocated``, the allocator's peak during the step, weights included.
 
 How the step is measured: on CUDA from the caching allocator's statistics; on the CPU from
 ``torch.profiler``'s memory events (every allocation and free of the CPU allocator, in order),
-whose running sum gives the exact peak of live tensor bytes, workspaces included. Blocks allocated
-before the step and freed during it are not counted as freed, so the figure errs high by those.
+whose running sum gives the exact peak of live tensor bytes, workspaces included. The profiler
+starts one step early so that tensors of the previous step freed during the measured one (the
+previous batch, outputs) count as freed; older blocks freed during the step would not (rare
+in a training step).
 """
 
 from __future__ import annotations
