@@ -73,16 +73,17 @@ def note(log_path: str | os.PathLike, message: str) -> None:
         log.write(f"[lm4lv] {message}\n")
 
 
-def _drain(fd: int, log: BinaryIO, echo: TextIO | None) -> None:
-    """Copy everything read from ``fd`` into ``log`` (and ``echo``) until end of file."""
+def _drain(fd: int, log: BinaryIO | None, echo: TextIO | None) -> None:
+    """Copy everything read from ``fd`` into ``log`` and/or ``echo`` until end of file."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     try:
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
                 break
-            log.write(chunk)
-            log.flush()
+            if log is not None:
+                log.write(chunk)
+                log.flush()
             if echo is not None:
                 echo.write(decoder.decode(chunk))
                 echo.flush()
@@ -213,7 +214,7 @@ def launched(log_path: str | os.PathLike, relay_dir: str | os.PathLike,
         yield None, {}
         return
     os.set_blocking(rfd, True)
-    relay = threading.Thread(target=_relay, args=(rfd, con), daemon=True, name="lm4lv-console")
+    relay = threading.Thread(target=_drain, args=(rfd, None, con), daemon=True, name="lm4lv-console")
     relay.start()
     log = open(log_path, "ab")  # noqa: SIM115
     tee = None
@@ -239,21 +240,6 @@ def launched(log_path: str | os.PathLike, relay_dir: str | os.PathLike,
             fifo.unlink()
         if tee is None or not tee.is_alive():
             log.close()
-
-
-def _relay(fd: int, con: TextIO) -> None:
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    try:
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            con.write(decoder.decode(chunk))
-            con.flush()
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.close(fd)
 
 
 def tail(path: str | os.PathLike, lines: int = 20) -> list[str]:
