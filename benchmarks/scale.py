@@ -7,7 +7,7 @@ safetensors): a Llama with hidden 4096, MLP 11008, 32 heads, vocab 32000 and ``-
 and an MAE-Large (width 1024, 24 layers, 224 px, 16 px patches: 197 tokens; decoder 512 wide,
 8 layers). Then runs, as subprocesses, ``lm4lv train`` for 2 steps without and with
 ``--gradient-checkpointing`` and ``lm4lv generate`` of one image in bf16, every worker measuring
-itself (``LM4LV_MEMORY_REPORT``, see ``lm4lv_core/memreport.py``), and prints one JSON object
+itself (``LM4LV_MEMORY_REPORT``, see ``lm4lv_core/util/memreport.py``), and prints one JSON object
 (the last thing on stdout):
 
 * ``params`` (LLM, encoder, decoder, trainable) and ``bytes_by_dtype`` of the model as loaded by

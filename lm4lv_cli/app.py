@@ -51,7 +51,7 @@ def main() -> None:
     """Console entry point. Usage errors are reported the CLI framework's own way (usage line, one
     error line, exit code 2), whichever click typer vendors; lm4lv's own errors are one ``error:`` line."""
     from lm4lv_core.errors import Interrupted
-    from lm4lv_core.signals import EXIT_ABORTED, EXIT_INTERRUPTED
+    from lm4lv_core.util.signals import EXIT_ABORTED, EXIT_INTERRUPTED
 
     try:
         code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt (a second signal)
@@ -69,7 +69,7 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(EXIT_ABORTED)
     except OSError as e:  # a write that failed outside lm4lv's own checks: still one line
-        from lm4lv_core.fsutil import write_failure
+        from lm4lv_core.util.fsutil import write_failure
 
         cause = write_failure(e)
         if cause is None:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lm4lv_core.makedata import DEFAULT_PROMPT, SIZE_POLICY
+from lm4lv_core.jobs.make_data import DEFAULT_PROMPT, SIZE_POLICY
 
 err_console = Console(stderr=True)
 _MAX_LISTED = 10
@@ -78,7 +78,7 @@ def make_data(
         _list_degradations()
         return
     from lm4lv_core.errors import ConfigError
-    from lm4lv_core.makedata import MakeDataConfig, make_data as build
+    from lm4lv_core.jobs.make_data import MakeDataConfig, make_data as build
 
     if out is None:
         raise ConfigError("--out DATA_DIR is required")
@@ -124,7 +124,7 @@ def evaluate(
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""
-    from lm4lv_core.compare import compare_paths, write_grid
+    from lm4lv_core.jobs.evaluate import compare_paths, write_grid
 
     names = [s.strip() for s in labels.split(",")] if labels else None
     with _progress("eval") as update:

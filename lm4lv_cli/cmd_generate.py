@@ -41,11 +41,11 @@ def generate(
     attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [the model's]."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
-    from lm4lv_core import launch
+    from lm4lv_core.engine import launch
     from lm4lv_core.data.format import load_checked
     from lm4lv_core.errors import ConfigError
     from lm4lv_core.generate import GenerationConfig
-    from lm4lv_core.generate_job import (JOB_DIR, PRECISIONS, RESULTS, finished_records, new_attempt,
+    from lm4lv_core.jobs.generate import (JOB_DIR, PRECISIONS, RESULTS, finished_records, new_attempt,
                                          model_resize, output_stems, prepare_out, resolve_model_dir)
 
     if batch_size < 1:
@@ -83,7 +83,7 @@ def generate(
     job = {"model": str(model_dir), "data": str(data), "image_root": str(image_root) if image_root else None,
            "out": str(out), "batch_size": batch_size, "precision": precision, "generation": vars(gen).copy(),
            "attempt": new_attempt(), "compile": compile, "attn_implementation": attn_implementation}
-    from lm4lv_core.runlock import hold
+    from lm4lv_core.util.runlock import hold
 
     with hold(out, "generate"):  # one run per folder; removes temporary files of killed runs
         prepare_out(out, job, overwrite)

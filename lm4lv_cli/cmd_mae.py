@@ -56,7 +56,7 @@ def ft_mae(
     gradient_checkpointing: Optional[bool] = opt.GRADIENT_CHECKPOINTING,
 ) -> None:
     """Fine-tune the MAE decoder with |x − D(E(x))|₁ + λ·LPIPS (encoder frozen by default)."""
-    from lm4lv_core.mae import finetune, resolve_finetune_options
+    from lm4lv_core.tasks.mae_decoder import finetune, resolve_finetune_options
 
     options = {k: v for k, v in locals().items() if k != "config"}
     options["data"] = str(images)
@@ -85,7 +85,7 @@ def recon_mae(
     precision: str = O("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
 ) -> None:
     """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
-    from lm4lv_core.mae import mean_rows, reconstruct
+    from lm4lv_core.tasks.mae_decoder import mean_rows, reconstruct
 
     rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, nproc=nproc,
                        engine=engine, crop_border=crop_border, overwrite=overwrite, verbose=verbose,

@@ -27,7 +27,7 @@ def quickstart(
     verbose: bool = O(False, "--verbose", help="Show third-party warnings and logs too (each stage's log file has them)."),
 ) -> None:
     """Run make-data → ft-mae → train → generate → eval on scikit-image samples; write report.md."""
-    from lm4lv_core import quickstart as qs
+    from lm4lv_core.jobs import quickstart as qs
     from lm4lv_core.errors import ConfigError
 
     from .app import app

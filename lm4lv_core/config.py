@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import ConfigError
-from .fsutil import write_text_atomic
+from .util.fsutil import write_text_atomic
 
 C = TypeVar("C")
 

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import LM4LVError
-from .fsutil import atomic_path
+from .util.fsutil import atomic_path
 
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)

@@ -67,7 +67,7 @@ def resolve(ref: str, option: str = "model") -> tuple[str, dict[str, Any] | None
 
 def _fetch_once(ref: str, option: str) -> tuple[str, dict[str, Any]]:
     """Rank 0 fetches first when workers already run; the others then find it in the cache."""
-    from . import dist
+    from .util import dist
 
     if dist.world_size() > 1 and _dist_ready():
         first = None

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ConfigError, LM4LVError
-from .fsutil import atomic_path
+from .util.fsutil import atomic_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 

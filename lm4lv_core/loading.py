@@ -37,7 +37,7 @@ def check_attn_implementation(name: str, *, dtype: torch.dtype | None = None, cu
         raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package "
                           "(pip install flash-attn), which is not installed; use sdpa")
     if cuda is None:
-        from .launch import has_cuda
+        from .engine.launch import has_cuda
 
         cuda = has_cuda()
     if not cuda:

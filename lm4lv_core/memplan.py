@@ -396,7 +396,7 @@ def plan_training(train, model: ModelConfig, samples: Sequence[Any], gpu_memory_
 
 def detected_gpu_memory_gib() -> float | None:
     """Memory of the first CUDA device in GiB, or ``None`` without one."""
-    from .launch import has_cuda
+    from .engine.launch import has_cuda
 
     if not has_cuda():
         return None

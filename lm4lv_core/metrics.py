@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError, LM4LVError
-from .fsutil import write_json_atomic, write_text_atomic
+from .util.fsutil import write_json_atomic, write_text_atomic
 from .imageio import load_rgb, pair_images
 
 METRICS = ("psnr", "ssim", "lpips")

@@ -20,7 +20,7 @@ from .config import ModelConfig, from_dict, load_yaml, save_yaml
 from .data.dataset import Batch
 from .data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
 from .errors import ConfigError
-from .fsutil import atomic_path
+from .util.fsutil import atomic_path
 from .logits import check_output_logits, output_logits
 from .loading import cast_by_trainability, check_attn_implementation
 from .losses import text_cross_entropy, zero_touching

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .fsutil import atomic_path
+from .util.fsutil import atomic_path
 from .imageio import save_png
 
 LOSS_COLUMNS = ("loss", "text_loss", "vision_loss")

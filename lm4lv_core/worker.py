@@ -18,10 +18,10 @@ from .errors import ConfigError, LM4LVError
 # job kind → "module:function"; each function takes the job dict.
 JOBS: dict[str, str] = {
     "train": "lm4lv_core.engine.run:train_job",
-    "generate": "lm4lv_core.generate_job:generate_job",
-    "ft-mae": "lm4lv_core.mae:ft_mae_job",
-    "recon-mae": "lm4lv_core.mae:recon_mae_job",
-    "probe": "lm4lv_core.launch:probe_job",  # reports what each worker saw (launcher checks)
+    "generate": "lm4lv_core.jobs.generate:generate_job",
+    "ft-mae": "lm4lv_core.tasks.mae_decoder:ft_mae_job",
+    "recon-mae": "lm4lv_core.tasks.mae_decoder:recon_mae_job",
+    "probe": "lm4lv_core.engine.launch:probe_job",  # reports what each worker saw (launcher checks)
 }
 
 
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     import os
     from pathlib import Path
 
-    from . import dist, logs, signals
+    from .util import dist, logs, signals
     from .errors import Interrupted
-    from .fsutil import write_failure
-    from .launch import interrupted_file, stop_file
+    from .util.fsutil import write_failure
+    from .engine.launch import interrupted_file, stop_file
 
     logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
     job = Path(args.job)
@@ -78,7 +78,7 @@ def _show_traceback(rank: int) -> None:
     """An unexpected failure: its traceback reaches the user, not only the log."""
     import traceback
 
-    from . import logs
+    from .util import logs
 
     if logs.redirected():  # else the traceback reaches the console anyway
         logs.console_file().write(f"worker rank {rank} failed:\n{traceback.format_exc()}")
@@ -86,8 +86,8 @@ def _show_traceback(rank: int) -> None:
 
 
 def _report(job, rank: int, msg: str) -> None:
-    """Leave ``msg`` for the parent (lm4lv_core.launch.run_job reports it once all workers exit)."""
-    from .launch import error_file
+    """Leave ``msg`` for the parent (lm4lv_core.engine.launch.run_job reports it once all workers exit)."""
+    from .engine.launch import error_file
 
     try:
         error_file(job, rank).write_text(msg, encoding="utf-8")

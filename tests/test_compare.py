@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from lm4lv_cli.app import app
 from lm4lv_core import metrics as M
-from lm4lv_core.compare import compare_paths, grid_names
+from lm4lv_core.jobs.evaluate import compare_paths, grid_names
 from lm4lv_core.grids import comparison_grid, scores_caption
 
 

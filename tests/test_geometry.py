@@ -133,7 +133,7 @@ def cropped_run(tmp_path_factory):
 
 
 def test_train_records_the_resize_mode_and_feeds_cropped_images(cropped_run):
-    from lm4lv_core.engine.lm4lv_task import LM4LVTask
+    from lm4lv_core.tasks.lm4lv import LM4LVTask
 
     saved = yaml.safe_load((cropped_run / "run" / "config.yaml").read_text())
     assert saved["model"]["resize"] == "crop"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lm4lv_core.errors import ConfigError
-from lm4lv_core.launch import launcher_command, launcher_env, run_job
+from lm4lv_core.engine.launch import launcher_command, launcher_env, run_job
 
 
 def test_launcher_commands(tmp_path):

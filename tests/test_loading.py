@@ -122,7 +122,7 @@ def test_ft_mae_bf16_keeps_the_frozen_encoder_exact_and_recon_reads_bf16(tmp_pat
     from safetensors.torch import load_file
 
     from conftest import _skimage_rgb
-    from lm4lv_core.mae import MAEAutoencoder, MAEFinetuneConfig, finetune
+    from lm4lv_core.tasks.mae_decoder import MAEAutoencoder, MAEFinetuneConfig, finetune
     from lm4lv_core.presets import preset_dir
 
     images = tmp_path / "images"

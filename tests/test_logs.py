@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lm4lv_core.errors import LM4LVError
-from lm4lv_core.launch import run_job
+from lm4lv_core.engine.launch import run_job
 
 NOISE = ("probe FutureWarning", "probe library log line", "probe raw fd line")
 

@@ -76,7 +76,7 @@ def test_cli_option_reaches_both_commands(pairs_file, tmp_path):
 
     from lm4lv_cli.app import app
     from lm4lv_core.engine.options import resolve_options
-    from lm4lv_core.mae import resolve_finetune_options
+    from lm4lv_core.tasks.mae_decoder import resolve_finetune_options
 
     train_cfg, _ = resolve_options({"data": str(pairs_file), "out": str(tmp_path / "r"), "preset": "tiny",
                                     "lr_schedule": "cosine"})

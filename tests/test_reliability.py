@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from conftest import write_pairs
-from lm4lv_core import checkpoint as ckpt
-from lm4lv_core import signals
+from lm4lv_core.engine import checkpoint as ckpt
+from lm4lv_core.util import signals
 from lm4lv_core.errors import ConfigError, Interrupted, OutputError
-from lm4lv_core.fsutil import TEMP_PREFIX, torch_save, write_failure
-from lm4lv_core.runlock import FolderBusy, hold
+from lm4lv_core.util.fsutil import TEMP_PREFIX, torch_save, write_failure
+from lm4lv_core.util.runlock import FolderBusy, hold
 from test_generate_cli import lm4lv
 from test_train import assert_close, final_weights, metrics, run
 
@@ -156,7 +156,7 @@ def test_sigterm_to_two_worker_training_and_a_concurrent_run(tiny_config, data, 
 
 
 def test_generate_stops_after_the_current_batch_and_keeps_it(gen, tmp_path, monkeypatch, capsys):
-    from lm4lv_core import generate_job
+    from lm4lv_core.jobs import generate as generate_job
 
     append = generate_job._append_line
 
@@ -261,7 +261,7 @@ class _FullDisk:
 
 
 def test_full_disk_while_saving_a_checkpoint(data, straight, tmp_path, monkeypatch, capsys):
-    from lm4lv_core import fsutil
+    from lm4lv_core.util import fsutil
 
     def open_on_full_disk(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
@@ -351,7 +351,7 @@ def readonly_dir(tmp_path):
 
 
 def test_unwritable_output_folder_fails_before_any_work(readonly_dir, data, gen, monkeypatch, capsys):
-    from lm4lv_core import launch
+    from lm4lv_core.engine import launch
 
     def no_work(*args, **kwargs):
         raise AssertionError("workers started")
@@ -374,7 +374,7 @@ def test_killed_generate_writer_leaves_nothing_after_the_next_run(gen, tmp_path,
     assert code == 0, log
     # a worker killed while writing sample 1's image: a temporary file stays, the image is missing
     (out / "images" / "1.png").unlink()
-    killed = ("import os, signal, sys\nfrom lm4lv_core.fsutil import atomic_path\n"
+    killed = ("import os, signal, sys\nfrom lm4lv_core.util.fsutil import atomic_path\n"
               "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'\\x89PNG half')\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.run([sys.executable, "-c", killed, str(out / "images" / "1.png")], cwd=ROOT)
@@ -406,7 +406,7 @@ def test_make_data_removes_what_a_killed_run_left(data, tmp_path, monkeypatch, c
 # ----------------------------------------------------------------------------- one run per folder
 HOLDER = """
 import sys, time
-from lm4lv_core.runlock import hold
+from lm4lv_core.util.runlock import hold
 with hold(sys.argv[1], "train"), hold(sys.argv[2], "make-data", beside=True):
     print("ready", flush=True)
     time.sleep(600)

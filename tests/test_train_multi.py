@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lm4lv_core import checkpoint as ckpt
+from lm4lv_core.engine import checkpoint as ckpt
 from lm4lv_core.errors import LM4LVError
-from lm4lv_core.launch import run_job
+from lm4lv_core.engine.launch import run_job
 
 from test_train import assert_close, final_weights, metrics, run
 

@@ -47,7 +47,7 @@ def test_zero3_run_with_frozen_adapters_reloads_and_generates(pairs_file, tmp_pa
 def test_zero3_ft_mae_writes_the_whole_mae(tmp_path, no_persistence):
     from transformers import ViTMAEForPreTraining
 
-    from lm4lv_core.mae import MAEFinetuneConfig, finetune
+    from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig, finetune
     from lm4lv_core.presets import preset_dir
 
     images = tmp_path / "images"

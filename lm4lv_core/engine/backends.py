@@ -21,11 +21,11 @@ from typing import Any, Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
-from .. import dist
-from ..checkpoint import WEIGHTS_FILE, load_weights, save_weights
+from ..util import dist
+from .checkpoint import WEIGHTS_FILE, load_weights, save_weights
 from ..config import load_yaml
 from ..errors import ConfigError
-from ..fsutil import torch_save
+from ..util.fsutil import torch_save
 from .config import TrainConfig
 
 DS_TAG = "ckpt"

@@ -6,7 +6,7 @@ slice ``[k·G, (k+1)·G)``; micro-step ``j`` of rank ``r`` takes its ``micro_bat
 ``k·G + (j·world + r)·micro_batch``. So a run with more workers and the same global batch sees the
 same samples per step, and a resumed run continues exactly where the checkpoint was taken.
 
-Stopping on request (:mod:`lm4lv_core.signals`): every rank adds its stop flag to the per-step
+Stopping on request (:mod:`lm4lv_core.util.signals`): every rank adds its stop flag to the per-step
 all-reduce of the losses, so all ranks see the same verdict after the same step; they save one
 checkpoint there and raise :class:`Interrupted`.
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import dist, logs, memreport, signals
+from . import checkpoint as ckpt
+from ..util import dist, logs, memreport, signals
 from ..errors import ConfigError, Interrupted, OutputError
-from ..fsutil import TEMP_PREFIX, write_failure, write_json_atomic, writing
+from ..util.fsutil import TEMP_PREFIX, write_failure, write_json_atomic, writing
 from ..loading import compute_dtype
 from .backends import Backend, make_backend
 from .config import TrainConfig

@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import launch
+from . import launch
 from ..config import ModelConfig, from_dict, save_yaml, to_dict
 from ..errors import ConfigError
-from ..fsutil import user_entries
+from ..util.fsutil import user_entries
 from .config import TrainConfig
 
 CONFIG_FILE = "config.yaml"
@@ -59,7 +59,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 def run_training(task: str, cfg: TrainConfig, extra: dict[str, Any]) -> Any:
     """Parent side of any training task: lock the run folder, write ``config.yaml`` and launch
     the workers."""
-    from ..runlock import hold
+    from ..util.runlock import hold
     from .reporting import check_available, parse_report_to
 
     check_available(parse_report_to(cfg.report_to))
@@ -76,7 +76,7 @@ def run_training(task: str, cfg: TrainConfig, extra: dict[str, Any]) -> Any:
 def validate(cfg: TrainConfig, model: ModelConfig) -> int:
     """Everything that can be checked before workers start; returns the number of samples."""
     from ..data.format import load_checked
-    from .lm4lv_task import check_cache_allowed
+    from ..tasks.lm4lv import check_cache_allowed
 
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
     if cfg.cache_features:

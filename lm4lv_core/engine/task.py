@@ -40,8 +40,8 @@ from ..errors import ConfigError
 
 # task name → "module:Class"
 TASKS: dict[str, str] = {
-    "lm4lv": "lm4lv_core.engine.lm4lv_task:LM4LVTask",
-    "mae": "lm4lv_core.mae:MAETask",
+    "lm4lv": "lm4lv_core.tasks.lm4lv:LM4LVTask",
+    "mae": "lm4lv_core.tasks.mae_decoder:MAETask",
 }
 
 Gather = Callable[[Iterable[nn.Parameter]], ContextManager]

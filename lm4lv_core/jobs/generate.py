@@ -21,7 +21,7 @@ Correctness under several workers, kills and re-runs:
 * every run appends to fresh part files (``rank-K-<attempt>.jsonl``); rank 0 merges all records
   into ``results.jsonl`` (atomic replace) after a barrier, then deletes the merged part files.
   Merging is idempotent, so a kill between the two steps is harmless.
-* a stop request (SIGTERM / Ctrl-C, :mod:`lm4lv_core.signals`) ends each worker after its current
+* a stop request (SIGTERM / Ctrl-C, :mod:`lm4lv_core.util.signals`) ends each worker after its current
   batch; finished samples are merged and kept, and a re-run generates the rest.
 """
 
@@ -37,10 +37,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data.format import Sample, load_checked
-from .errors import ConfigError, Interrupted, LM4LVError
-from .fsutil import user_entries, write_json_atomic
-from .progress import rank0_progress
+from ..data.format import Sample, load_checked
+from ..errors import ConfigError, Interrupted, LM4LVError
+from ..util.fsutil import user_entries, write_json_atomic
+from ..util.progress import rank0_progress
 
 MANIFEST = "generate.json"
 RESULTS = "results.jsonl"
@@ -131,7 +131,7 @@ def finished_records(out: Path, samples: Sequence[Sample], stems: dict[int, str]
 
 def merge_results(out: Path, samples: Sequence[Sample]) -> int:
     """Write ``results.jsonl`` with every finished sample (sorted), then drop merged part files."""
-    from .fsutil import write_text_atomic
+    from ..util.fsutil import write_text_atomic
 
     parts = [f for f in record_files(out)[1:]]
     done = finished_records(out, samples, output_stems(samples))
@@ -144,7 +144,7 @@ def merge_results(out: Path, samples: Sequence[Sample]) -> int:
 
 
 def _append_line(f, rec: dict[str, Any]) -> None:
-    from .fsutil import writing
+    from ..util.fsutil import writing
 
     with writing(f.name):
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -159,7 +159,7 @@ class _StopAfterBatch(Exception):
 # ---------------------------------------------------------------------------- out folder
 def resolve_model_dir(run: str | os.PathLike) -> Path:
     """A training run folder (its ``final/``) or a saved model folder itself."""
-    from .model import CONFIG_FILE
+    from ..model import CONFIG_FILE
 
     run = Path(run)
     for cand in (run / "final", run):
@@ -172,8 +172,8 @@ def resolve_model_dir(run: str | os.PathLike) -> Path:
 
 def model_resize(model_dir: Path) -> str:
     """The size policy a saved model was trained with (its ``lm4lv.yaml``)."""
-    from .config import ModelConfig, from_dict, load_yaml
-    from .model import CONFIG_FILE
+    from ..config import ModelConfig, from_dict, load_yaml
+    from ..model import CONFIG_FILE
 
     path = Path(model_dir) / CONFIG_FILE
     return from_dict(ModelConfig, load_yaml(path), source=str(path)).resize
@@ -264,10 +264,10 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     """
     import torch
 
-    from . import dist, memreport, signals
-    from .generate import GenerationConfig, generate_samples, output_image
-    from .imageio import oriented_size, save_png
-    from .model import LM4LV
+    from ..util import dist, memreport, signals
+    from ..generate import GenerationConfig, generate_samples, output_image
+    from ..imageio import oriented_size, save_png
+    from ..model import LM4LV
 
     dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()

@@ -3,7 +3,7 @@
 Every temporary file or folder lm4lv writes starts with :data:`TEMP_PREFIX` and never ends in the
 final file's extension, so no output glob (``*.png``, ``*.jsonl``, ``step-*``) matches it. A process
 killed mid-write leaves such a name behind; the next run in that folder (holding the folder's run
-lock, see :mod:`lm4lv_core.runlock`) removes them with :func:`remove_stale_temps`.
+lock, see :mod:`lm4lv_core.util.runlock`) removes them with :func:`remove_stale_temps`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError
+from ..errors import OutputError
 
 TEMP_PREFIX = ".lm4lv-tmp-"
 LOCK_NAME = ".lm4lv-lock"

@@ -15,10 +15,10 @@ A worker that fails with an lm4lv error writes its message beside the job file; 
 raises it as one :class:`LM4LVError` once the launcher has exited.
 
 With a ``log_file``, everything but lm4lv's own lines (third-party warnings, launcher and
-DeepSpeed INFO lines) goes to that file instead of the console (see :mod:`lm4lv_core.logs`);
+DeepSpeed INFO lines) goes to that file instead of the console (see :mod:`lm4lv_core.util.logs`);
 ``verbose`` shows it on the console as well. Tracebacks of failing workers still reach the console.
 
-A job stopped on request (:mod:`lm4lv_core.signals`) leaves ``KIND-job.interrupted.rankR``; :func:`run_job` raises it as
+A job stopped on request (:mod:`lm4lv_core.util.signals`) leaves ``KIND-job.interrupted.rankR``; :func:`run_job` raises it as
 :class:`Interrupted`. The launcher runs in its own session: a signal to this process is forwarded
 to the workers as the stop file ``KIND-job.stop``; a second one kills the launcher and workers.
 """
@@ -33,9 +33,9 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import signals
-from .config import save_yaml
-from .errors import ConfigError, Interrupted, LM4LVError
+from ..util import signals
+from ..config import save_yaml
+from ..errors import ConfigError, Interrupted, LM4LVError
 
 LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
 ENGINES = ("deepspeed", "accelerate")
@@ -174,7 +174,8 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     worker on a single node runs in-process and the job function's return value is returned.
     Raises :class:`LM4LVError` when a worker fails. ``log_file``: where third-party output goes.
     """
-    from . import logs, worker
+    from ..util import logs
+    from .. import worker
 
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
@@ -240,7 +241,7 @@ def probe_job(job: dict[str, Any]) -> dict[str, int]:
 
     import torch
 
-    from . import dist
+    from ..util import dist
 
     dist.init_distributed()
     total = dist.all_reduce_mean(torch.tensor([float(dist.rank())])) * dist.world_size()
@@ -259,7 +260,7 @@ def probe_job(job: dict[str, Any]) -> dict[str, int]:
         warnings.warn("probe FutureWarning", FutureWarning, stacklevel=1)
         logging.getLogger("probe.lib").warning("probe library log line")
         os.write(2, b"probe raw fd line\n")
-        from . import logs
+        from ..util import logs
 
         logs.say(f"probe lm4lv line rank {dist.rank()}")
     return seen

@@ -41,11 +41,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from . import __version__
-from .degrade import Pipeline, parse_spec
-from .errors import ConfigError, LM4LVError
-from .fsutil import temp_dir, user_entries, write_json_atomic, writing
-from .imageio import (RESIZE_POLICIES, check_resize, list_images, load_rgb, pair_images, save_png,
+from .. import __version__
+from ..degrade import Pipeline, parse_spec
+from ..errors import ConfigError, LM4LVError
+from ..util.fsutil import temp_dir, user_entries, write_json_atomic, writing
+from ..imageio import (RESIZE_POLICIES, check_resize, list_images, load_rgb, pair_images, save_png,
                       to_square)
 
 DEFAULT_PROMPT = "<image> <task>"
@@ -299,7 +299,7 @@ def pair_data(cfg: MakeDataConfig) -> MakeDataResult:
 def _holding(cfg: MakeDataConfig) -> Iterator[None]:
     """The dataset folder's run lock (a second make-data into it fails at once); a full disk or an
     unwritable folder becomes one error line naming the dataset."""
-    from .runlock import hold
+    from ..util.runlock import hold
 
     with hold(cfg.out, "make-data", beside=True), writing(cfg.out, f"the dataset {cfg.out}"):
         yield

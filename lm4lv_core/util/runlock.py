@@ -8,7 +8,7 @@ pid, host and command, which a refused second run names. On filesystems without 
 file's pid is checked for liveness instead (same host only).
 
 Holding the lock, a run may remove the temporary files that killed runs left in its folder
-(:func:`lm4lv_core.fsutil.remove_stale_temps`): no other lm4lv process writes there.
+(:func:`lm4lv_core.util.fsutil.remove_stale_temps`): no other lm4lv process writes there.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import LM4LVError, OutputError
+from ..errors import LM4LVError, OutputError
 from .fsutil import LOCK_NAME, TEMP_PREFIX, remove_stale_temps, write_failure
 
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}

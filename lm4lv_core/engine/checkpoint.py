@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import checksums
-from .fsutil import TEMP_PREFIX, write_json_atomic
+from ..util import checksums
+from ..util.fsutil import TEMP_PREFIX, write_json_atomic
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"

@@ -2,7 +2,7 @@
 
 Workers learn their place from the environment that launchers set (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). A single in-process worker gets the same
-variables from ``lm4lv_core.launch`` (world size 1), so code never branches on "launched or not".
+variables from ``lm4lv_core.engine.launch`` (world size 1), so code never branches on "launched or not".
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .fsutil import write_text_atomic
-from .imageio import load_rgb, save_png
+from ..errors import ConfigError
+from ..util.fsutil import write_text_atomic
+from ..imageio import load_rgb, save_png
 
 # scikit-image sample images: RGB and grayscale photographs and textures
 TRAIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -115,8 +115,8 @@ def augment_train_images(src: Path, dst: Path, size: int, per_image: int, seed: 
 
 def lpips_available() -> bool:
     """Whether the backbone of ft-mae's default LPIPS network is in the torch hub cache."""
-    from .mae import MAEFinetuneConfig
-    from .metrics import lpips_backbone_file, lpips_cache_dir
+    from ..tasks.mae_decoder import MAEFinetuneConfig
+    from ..metrics import lpips_backbone_file, lpips_cache_dir
 
     return (lpips_cache_dir() / lpips_backbone_file(MAEFinetuneConfig.lpips_net)).is_file()
 
@@ -155,7 +155,7 @@ def stages(cfg: QuickstartConfig, lpips_weight: float, verbose: bool = False) ->
 
 
 def degradation_slugs(cfg: QuickstartConfig) -> list[str]:
-    from .degrade import parse_spec
+    from ..degrade import parse_spec
 
     return [parse_spec(d).slug for d in cfg.degradations]
 
@@ -177,7 +177,7 @@ def scores_table(cfg: QuickstartConfig) -> list[dict[str, Any]]:
 def write_grid(cfg: QuickstartConfig) -> Path:
     """``grid.png``: degraded | lm4lv | ground truth, one labelled row per held-out sample, with
     PSNR / SSIM under the degraded and restored tiles."""
-    from .grids import grid_scale, save_comparison
+    from ..grids import grid_scale, save_comparison
 
     o = Path(cfg.out)
     rows, labels = [], []

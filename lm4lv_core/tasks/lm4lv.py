@@ -13,13 +13,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import dist
+from ..util import dist
 from ..config import ModelConfig, from_dict, to_dict
 from ..data.dataset import Batch, Item, LM4LVDataset, collate, tensor_to_uint8
 from ..data.format import load_checked
 from ..errors import ConfigError
-from .config import TrainConfig
-from .task import Gather, TrainTask, no_gather
+from ..engine.config import TrainConfig
+from ..engine.task import Gather, TrainTask, no_gather
 
 
 class LM4LVTask(TrainTask):
@@ -82,7 +82,7 @@ class LM4LVTask(TrainTask):
         if self.model_config.vision_loss == "feature_mse":
             dataset.skip_pixels = True  # the loss needs features only; previews load real pixels
         if dist.is_main():
-            from .. import logs
+            from ..util import logs
 
             logs.say(f"cached encoder features of {len(cache)} images")
 

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import from_dict, to_dict
-from .data.dataset import image_to_tensor, tensor_to_uint8
-from .engine.task import TrainTask
-from .errors import ConfigError, LM4LVError
-from .imageio import list_images, load_rgb, save_png
-from .loading import cast_by_trainability
-from .progress import rank0_progress
-from .vision.mae import MAEDecoder, MAEEncoder, load_mae
+from ..config import from_dict, to_dict
+from ..data.dataset import image_to_tensor, tensor_to_uint8
+from ..engine.task import TrainTask
+from ..errors import ConfigError, LM4LVError
+from ..imageio import list_images, load_rgb, save_png
+from ..loading import cast_by_trainability
+from ..util.progress import rank0_progress
+from ..vision.mae import MAEDecoder, MAEEncoder, load_mae
 
 
 class MAEAutoencoder(nn.Module):
@@ -98,13 +98,13 @@ def reconstruct_folder(mae_path: str, images_dir: str | Path, out_dir: str | Pat
                        device: torch.device | None = None) -> list[dict[str, Any]]:
     """Reconstruct every image under ``images_dir`` (this rank's share) into ``out_dir`` under the
     same relative names (``.png``); return per-image PSNR/SSIM rows against the (resized) input."""
-    from .metrics import psnr, ssim
+    from ..metrics import psnr, ssim
 
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     files = list_images(images_dir)
     if not files:
         raise LM4LVError(f"{images_dir}: no images found (png/jpg/jpeg/webp/bmp/tiff)")
-    from .loading import compute_dtype
+    from ..loading import compute_dtype
 
     device = device or torch.device("cpu")
     model = MAEAutoencoder(mae_path, dtype=compute_dtype(precision), train=False).to(device).eval()
@@ -182,7 +182,7 @@ class MAEFinetuneConfig:
         """The frozen LPIPS module, or ``None`` when its weight is 0 (L1 only)."""
         if self.lpips_weight == 0:
             return None
-        from .metrics import build_lpips
+        from ..metrics import build_lpips
 
         return build_lpips(self.lpips_net, self.lpips_weights)
 
@@ -195,7 +195,7 @@ class MAETask(TrainTask):
 
     def __init__(self, job: dict[str, Any]) -> None:
         super().__init__(job)
-        from .engine.config import TrainConfig
+        from ..engine.config import TrainConfig
 
         self.mae_config = from_dict(MAEFinetuneConfig, job["mae"], source="mae config")
         self.train_config = from_dict(TrainConfig, job["train"], source="train config")
@@ -206,12 +206,12 @@ class MAETask(TrainTask):
         return {"mae": to_dict(self.mae_config)}
 
     def build_model(self) -> nn.Module:
-        from .loading import compute_dtype
+        from ..loading import compute_dtype
 
         self.model = MAEAutoencoder(self.mae_config.mae, train_encoder=self.mae_config.train_encoder,
                                     dtype=compute_dtype(self.train_config.precision))
         if self.train_config.gradient_checkpointing:
-            from .activation_checkpointing import checkpoint_layers
+            from ..activation_checkpointing import checkpoint_layers
 
             checkpoint_layers(self.model.decoder, "decoder")
             if self.mae_config.train_encoder:
@@ -241,7 +241,7 @@ class MAETask(TrainTask):
         recon = model(batch.pixels)
         if path is None:
             return
-        from .grids import grid_scale, save_comparison
+        from ..grids import grid_scale, save_comparison
 
         rows = [[tensor_to_uint8(x), tensor_to_uint8(y)] for x, y in zip(batch.pixels, recon)]
         save_comparison(rows, path, columns=("input", "reconstruction"),
@@ -260,9 +260,9 @@ def finetune(train_cfg, mae_cfg: MAEFinetuneConfig) -> Any:
 
     ``train_cfg.max_steps == 0`` writes the starting model unchanged as ``final/`` (a baseline).
     """
-    from .engine.run import prepare_run_dir, run_training
+    from ..engine.run import prepare_run_dir, run_training
 
-    from .hub import local_path
+    from ..hub import local_path
 
     mae_cfg.mae, record = local_path(mae_cfg.mae, "--mae", mae_cfg.hub.get("mae"))
     mae_cfg.hub = {"mae": record} if record else {}
@@ -271,9 +271,9 @@ def finetune(train_cfg, mae_cfg: MAEFinetuneConfig) -> Any:
     train_cfg.data = str(Path(train_cfg.data).resolve())
     mae_cfg.mae = str(Path(mae_cfg.mae).resolve())
     if train_cfg.max_steps == 0:
-        from .config import save_yaml
-        from .fsutil import temp_dir, writing
-        from .runlock import hold
+        from ..config import save_yaml
+        from ..util.fsutil import temp_dir, writing
+        from ..util.runlock import hold
 
         with hold(train_cfg.out, "ft-mae"):
             out = prepare_run_dir(train_cfg)
@@ -293,7 +293,7 @@ def finetune(train_cfg, mae_cfg: MAEFinetuneConfig) -> Any:
 # ---------------------------------------------------------------------------- reconstruction job
 def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Worker side of ``lm4lv recon-mae``: each rank reconstructs its share; rank 0 gathers rows."""
-    from . import dist
+    from ..util import dist
 
     dist.init_distributed()
     n_mine = len(list_images(job["images"])[dist.rank()::dist.world_size()])
@@ -306,7 +306,7 @@ def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
     if not dist.is_main():
         return None
     merged = sorted((r for part in gathered for r in part), key=lambda r: r["name"])
-    from .fsutil import write_json_atomic
+    from ..util.fsutil import write_json_atomic
 
     write_json_atomic(Path(job["out"]) / "recon.json", {"count": len(merged), "mean": mean_rows(merged),
                                                          "images": merged})
@@ -316,8 +316,8 @@ def recon_mae_job(job: dict[str, Any]) -> list[dict[str, Any]] | None:
 def _mae_path(mae: str | None, preset: str | None, record: dict | None = None) -> tuple[str, dict | None]:
     """The MAE folder of ``--mae`` (a folder or a Hugging Face id, fetched when needed) or ``--preset``,
     and the hub record of an id (see :func:`lm4lv_core.hub.local_path`)."""
-    from .hub import local_path
-    from .presets import preset_dir
+    from ..hub import local_path
+    from ..presets import preset_dir
 
     if bool(mae) == bool(preset):
         raise ConfigError("give exactly one of --mae PATH|ID or --preset NAME")
@@ -327,8 +327,8 @@ def _mae_path(mae: str | None, preset: str | None, record: dict | None = None) -
 def resolve_finetune_options(options: dict[str, Any], config_file: str | None = None):
     """Flat ``ft-mae`` options (``None`` = not given) over ``--config`` over a resumed run's
     ``config.yaml`` → ``(TrainConfig, MAEFinetuneConfig)``."""
-    from .config import load_yaml
-    from .engine.config import TrainConfig, train_config_keys
+    from ..config import load_yaml
+    from ..engine.config import TrainConfig, train_config_keys
 
     mae_keys = {"mae", "preset", "lpips_weight", "lpips_net", "lpips_weights", "train_encoder", "hub"}
     layers: list[dict[str, Any]] = []
@@ -371,8 +371,8 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
                 overwrite: bool = False, verbose: bool = False, precision: str = "fp32") -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon-mae``: validate, then run the reconstruction workers
     (third-party output goes to ``out/recon-mae.log``)."""
-    from . import launch
-    from .loading import compute_dtype
+    from ..engine import launch
+    from ..loading import compute_dtype
 
     compute_dtype(precision)
     if precision == "fp16" and not launch.has_cuda():

@@ -1,0 +1,1 @@
+"""Helpers without model knowledge: atomic files, process groups, progress bars, logs, signals, locks."""
