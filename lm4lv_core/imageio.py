@@ -58,6 +58,15 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def require_images(root: str | os.PathLike, what: str = "") -> list[Path]:
+    """``list_images(root)``, or one clear error when the folder holds none."""
+    files = list_images(root)
+    if not files:
+        exts = "/".join(e.lstrip(".") for e in IMAGE_EXTS)
+        raise LM4LVError(f"{what + ' ' if what else ''}{root}: no images found (looked for {exts}, recursively)")
+    return files
+
+
 @dataclass
 class Pairing:
     """Result of :func:`pair_images`: ``pairs`` as (key, a_path, b_path) sorted by key, and

@@ -45,7 +45,7 @@ from .. import __version__
 from ..degrade import Pipeline, parse_spec
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import temp_dir, user_entries, write_json_atomic, writing
-from ..imageio import (RESIZE_POLICIES, check_resize, list_images, load_rgb, pair_images, save_png,
+from ..imageio import (RESIZE_POLICIES, check_resize, require_images, load_rgb, pair_images, save_png,
                       to_square)
 
 DEFAULT_PROMPT = "<image> <task>"
@@ -263,10 +263,7 @@ def _versions() -> dict[str, str]:
 def _collect(root: Path, what: str) -> dict[str, Path]:
     if not root.is_dir():
         raise LM4LVError(f"{what} {root}: not a folder")
-    files = list_images(root)
-    if not files:
-        raise LM4LVError(f"{what} {root}: no images found (looked for "
-                         "png/jpg/jpeg/webp/bmp/tif/tiff, recursively)")
+    files = require_images(root, what)
     out: dict[str, Path] = {}
     for f in files:
         key = f.relative_to(root).with_suffix(".png").as_posix()

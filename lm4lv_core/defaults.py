@@ -1,0 +1,19 @@
+"""Names and defaults shared by the command line and the core, in one place.
+
+Plain values with no imports, so the command line can read them without loading torch."""
+
+# option vocabularies
+ENGINES = ("deepspeed", "accelerate")
+LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name → torch dtype name
+
+# defaults
+CROP_BORDER = 4  # pixels ignored at each border by PSNR/SSIM/LPIPS
+GENERATE_BATCH_SIZE = 8
+RECON_BATCH_SIZE = 8
+DEFAULT_PROMPT = "<image> <task>"
+
+# file names
+RUN_CONFIG = "config.yaml"  # a training run's record, read back by --config / --resume
+MODEL_CONFIG = "lm4lv.yaml"  # a saved LM4LV model's config
+JOB_DIR = ".lm4lv"  # hidden folder of the job file, worker logs, error and stop files
