@@ -182,7 +182,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     from lm4lv_core.data.format import load_samples
-    from lm4lv_core.engine.options import resolve_options
+    from lm4lv_core.jobs.train import resolve_options
     from lm4lv_core.memplan import plan_training
 
     llm, mae = build_folders(work / "models", args.layers)

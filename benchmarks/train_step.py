@@ -86,7 +86,7 @@ def main() -> None:
 
     from lm4lv_core.data.format import load_samples
     from lm4lv_core.engine.config import TrainConfig
-    from lm4lv_core.engine.run import train
+    from lm4lv_core.jobs.train import train
     from lm4lv_core.model import LM4LV
     from lm4lv_core.presets import preset_config
 

@@ -18,7 +18,7 @@ _MAX_LISTED = 10
 
 
 @contextlib.contextmanager
-def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task(label, total=None)
@@ -86,8 +86,13 @@ def make_data(
                          seed=seed, test_fraction=test_fraction, test_dir=test_dir,
                          prompt=prompt, workers=workers, overwrite=overwrite, lq_dir=lq,
                          hq_dir=hq, resize=resize)
-    with _progress("make-data") as update:
+    with progress_bar("make-data") as update:
         res = build(cfg, progress=update)
+    show_make_data(res)
+
+
+def show_make_data(res) -> None:
+    """What ``lm4lv make-data`` prints about the dataset it made."""
     console = Console()
     if res.mode == "pair":
         console.print(f"paired {res.n_images} images -> {res.n_train} train, {res.n_test} test "
@@ -124,21 +129,21 @@ def evaluate(
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""
-    from lm4lv_core.jobs.evaluate import compare_paths, write_grid
+    from lm4lv_core.jobs.evaluate import evaluate as score
 
     names = [s.strip() for s in labels.split(",")] if labels else None
-    with _progress("eval") as update:
-        cmp = compare_paths(metric, gt, pred, labels=names, crop_border=crop_border, y_channel=y_channel,
-                            resize_to_smaller=resize_to_smaller, lpips_net=lpips_net,
-                            lpips_weights=lpips_weights, progress=update)
+    with progress_bar("eval") as update:
+        cmp = score(metric, gt, pred, labels=names, json_file=json_file, csv_file=csv_file, grid=grid,
+                    grid_rows=grid_rows, crop_border=crop_border, y_channel=y_channel,
+                    resize_to_smaller=resize_to_smaller, lpips_net=lpips_net, lpips_weights=lpips_weights,
+                    progress=update)
+    show_eval(cmp, crop_border=crop_border, y_channel=y_channel, grid=grid)
+
+
+def show_eval(cmp, *, crop_border: int, y_channel: bool = False, grid: Optional[Path] = None) -> None:
+    """What ``lm4lv eval`` prints: one table (several predictions: side by side) and unmatched names."""
+    gt, pred = cmp.gt, cmp.paths
     single = len(pred) == 1
-    out = cmp.reports[0] if single else cmp
-    if json_file:
-        out.write_json(json_file)
-    if csv_file:
-        out.write_csv(csv_file)
-    if grid:
-        write_grid(cmp, grid, grid_rows)
     console = Console()
     opts = f"crop_border={crop_border}" + (", Y channel" if y_channel else ", RGB")
     if single:

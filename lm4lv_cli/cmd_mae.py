@@ -9,12 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lm4lv_core.defaults import CROP_BORDER, RECON_BATCH_SIZE
+
 from . import options as opt
 
 console = Console()
 O = typer.Option
 
 
+@opt.with_run_options
 def ft_mae(
     images: Path = typer.Argument(..., help="Folder of training images (recursive)."),
     out: Optional[Path] = O(None, "--out", help="Run directory."),
@@ -25,48 +28,18 @@ def ft_mae(
     lpips_weights: Optional[str] = O(None, "--lpips-weights", help="torchvision backbone state dict (default: the torch hub cache, e.g. vgg16-397923af.pth)."),
     train_encoder: Optional[bool] = O(None, "--train-encoder/--freeze-encoder", help="Also train the encoder [frozen]."),
     config: Optional[Path] = opt.CONFIG,
-    engine: Optional[str] = opt.ENGINE,
-    launcher: Optional[str] = opt.LAUNCHER,
-    nproc: Optional[int] = opt.NPROC,
-    num_nodes: Optional[int] = opt.NUM_NODES,
-    hostfile: Optional[str] = opt.HOSTFILE,
-    master_port: Optional[int] = opt.MASTER_PORT,
-    zero_stage: Optional[int] = opt.ZERO_STAGE,
-    deepspeed_config: Optional[str] = opt.DEEPSPEED_CONFIG,
-    precision: Optional[str] = opt.PRECISION,
-    micro_batch: Optional[int] = opt.MICRO_BATCH,
-    grad_accum: Optional[int] = opt.GRAD_ACCUM,
-    lr: Optional[float] = opt.LR,
-    weight_decay: Optional[float] = opt.WEIGHT_DECAY,
-    grad_clip: Optional[float] = opt.GRAD_CLIP,
-    warmup_ratio: Optional[float] = opt.WARMUP_RATIO,
-    lr_schedule: Optional[str] = opt.LR_SCHEDULE,
-    epochs: Optional[int] = opt.EPOCHS,
-    max_steps: Optional[int] = opt.MAX_STEPS,
-    stop_after: Optional[int] = opt.STOP_AFTER,
-    save_every: Optional[int] = opt.SAVE_EVERY,
-    keep_checkpoints: Optional[int] = opt.KEEP_CHECKPOINTS,
-    preview_every: Optional[int] = opt.PREVIEW_EVERY,
-    seed: Optional[int] = opt.SEED,
-    num_workers: Optional[int] = opt.NUM_WORKERS,
-    resume: bool = opt.RESUME,
-    overwrite: bool = opt.OVERWRITE,
-    report_to: Optional[str] = opt.REPORT_TO,
-    verbose: bool = opt.VERBOSE,
-    gradient_checkpointing: Optional[bool] = opt.GRADIENT_CHECKPOINTING,
+    run_options: dict = None,
 ) -> None:
     """Fine-tune the MAE decoder with |x − D(E(x))|₁ + λ·LPIPS (encoder frozen by default)."""
-    from lm4lv_core.tasks.mae_decoder import finetune, resolve_finetune_options
+    options = {k: v for k, v in locals().items() if k not in ("config", "images", "run_options")}
+    from lm4lv_core.jobs.ft_mae import finetune, resolve_finetune_options
 
-    options = {k: v for k, v in locals().items() if k != "config"}
-    options["data"] = str(images)
-    del options["images"]
-    options["out"] = str(out) if out else None
-    options["resume"] = resume or None
-    options["overwrite"] = overwrite or None
-    options["verbose"] = verbose or None
+    options.update(run_options, data=str(images), out=str(out) if out else None)
     train_cfg, mae_cfg = resolve_finetune_options(options, str(config) if config else None)
-    summary = finetune(train_cfg, mae_cfg)
+    show_finetuned(train_cfg, finetune(train_cfg, mae_cfg))
+
+
+def show_finetuned(train_cfg, summary) -> None:
     console.print(f"[green]done[/green]: {train_cfg.out}/final" if summary and summary.get("finished")
                   else f"[green]stopped[/green]: {train_cfg.out} (resume with --resume)")
 
@@ -76,20 +49,21 @@ def recon_mae(
     out: Path = O(..., "--out", help="Output folder (same relative names, .png)."),
     mae: Optional[str] = O(None, "--mae", help="MAE folder (e.g. RUN/final of ft-mae) or Hugging Face id org/name[@revision]."),
     preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose MAE to use."),
-    batch_size: int = O(8, "--batch-size", min=1, help="Images per forward pass."),
+    batch_size: int = O(RECON_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass."),
     nproc: int = O(1, "--nproc", min=1, help="Workers on this node."),
     engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
-    crop_border: int = O(4, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
+    crop_border: int = O(CROP_BORDER, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out."),
     verbose: bool = opt.VERBOSE,
     precision: str = O("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
 ) -> None:
     """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
-    from lm4lv_core.tasks.mae_decoder import mean_rows, reconstruct
+    from lm4lv_core.engine.launch import Workers
+    from lm4lv_core.jobs.recon_mae import mean_rows, reconstruct
 
-    rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, nproc=nproc,
-                       engine=engine, crop_border=crop_border, overwrite=overwrite, verbose=verbose,
-                       precision=precision)
+    rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, crop_border=crop_border,
+                       precision=precision, workers=Workers(nproc=nproc, engine=engine), overwrite=overwrite,
+                       verbose=verbose)
     table = Table(title=f"MAE reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")

@@ -1,8 +1,7 @@
-"""`lm4lv quickstart`: the whole pipeline on bundled images and a tiny offline model."""
+"""`lm4lv quickstart`: the whole pipeline on scikit-image's sample images and a tiny offline model."""
 
 from __future__ import annotations
 
-import shlex
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,6 +9,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from lm4lv_core.defaults import CROP_BORDER
 
 console = Console()
 O = typer.Option
@@ -27,22 +28,20 @@ def quickstart(
     verbose: bool = O(False, "--verbose", help="Show third-party warnings and logs too (each stage's log file has them)."),
 ) -> None:
     """Run make-data → ft-mae → train → generate → eval on scikit-image samples; write report.md."""
-    from lm4lv_core.jobs import quickstart as qs
+    from lm4lv_core.config import save_yaml
     from lm4lv_core.errors import ConfigError
-
-    from .app import app
+    from lm4lv_core.jobs import quickstart as qs
+    from lm4lv_core.util.fsutil import remove_entries
 
     cfg = qs.QuickstartConfig(out=str(out), preset=preset, size=size, mae_steps=mae_steps, steps=steps,
-                              seed=seed, overwrite=overwrite)
+                              seed=seed, lpips_weight=lpips_weight, overwrite=overwrite)
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
+        if not cfg.overwrite:
             raise ConfigError(f"--out {out}: not empty; pass --overwrite to replace an earlier quickstart")
         if not (out / qs.MARKER).is_file():
             raise ConfigError(f"--out {out}: not a quickstart folder (no {qs.MARKER}); --overwrite only "
                               "replaces an earlier quickstart")
-        _remove_own(out)
-    from lm4lv_core.config import save_yaml
-
+        remove_entries(out, qs.OWN_ENTRIES)
     save_yaml(cfg, out / qs.MARKER)
     lam = lpips_weight if lpips_weight is not None else (1.0 if qs.lpips_available() else 0.0)
     start = time.perf_counter()
@@ -56,9 +55,9 @@ def quickstart(
     ran = []
     for stage in qs.stages(cfg, lam, verbose):
         console.rule(f"[bold]{stage.name}")
-        console.print(f"$ lm4lv {shlex.join(stage.args)}", markup=False, highlight=False)
+        console.print(f"$ {qs.command_line(stage)}", markup=False, highlight=False)
         t0 = time.perf_counter()
-        app(stage.args, standalone_mode=False)
+        _run_and_show(qs, stage)
         stage.seconds = time.perf_counter() - t0
         ran.append(stage)
     table_rows = qs.scores_table(cfg)
@@ -76,14 +75,22 @@ def quickstart(
     console.print(f"report: {report} (grid.png, loss.png) — {total:.0f} s in all")
 
 
-def _remove_own(out: Path) -> None:
-    """Remove what an earlier quickstart wrote (and nothing else)."""
-    import shutil
+def _run_and_show(qs, stage) -> None:
+    """Run a stage through lm4lv_core and print what its command prints."""
+    from . import cmd_data, cmd_generate, cmd_mae, cmd_train
 
-    for name in ("images", "data", "mae", "run", "generated", "scores", "grid.png", "loss.png", "report.md",
-                 "quickstart.yaml"):
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+    if stage.command in ("make-data", "eval"):
+        with cmd_data.progress_bar(stage.command) as update:
+            result = qs.run_stage(stage, progress=update)
+    else:
+        result = qs.run_stage(stage, on_note=cmd_generate.show_note)
+    if stage.command == "make-data":
+        cmd_data.show_make_data(result)
+    elif stage.command == "eval":
+        cmd_data.show_eval(result, crop_border=CROP_BORDER)
+    elif stage.command == "ft-mae":
+        cmd_mae.show_finetuned(*result)
+    elif stage.command == "train":
+        cmd_train.show_trained(*result)
+    else:
+        cmd_generate.show_generated(result)

@@ -1,6 +1,15 @@
-"""Typer options shared by the commands that train through the engine (train, ft-mae)."""
+"""Typer options shared by the commands that train through the engine (train, ft-mae).
+
+``@with_run_options`` replaces a command's ``run_options`` parameter by one option per entry of
+``RUN_OPTIONS`` and hands their values back as the ``run_options`` dict (``None`` = not given), the
+flat form the option resolver layers (``lm4lv_core.engine.options``).
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -38,3 +47,45 @@ REPORT_TO = O(None, "--report-to", help="Also log to: tensorboard (event files i
 VERBOSE = O(False, "--verbose", help="Show third-party warnings and logs on the console too (RUN/train.log has them always).")
 GRADIENT_CHECKPOINTING = O(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                            help="Recompute transformer layers in the backward pass: less activation memory, one more forward [off].")
+
+
+# name → (type, declaration), in the order --help lists them
+RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "engine": (Optional[str], ENGINE), "launcher": (Optional[str], LAUNCHER), "nproc": (Optional[int], NPROC),
+    "num_nodes": (Optional[int], NUM_NODES), "hostfile": (Optional[str], HOSTFILE),
+    "master_port": (Optional[int], MASTER_PORT), "zero_stage": (Optional[int], ZERO_STAGE),
+    "deepspeed_config": (Optional[str], DEEPSPEED_CONFIG), "precision": (Optional[str], PRECISION),
+    "micro_batch": (Optional[int], MICRO_BATCH), "grad_accum": (Optional[int], GRAD_ACCUM),
+    "lr": (Optional[float], LR), "weight_decay": (Optional[float], WEIGHT_DECAY),
+    "grad_clip": (Optional[float], GRAD_CLIP), "warmup_ratio": (Optional[float], WARMUP_RATIO),
+    "lr_schedule": (Optional[str], LR_SCHEDULE), "epochs": (Optional[int], EPOCHS),
+    "max_steps": (Optional[int], MAX_STEPS), "stop_after": (Optional[int], STOP_AFTER),
+    "save_every": (Optional[int], SAVE_EVERY), "keep_checkpoints": (Optional[int], KEEP_CHECKPOINTS),
+    "preview_every": (Optional[int], PREVIEW_EVERY), "seed": (Optional[int], SEED),
+    "num_workers": (Optional[int], NUM_WORKERS), "resume": (bool, RESUME), "overwrite": (bool, OVERWRITE),
+    "report_to": (Optional[str], REPORT_TO), "verbose": (bool, VERBOSE),
+    "gradient_checkpointing": (Optional[bool], GRADIENT_CHECKPOINTING),
+}
+
+
+def with_run_options(fn: Callable) -> Callable:
+    """Declare ``RUN_OPTIONS`` on a Typer command in place of its ``run_options`` parameter."""
+    sig = inspect.signature(fn, eval_str=True)
+    params: list[inspect.Parameter] = []
+    for p in sig.parameters.values():
+        if p.name != "run_options":
+            params.append(p)
+            continue
+        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=decl, annotation=typ)
+                   for name, (typ, decl) in RUN_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        # a flag left off is "not given" (None), so a saved run's or --config's value stays
+        run = {k: (kwargs.pop(k) or None) if typ is bool else kwargs.pop(k) for k, (typ, _) in RUN_OPTIONS.items()}
+        return fn(**kwargs, run_options=run)
+
+    del command.__wrapped__  # Typer reads the signature below, not the wrapped function's
+    command.__signature__ = sig.replace(parameters=params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ from .util.fsutil import write_text_atomic
 
 C = TypeVar("C")
 
-TEMPLATES = ("default", "vicuna_v1.1", "llama2", "simple", "chat_template")
+TEMPLATES = ("default", "vicuna_v1.1", "llama2", "simple", "chat_template")  # rendered by data/sequence.py
 
 
 @dataclass
@@ -113,13 +114,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-    """Build a dataclass from a dict, rejecting unknown keys with a clear message."""
+    """Build a dataclass from a dict, rejecting unknown keys with a clear message. Fields typed
+    as a dataclass (a job's ``train``, ``model``, ...) are built from their nested mappings."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    data = {k: from_dict(hints[k], v, source=f"{source}: {k}")
+            if isinstance(v, dict) and isinstance(hints.get(k), type) and dataclasses.is_dataclass(hints[k]) else v
+            for k, v in data.items()}
     try:
         return cls(**data)
     except TypeError as e:

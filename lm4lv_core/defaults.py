@@ -16,4 +16,5 @@ DEFAULT_PROMPT = "<image> <task>"
 # file names
 RUN_CONFIG = "config.yaml"  # a training run's record, read back by --config / --resume
 MODEL_CONFIG = "lm4lv.yaml"  # a saved LM4LV model's config
-JOB_DIR = ".lm4lv"  # hidden folder of the job file, worker logs, error and stop files
+WEIGHTS_FILE = "trainable.safetensors"  # the trained weights of a saved model and of a checkpoint
+JOB_DIR = ".lm4lv"  # hidden folder of the job file, worker errors and stop requests (run and output folders)

@@ -15,9 +15,10 @@ import importlib.util
 import torch
 from torch import nn
 
+from .defaults import PRECISIONS
 from .errors import ConfigError
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {name: getattr(torch, dtype) for name, dtype in PRECISIONS.items()}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -37,7 +38,7 @@ def check_attn_implementation(name: str, *, dtype: torch.dtype | None = None, cu
         raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package "
                           "(pip install flash-attn), which is not installed; use sdpa")
     if cuda is None:
-        from .engine.launch import has_cuda
+        from .util.dist import has_cuda
 
         cuda = has_cuda()
     if not cuda:

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import ModelConfig
+from .defaults import PRECISIONS
 from .errors import ConfigError
 
 GiB = 1024 ** 3
@@ -49,7 +50,7 @@ DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed's default zero_optimization.reduce_buck
 DS3_MAX_LIVE = int(1e9)  # DeepSpeed's default stage3_max_live_parameters
 DS3_PREFETCH = int(5e7)  # DeepSpeed's default stage3_prefetch_bucket_size
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPE_NAMES = PRECISIONS
 
 
 # ------------------------------------------------------------------------------ shapes
@@ -396,7 +397,7 @@ def plan_training(train, model: ModelConfig, samples: Sequence[Any], gpu_memory_
 
 def detected_gpu_memory_gib() -> float | None:
     """Memory of the first CUDA device in GiB, or ``None`` without one."""
-    from .engine.launch import has_cuda
+    from .util.dist import has_cuda
 
     if not has_cuda():
         return None

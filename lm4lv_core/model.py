@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from .config import ModelConfig, from_dict, load_yaml, save_yaml
 from .data.dataset import Batch
 from .data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
+from .defaults import MODEL_CONFIG, WEIGHTS_FILE
 from .errors import ConfigError
 from .util.fsutil import atomic_path
 from .logits import check_output_logits, output_logits
@@ -27,8 +28,7 @@ from .losses import text_cross_entropy, zero_touching
 from .registry import VISION_LOSSES
 from .vision import build_adapter, build_decoder, build_encoder
 
-CONFIG_FILE = "lm4lv.yaml"
-WEIGHTS_FILE = "trainable.safetensors"
+CONFIG_FILE = MODEL_CONFIG
 LORA_DIR = "lora"
 
 

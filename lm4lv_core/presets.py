@@ -208,3 +208,13 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
         raise ConfigError("vision parts are needed: --mae PATH|ID or --vision-config FILE")
     base.update(overrides)
     return resolve_model(ModelConfig(**base))
+
+
+def mae_path(mae: str | None, preset: str | None, record: dict | None = None) -> tuple[str, dict | None]:
+    """The MAE folder of ``--mae`` (a folder or a Hugging Face id, fetched when needed) or ``--preset``,
+    and the hub record of an id (see :func:`lm4lv_core.hub.local_path`)."""
+    from .hub import local_path
+
+    if bool(mae) == bool(preset):
+        raise ConfigError("give exactly one of --mae PATH|ID or --preset NAME")
+    return local_path(str(preset_dir(preset) / "mae") if preset else str(mae), "--mae", record)

@@ -1,4 +1,5 @@
-"""Render a sample's prompt without loading the model weights (for ``--dry-run``)."""
+"""Render a sample's prompt for ``--dry-run``: with the LLM's tokenizer and the encoder's token count
+(read from an MAE's config; other encoders are built to ask them), without loading the LLM."""
 
 from __future__ import annotations
 

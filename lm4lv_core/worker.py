@@ -1,50 +1,35 @@
 """Entry point of every launched worker: ``python -m lm4lv_core.worker KIND JOB.yaml``.
 
 Launchers (``deepspeed``, ``accelerate launch``, ``torchrun``) start this module once per
-process; it reads the job file written by the parent command and calls the job's function.
-A single worker runs the same function in-process, without a launcher.
+process; it reads the typed job the parent command wrote (``lm4lv_core.engine.launch.run_job``)
+and runs the function registered for ``KIND``. A single worker runs that function in-process,
+without a launcher or this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Any, Callable
 
-from .config import load_yaml
-from .errors import ConfigError, LM4LVError
-
-# job kind → "module:function"; each function takes the job dict.
-JOBS: dict[str, str] = {
-    "train": "lm4lv_core.engine.run:train_job",
-    "generate": "lm4lv_core.jobs.generate:generate_job",
-    "ft-mae": "lm4lv_core.tasks.mae_decoder:ft_mae_job",
-    "recon-mae": "lm4lv_core.tasks.mae_decoder:recon_mae_job",
-    "probe": "lm4lv_core.engine.launch:probe_job",  # reports what each worker saw (launcher checks)
-}
-
-
-def job_function(kind: str) -> Callable[[dict[str, Any]], Any]:
-    if kind not in JOBS:
-        raise ConfigError(f"unknown job kind {kind!r}; valid: {', '.join(JOBS)}")
-    module, fn = JOBS[kind].split(":")
-    return getattr(importlib.import_module(module), fn)
+from .config import from_dict, load_yaml
+from .engine.launch import JOBS
+from .errors import LM4LVError
+from .jobs import ft_mae, generate, recon_mae, train  # noqa: F401  (registers the command jobs)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lm4lv-worker")
-    parser.add_argument("kind", choices=sorted(JOBS))
+    parser.add_argument("kind", help="registered job kind (train, ft-mae, generate, recon-mae, probe)")
     parser.add_argument("job", help="job YAML written by the lm4lv command")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # added by deepspeed
     args = parser.parse_args(argv)
     import os
     from pathlib import Path
 
-    from .util import dist, logs, signals
-    from .errors import Interrupted
-    from .util.fsutil import write_failure
     from .engine.launch import interrupted_file, stop_file
+    from .errors import Interrupted
+    from .util import dist, logs, signals
+    from .util.fsutil import write_failure
 
     logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
     job = Path(args.job)
@@ -55,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     with signals.handling(announce=False):
         try:
             try:
-                job_function(args.kind)(load_yaml(args.job))
+                spec = JOBS.get(args.kind)
+                spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
             except Interrupted as e:
                 # stopped on request with the progress saved: the parent reports it and exits 75
                 interrupted_file(job, rank).write_text(str(e), encoding="utf-8")

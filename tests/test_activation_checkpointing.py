@@ -14,7 +14,7 @@ from lm4lv_core.config import LoraConfig
 from lm4lv_core.data.dataset import LM4LVDataset, collate
 from lm4lv_core.data.format import load_checked
 from lm4lv_core.engine.config import TrainConfig
-from lm4lv_core.engine.run import train
+from lm4lv_core.jobs.train import train
 from lm4lv_core.model import LM4LV
 
 

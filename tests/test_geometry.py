@@ -133,12 +133,15 @@ def cropped_run(tmp_path_factory):
 
 
 def test_train_records_the_resize_mode_and_feeds_cropped_images(cropped_run):
+    from lm4lv_core.config import from_dict
+    from lm4lv_core.jobs.train import TrainJob
     from lm4lv_core.tasks.lm4lv import LM4LVTask
 
     saved = yaml.safe_load((cropped_run / "run" / "config.yaml").read_text())
     assert saved["model"]["resize"] == "crop"
     assert yaml.safe_load((cropped_run / "run" / "final" / "lm4lv.yaml").read_text())["resize"] == "crop"
-    task = LM4LVTask({"model": saved["model"], "train": saved["train"]})
+    job = from_dict(TrainJob, saved)
+    task = LM4LVTask(job.train, job.model)
     task.build_model()
     item = task.dataset()[0]
     expect = [image_to_tensor(load_rgb(cropped_run / d / "0.png"), 32, "crop") for d in ("lq", "hq")]

@@ -112,7 +112,8 @@ def test_console_script_loads_ids_from_hf_home_offline(hf_home, pairs_file, tmp_
 
 def test_ft_mae_records_the_snapshot_of_an_id(offline_cache, pairs_file, tmp_path):
     from lm4lv_core.engine.config import TrainConfig
-    from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig, finetune
+    from lm4lv_core.jobs.ft_mae import finetune
+    from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig
 
     run = tmp_path / "mae"
     train = TrainConfig(data=str(pairs_file.parent / "hq"), out=str(run))

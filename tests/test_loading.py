@@ -10,7 +10,7 @@ import torch
 
 from lm4lv_core.engine.config import TrainConfig
 from lm4lv_core.engine.loop import Trainer
-from lm4lv_core.engine.run import train
+from lm4lv_core.jobs.train import train
 from lm4lv_core.errors import ConfigError
 from lm4lv_core.model import LM4LV
 
@@ -122,7 +122,9 @@ def test_ft_mae_bf16_keeps_the_frozen_encoder_exact_and_recon_reads_bf16(tmp_pat
     from safetensors.torch import load_file
 
     from conftest import _skimage_rgb
-    from lm4lv_core.tasks.mae_decoder import MAEAutoencoder, MAEFinetuneConfig, finetune
+    from lm4lv_core.jobs.ft_mae import finetune
+    from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig
+    from lm4lv_core.vision.mae import MAEAutoencoder
     from lm4lv_core.presets import preset_dir
 
     images = tmp_path / "images"

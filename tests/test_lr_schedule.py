@@ -75,8 +75,8 @@ def test_cli_option_reaches_both_commands(pairs_file, tmp_path):
     from typer.testing import CliRunner
 
     from lm4lv_cli.app import app
-    from lm4lv_core.engine.options import resolve_options
-    from lm4lv_core.tasks.mae_decoder import resolve_finetune_options
+    from lm4lv_core.jobs.train import resolve_options
+    from lm4lv_core.jobs.ft_mae import resolve_finetune_options
 
     train_cfg, _ = resolve_options({"data": str(pairs_file), "out": str(tmp_path / "r"), "preset": "tiny",
                                     "lr_schedule": "cosine"})
@@ -88,3 +88,37 @@ def test_cli_option_reaches_both_commands(pairs_file, tmp_path):
                                    "--preset", "tiny", "--lr-schedule", "linear", "--dry-run"])
     assert isinstance(res.exception, ConfigError)  # `lm4lv` prints it as one error line, exit code 2
     assert "--lr-schedule must be one of reference, cosine, constant" in str(res.exception)
+
+
+def test_both_commands_layer_options_the_same_way(pairs_file, tmp_path):
+    """A run's own config.yaml works as --config for train and ft-mae alike, and --resume never
+    carries the earlier invocation's --stop-after (or --out/--verbose) into the next one."""
+    import yaml
+
+    from lm4lv_core.jobs.ft_mae import resolve_finetune_options
+    from lm4lv_core.jobs.train import resolve_options
+
+    run = tmp_path / "m"
+    run.mkdir()
+    saved = {"task": "mae", "train": {"data": str(tmp_path), "out": str(run), "lr": 1e-3, "stop_after": 5,
+                                      "verbose": True},
+             "mae": {"mae": None, "lpips_weight": 0.5, "lpips_net": "vgg", "lpips_weights": None,
+                     "train_encoder": False, "hub": {}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    train_cfg, mae_cfg = resolve_finetune_options({"data": str(tmp_path), "out": str(tmp_path / "m2"),
+                                                   "preset": "tiny"}, str(run / "config.yaml"))
+    assert (train_cfg.lr, mae_cfg.lpips_weight, train_cfg.stop_after, train_cfg.verbose) == (1e-3, 0.5, None, False)
+    train_cfg, mae_cfg = resolve_finetune_options({"data": str(tmp_path), "out": str(run), "preset": "tiny",
+                                                   "resume": True})
+    assert (train_cfg.lr, mae_cfg.lpips_weight, train_cfg.stop_after, train_cfg.out) == (1e-3, 0.5, None, str(run))
+
+    train_run = tmp_path / "t"
+    train_run.mkdir()
+    cfg, model = resolve_options({"data": str(pairs_file), "out": str(train_run), "preset": "tiny", "lr": 2e-3,
+                                  "stop_after": 3})
+    (train_run / "config.yaml").write_text(yaml.safe_dump({"task": "lm4lv", "train": vars(cfg),
+                                                           "model": __import__("dataclasses").asdict(model)}))
+    cfg2, _ = resolve_options({"out": str(train_run), "resume": True})
+    assert (cfg2.lr, cfg2.stop_after, cfg2.data) == (2e-3, None, str(pairs_file))
+    with pytest.raises(ConfigError, match="unknown option"):
+        resolve_finetune_options({"data": str(tmp_path), "out": str(run), "preset": "tiny", "num_task_tokens": 3})

@@ -71,7 +71,7 @@ def test_plan_agrees_with_measured_step(tmp_path, monkeypatch, checkpointing, ze
     import torch
 
     from conftest import write_pairs
-    from lm4lv_core.engine.run import train
+    from lm4lv_core.jobs.train import train
     from lm4lv_core.presets import preset_config
 
     # an earlier in-process ZeRO-3 run leaves DeepSpeed's input-keeping F.linear installed; restore

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from lm4lv_core.config import LoraConfig
 from lm4lv_core.engine.config import TrainConfig
-from lm4lv_core.engine.run import train
+from lm4lv_core.jobs.train import train
 from lm4lv_core.errors import ConfigError, DataError
 
 

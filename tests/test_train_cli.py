@@ -50,7 +50,7 @@ def test_option_errors_name_the_option(pairs_file, tmp_path):
 
 def test_resume_with_model_options_keeps_the_saved_model_settings(pairs_file, tmp_path):
     from lm4lv_core.config import load_yaml
-    from lm4lv_core.engine.options import resolve_options
+    from lm4lv_core.jobs.train import resolve_options
 
     out = tmp_path / "run"
     out.mkdir()

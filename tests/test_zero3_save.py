@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lm4lv_core.engine.config import TrainConfig
-from lm4lv_core.engine.run import train
+from lm4lv_core.jobs.train import train
 from lm4lv_core.presets import preset_config
 
 ONE_STEP = dict(lr_schedule="constant", warmup_ratio=0.0)  # the reference schedule's first step has lr 0
@@ -47,7 +47,8 @@ def test_zero3_run_with_frozen_adapters_reloads_and_generates(pairs_file, tmp_pa
 def test_zero3_ft_mae_writes_the_whole_mae(tmp_path, no_persistence):
     from transformers import ViTMAEForPreTraining
 
-    from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig, finetune
+    from lm4lv_core.jobs.ft_mae import finetune
+    from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig
     from lm4lv_core.presets import preset_dir
 
     images = tmp_path / "images"

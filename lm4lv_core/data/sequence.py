@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import TEMPLATES as TEMPLATE_NAMES  # (the templates below, and chat_template)
 from ..errors import ConfigError, DataError
 from .format import IMAGE_TOKEN, QUERY_TOKEN, TASK_TOKEN, Sample, Turn
 
@@ -122,8 +123,8 @@ class SequenceBuilder:
 
     def __init__(self, tokenizer, *, template: str = "default", num_task_tokens: int = 10,
                  num_visual_tokens: int = 197, gpt_prefix: str = "", system_prompt: str | None = None):
-        if template != "chat_template" and template not in TEMPLATES:
-            raise ConfigError(f"unknown template {template!r}; valid: {', '.join([*TEMPLATES, 'chat_template'])}")
+        if template not in TEMPLATE_NAMES:
+            raise ConfigError(f"unknown template {template!r}; valid: {', '.join(TEMPLATE_NAMES)}")
         if template == "chat_template" and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("template 'chat_template' needs a tokenizer with a chat template")
         self.tok = tokenizer

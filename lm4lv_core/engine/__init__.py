@@ -1,8 +1,8 @@
-"""Training engine: a backend-independent loop (``loop``), DeepSpeed and accelerate backends
-(``backends``), the ``TrainTask`` interface (``task``) and the LM4LV task (``lm4lv_task``).
-``run.train`` / ``run.run_training`` start a run; ``run.train_job`` is what each worker runs."""
+"""Training independent of the model: the loop (``loop``), DeepSpeed and accelerate backends
+(``backends``), learning-rate schedules, checkpoints, the ``TrainTask`` interface (``task``), the run
+folder (``run``), option layering (``options``) and the launch of workers (``launch``)."""
 
 from .config import TrainConfig
-from .task import TASKS, TrainTask
+from .task import TrainTask
 
-__all__ = ["TASKS", "TrainConfig", "TrainTask"]
+__all__ = ["TrainConfig", "TrainTask"]

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..util import dist
-from .checkpoint import WEIGHTS_FILE, load_weights, save_weights
+from ..defaults import WEIGHTS_FILE
+from .checkpoint import load_weights, save_weights
 from ..config import load_yaml
 from ..errors import ConfigError
 from ..util.fsutil import torch_save
@@ -208,9 +209,7 @@ class AccelerateBackend(Backend):
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.cfg.precision]
-        if mp == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("--precision fp16 needs a GPU with --engine accelerate; use bf16 on CPU")
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.cfg.precision]  # (fp16: checked by the parent)
         from accelerate.state import AcceleratorState, GradientState
 
         # a job that runs in this process after another (the Python API, the quickstart) sets up

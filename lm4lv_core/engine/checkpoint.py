@@ -31,7 +31,6 @@ from ..util.fsutil import TEMP_PREFIX, write_json_atomic
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
-WEIGHTS_FILE = "trainable.safetensors"
 
 
 def step_dir(root: Path, step: int) -> Path:

@@ -9,14 +9,14 @@ The run directory's ``config.yaml`` holds ``{task, train, model}`` fully resolve
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING
 
+from ..defaults import PRECISIONS
 from ..errors import ConfigError
 from .schedule import SCHEDULES
 
-ENGINES = ("deepspeed", "accelerate")
-LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
-PRECISIONS = ("fp32", "bf16", "fp16")
+if TYPE_CHECKING:
+    from .launch import Workers
 
 
 @dataclass
@@ -67,14 +67,12 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        need(self.launcher is None or self.launcher in LAUNCHERS,
-             f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        self.workers()  # engine, launcher, nproc, num_nodes
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         need(self.engine == "deepspeed" or self.zero_stage == 0,
              "--zero-stage needs --engine deepspeed (accelerate runs plain data parallel here)")
-        for name in ("nproc", "num_nodes", "micro_batch", "grad_accum", "epochs", "save_every",
+        for name in ("micro_batch", "grad_accum", "epochs", "save_every",
                      "preview_every"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
@@ -94,13 +92,13 @@ class TrainConfig:
 
         parse_report_to(self.report_to)
 
+    def workers(self) -> "Workers":
+        """Where this run's workers start (checked on construction)."""
+        from .launch import Workers
+
+        return Workers(nproc=self.nproc, engine=self.engine, launcher=self.launcher, num_nodes=self.num_nodes,
+                       hostfile=self.hostfile, master_port=self.master_port)
+
 
 def train_config_keys() -> set[str]:
     return {f.name for f in fields(TrainConfig)}
-
-
-def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split flat options into (TrainConfig fields, the rest)."""
-    keys = train_config_keys()
-    return ({k: v for k, v in options.items() if k in keys},
-            {k: v for k, v in options.items() if k not in keys})

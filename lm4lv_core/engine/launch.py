@@ -30,15 +30,70 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from ..util import signals
-from ..config import save_yaml
+from ..config import from_dict, save_yaml
+from ..defaults import ENGINES, LAUNCHERS
 from ..errors import ConfigError, Interrupted, LM4LVError
+from ..registry import Registry
+from ..util import signals
+from ..util.dist import has_cuda
 
-LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
-ENGINES = ("deepspeed", "accelerate")
+J = TypeVar("J")
+
+
+@dataclass(frozen=True)
+class JobSpec(Generic[J]):
+    """A job kind: the typed job its workers receive and the function they run on it."""
+
+    name: str
+    job_type: type[J]
+    run: Callable[[J], Any]
+
+
+JOBS: Registry[JobSpec] = Registry("job kind")
+
+
+def register_job(name: str, job_type: type) -> Callable[[Callable], Callable]:
+    """``@register_job("train", TrainJob)`` on the function every worker of ``name`` runs."""
+
+    def deco(fn: Callable) -> Callable:
+        JOBS.register(name)(JobSpec(name, job_type, fn))
+        return fn
+
+    return deco
+
+
+@dataclass
+class Workers:
+    """Where a job runs: ``nproc`` workers on each of ``num_nodes`` nodes, started by ``launcher``
+    (default: the engine's own). One worker on one node runs in-process."""
+
+    nproc: int = 1
+    engine: str = "deepspeed"
+    launcher: str | None = None
+    num_nodes: int = 1
+    hostfile: str | None = None
+    master_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.launcher is not None and self.launcher not in LAUNCHERS:
+            raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if self.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {self.nproc}")
+        if self.num_nodes < 1:
+            raise ConfigError(f"--num-nodes must be >= 1, got {self.num_nodes}")
+
+    @property
+    def in_process(self) -> bool:
+        return self.nproc == 1 and self.num_nodes == 1 and not self.hostfile
+
+    def launcher_name(self) -> str:
+        return self.launcher or self.engine
 
 
 def free_port() -> int:
@@ -47,21 +102,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-
-
 def error_file(job_path: Path, rank: int) -> Path:
     """Where worker ``rank`` writes the message of an lm4lv error that stopped it."""
     return job_path.with_name(f"{job_path.stem}.error.rank{rank}")
 
 
-def default_launcher(engine: str) -> str:
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    return engine
+def require_gpu_for(precision: str) -> None:
+    """fp16 runs only on a GPU (no fp16 matrix kernels or loss scaling on the CPU)."""
+    if precision == "fp16" and not has_cuda():
+        raise ConfigError("--precision fp16 needs a GPU; use bf16 (or fp32) on the CPU")
 
 
 def launcher_command(kind: str, job_path: Path, *, nproc: int, launcher: str, num_nodes: int = 1,
@@ -163,26 +212,21 @@ def _worker_errors(job_path: Path, kind: str = "error") -> list[str]:
     return msgs
 
 
-def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "deepspeed",
-            job_dir: str | os.PathLike, num_nodes: int = 1, hostfile: str | None = None,
-            master_port: int | None = None, launcher: str | None = None,
-            log_file: str | os.PathLike | None = None, verbose: bool = False) -> Any:
-    """Run job ``kind`` (a key of ``lm4lv_core.worker.JOBS``) on ``nproc`` workers per node.
+def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers | None = None,
+            log_file: str | os.PathLike | None = None, verbose: bool = False, **where: Any) -> Any:
+    """Run the registered job ``kind`` on ``workers`` (or ``Workers(**where)``).
 
-    ``job`` (plain YAML-able data) is written to ``job_dir/KIND-job.yaml``. ``launcher`` defaults
-    to the engine's own (``deepspeed`` or ``accelerate``); ``torchrun`` is also accepted. A single
-    worker on a single node runs in-process and the job function's return value is returned.
-    Raises :class:`LM4LVError` when a worker fails. ``log_file``: where third-party output goes.
+    ``job`` is the kind's typed job (a plain dict is read into it). It is written once to
+    ``job_dir/KIND-job.yaml``, which launched workers read back; a single worker on a single node
+    runs in-process on the same object and the job function's return value is returned. Raises
+    :class:`LM4LVError` when a worker fails. ``log_file``: where third-party output goes.
     """
     from ..util import logs
-    from .. import worker
 
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    if num_nodes < 1:
-        raise ConfigError(f"--num-nodes must be >= 1, got {num_nodes}")
-    launcher = launcher or default_launcher(engine)
-    fn = worker.job_function(kind)
+    w = workers or Workers(**where)
+    spec = JOBS.get(kind)
+    if isinstance(job, dict):
+        job = from_dict(spec.job_type, job, source=f"{kind} job")
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     job_path = job_dir / f"{kind}-job.yaml"
@@ -194,16 +238,17 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     if log_file:
         import datetime
 
-        logs.note(log_file, f"{kind} job, {nproc} worker(s) per node on {num_nodes} node(s), started "
+        logs.note(log_file, f"{kind} job, {w.nproc} worker(s) per node on {w.num_nodes} node(s), started "
                             f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-    if nproc == 1 and num_nodes == 1 and not hostfile:
+    if w.in_process:
         # a process group the job creates (world size 1) stays for later jobs of this process:
         # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
         quiet = logs.capture(log_file, verbose) if log_file else contextlib.nullcontext()
-        with single_worker_env(master_port), signals.handling(), quiet:
-            return fn(job)
-    cmd = launcher_command(kind, job_path, nproc=nproc, launcher=launcher, num_nodes=num_nodes,
-                           hostfile=hostfile, master_port=master_port)
+        with single_worker_env(w.master_port), signals.handling(), quiet:
+            return spec.run(job)
+    launcher = w.launcher_name()
+    cmd = launcher_command(kind, job_path, nproc=w.nproc, launcher=launcher, num_nodes=w.num_nodes,
+                           hostfile=w.hostfile, master_port=w.master_port)
     relay = logs.launched(log_file, job_dir, verbose) if log_file else contextlib.nullcontext((None, {}))
     with relay as (out, relay_env):
         try:
@@ -234,9 +279,20 @@ def run_job(kind: str, job: dict[str, Any], *, nproc: int = 1, engine: str = "de
     return None
 
 
-def probe_job(job: dict[str, Any]) -> dict[str, int]:
+@dataclass
+class ProbeJob:
+    """A cheap job that checks a launcher really started connected workers (and what they saw)."""
+
+    out: str
+    fail: str | None = None  # every worker fails with this lm4lv error
+    crash: int | None = None  # this rank raises an unexpected error
+    noise: bool = False  # write third-party style output (warnings, logging, raw fd)
+
+
+@register_job("probe", ProbeJob)
+def probe_job(job: ProbeJob) -> dict[str, int]:
     """Join the process group and write ``probe-rankN.json`` (rank, world size, all-reduced sum)
-    into ``job["out"]``: a cheap check that a launcher really started connected workers."""
+    into ``job.out``."""
     import json
 
     import torch
@@ -246,14 +302,14 @@ def probe_job(job: dict[str, Any]) -> dict[str, int]:
     dist.init_distributed()
     total = dist.all_reduce_mean(torch.tensor([float(dist.rank())])) * dist.world_size()
     seen = {"rank": dist.rank(), "world_size": dist.world_size(), "rank_sum": int(total.item())}
-    out = Path(job["out"])
+    out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"probe-rank{seen['rank']}.json").write_text(json.dumps(seen), encoding="utf-8")
-    if job.get("fail"):
-        raise LM4LVError(str(job["fail"]))
-    if job.get("crash") is not None and dist.rank() == int(job["crash"]):
+    if job.fail:
+        raise LM4LVError(job.fail)
+    if job.crash is not None and dist.rank() == job.crash:
         raise RuntimeError(f"probe crash on rank {dist.rank()}")
-    if job.get("noise"):  # third-party style output: a warning, a logging line, a C-level write
+    if job.noise:  # third-party style output: a warning, a logging line, a C-level write
         import logging
         import warnings
 

@@ -1,92 +1,76 @@
-"""Flat ``lm4lv train`` options → (``TrainConfig``, ``ModelConfig``).
+"""Option layering shared by the training commands (``lm4lv train``, ``lm4lv ft-mae``).
 
 Precedence, lowest first: built-in defaults, the run folder's ``config.yaml`` (with ``--resume``),
 ``--config FILE.yaml``, then options given on the command line. A config file holds any option
-by its name (``micro-batch`` or ``micro_batch``), or is a run's resolved ``config.yaml``
-(``{train: ..., model: ...}``).
+by its name (``micro-batch`` or ``micro_batch``), or is a run's own ``config.yaml``
+(``{task, train, <task's config>}``), whose run-specific options (``RUN_ONLY``) are not taken.
+Each command turns the merged flat options into its typed job (``lm4lv_core.jobs``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from ..config import LoraConfig, ModelConfig, from_dict, load_yaml
+from ..config import load_yaml
+from ..defaults import RUN_CONFIG
 from ..errors import ConfigError
-from .config import TrainConfig, train_config_keys
 
-MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config")
-MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss",
-                "text_loss_weight", "vision_loss_weight",
-                "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "resize",
-                "attn_implementation")
-LORA = {"lora": "enabled", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-        "lora_targets": "target_modules"}
 RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "verbose")  # never taken from a saved run config
 
 
-def _norm(d: dict[str, Any], source: str) -> dict[str, Any]:
-    out = {str(k).replace("-", "_"): v for k, v in d.items()}
-    valid = train_config_keys() | set(MODEL_SOURCE) | set(MODEL_FIELDS) | set(LORA) | {"image_root"}
-    unknown = sorted(set(out) - valid - {"config", "dry_run"})
+@dataclass
+class Layered:
+    """The merged options, the ones given on the command line, and the non-flat sections of a
+    saved run config that was read (e.g. ``{"model": {...}}``)."""
+
+    options: dict[str, Any]
+    given: dict[str, Any]
+    saved: dict[str, Any] = field(default_factory=dict)
+
+
+def normalise(options: dict[str, Any], valid: Iterable[str], source: str) -> dict[str, Any]:
+    """Option names with ``-`` → ``_``; an unknown name is an error naming ``source``."""
+    out = {str(k).replace("-", "_"): v for k, v in options.items()}
+    unknown = sorted(set(out) - set(valid))
     if unknown:
         raise ConfigError(f"{source}: unknown option(s) {', '.join(unknown)}")
     return out
 
 
-def _from_file(path: str, source: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Flat options and (for a resolved run config) the saved model config."""
+def _from_file(path: Path | str, source: str, valid: set[str],
+               flat_sections: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
     data = load_yaml(path)
-    if "train" in data and isinstance(data["train"], dict):
-        flat = {k: v for k, v in data["train"].items() if k not in RUN_ONLY}
-        return flat, data.get("model")
-    return _norm(data, source), None
+    if not isinstance(data.get("train"), dict):  # a file of flat options
+        return normalise(data, valid, source), {}
+    flat: dict[str, Any] = {}
+    for section in flat_sections:
+        flat.update(data.get(section) or {})
+    flat = {k: v for k, v in flat.items() if k not in RUN_ONLY}
+    return flat, {k: v for k, v in data.items() if k not in (*flat_sections, "task")}
 
 
-def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, ModelConfig]:
-    """Merge the option layers and build both configs (``None`` values mean "not given")."""
-    from ..presets import resolve_model_config
-
-    cli = {k: v for k, v in _norm(cli, "options").items() if v is not None}
+def layer_options(cli: dict[str, Any], config_file: str | None, *, valid: set[str],
+                  flat_sections: tuple[str, ...] = ("train",), required: tuple[str, ...] = ("out",)) -> Layered:
+    """Merge the layers (``None`` values mean "not given") and check the required options."""
+    given = {k: v for k, v in normalise(cli, valid, "options").items() if v is not None}
     layers: list[dict[str, Any]] = []
-    saved_model: dict[str, Any] | None = None
-    out = cli.get("out")
-    if cli.get("resume") and out and (Path(out) / "config.yaml").is_file():
-        flat, saved_model = _from_file(str(Path(out) / "config.yaml"), f"{out}/config.yaml")
+    saved: dict[str, Any] = {}
+    out = given.get("out")
+    if given.get("resume") and out and (Path(out) / RUN_CONFIG).is_file():
+        flat, sections = _from_file(Path(out) / RUN_CONFIG, f"{out}/{RUN_CONFIG}", valid, flat_sections)
         layers.append(flat)
+        saved.update(sections)
     if config_file:
-        flat, model = _from_file(config_file, f"--config {config_file}")
+        flat, sections = _from_file(config_file, f"--config {config_file}", valid, flat_sections)
         layers.append(flat)
-        saved_model = model or saved_model
-    layers.append(cli)
-    opts: dict[str, Any] = {}
+        saved.update(sections)
+    layers.append(given)
+    merged: dict[str, Any] = {}
     for layer in layers:
-        opts.update({k: v for k, v in layer.items() if v is not None})
-
-    for key in ("data", "out"):
-        if not opts.get(key):
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    for key in required:
+        if not merged.get(key):
             raise ConfigError(f"--{key} is required")
-    train_kw = {k: v for k, v in opts.items() if k in train_config_keys()}
-    train = from_dict(TrainConfig, train_kw, source="train options")
-
-    fields = {k: opts[k] for k in MODEL_FIELDS if k in opts}
-    sources = any(opts.get(k) for k in MODEL_SOURCE)
-    if saved_model is not None and (cli.get("resume") or not sources):
-        # a resumed run keeps its saved model (template, prefix, LoRA, ...); options given now override
-        model = from_dict(ModelConfig, {**saved_model, **fields}, source="saved model config")
-        if sources:
-            given = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
-            for part in ("llm", "encoder", "decoder"):
-                if getattr(given, part) != getattr(model, part):
-                    raise ConfigError(f"--resume: the {part} given now differs from the run's "
-                                      f"({getattr(model, part)}); drop the model options or start a new run")
-    else:
-        model = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
-    lora = {LORA[k]: opts[k] for k in LORA if k in opts}
-    if lora:
-        if isinstance(lora.get("target_modules"), str):
-            lora["target_modules"] = [t.strip() for t in lora["target_modules"].split(",") if t.strip()]
-        base = vars(model.lora).copy()
-        base.update(lora)
-        model.lora = LoraConfig(**base)
-    return train, model
+    return Layered(merged, given, saved)

@@ -20,11 +20,9 @@ metrics, checkpoints and exact resume. A task owns everything specific to one mo
 ``save_final(model, sd, d)`` write the final, loadable model folder from ``sd``: full-size
                             (ZeRO-3: gathered) copies of the parameters named by
                             ``saved_parameter_names`` (default: the trainable ones)
-``config_dict()``           what goes into the run's ``config.yaml`` besides ``train``
 ==========================  ==================================================================
 
-A task is built from the job dict in every worker by ``build_task(job)``: the ``task`` entry
-names a registered task class, which receives the whole job.
+Each training job (``lm4lv_core.jobs``) builds its task from its typed job in every worker.
 """
 
 from __future__ import annotations
@@ -35,14 +33,6 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 from torch import nn
-
-from ..errors import ConfigError
-
-# task name → "module:Class"
-TASKS: dict[str, str] = {
-    "lm4lv": "lm4lv_core.tasks.lm4lv:LM4LVTask",
-    "mae": "lm4lv_core.tasks.mae_decoder:MAETask",
-}
 
 Gather = Callable[[Iterable[nn.Parameter]], ContextManager]
 
@@ -56,9 +46,6 @@ class TrainTask:
 
     name = "task"
     metric_names: tuple[str, ...] = ("loss",)
-
-    def __init__(self, job: dict[str, Any]) -> None:
-        self.job = job
 
     # ---- required
     def build_model(self) -> nn.Module:
@@ -77,9 +64,6 @@ class TrainTask:
         raise NotImplementedError
 
     # ---- optional
-    def config_dict(self) -> dict[str, Any]:
-        return {}
-
     def prepare(self, model: nn.Module, dataset: Sequence[Any], device: torch.device) -> None:
         """Called once per worker before the first step."""
 
@@ -101,17 +85,3 @@ class TrainTask:
         """Parameters ``save_final`` writes; the engine gathers them before (ZeRO-3 partitions
         frozen parameters too, which would otherwise be written as empty tensors)."""
         return [n for n, p in model.named_parameters() if p.requires_grad]
-
-    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        return {k: v for k, v in model.state_dict().items() if k in names}
-
-
-def build_task(job: dict[str, Any]) -> TrainTask:
-    import importlib
-
-    name = job.get("task", "lm4lv")
-    if name not in TASKS:
-        raise ConfigError(f"unknown training task {name!r}; valid: {', '.join(TASKS)}")
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(job)

@@ -180,3 +180,21 @@ def write_grid(cmp: Comparison, path: str | os.PathLike, rows: int | None = None
     with atomic_path(path, suffix=".png") as tmp:
         grid.save(tmp, format="PNG")
     return path
+
+
+def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequence[str | os.PathLike], *,
+             labels: Sequence[str] | None = None, json_file: str | os.PathLike | None = None,
+             csv_file: str | os.PathLike | None = None, grid: str | os.PathLike | None = None,
+             grid_rows: int | None = None, **scoring: Any) -> Comparison:
+    """``lm4lv eval``: score ``preds`` against ``gt`` (``scoring``: the keyword options of
+    :func:`compare_paths`) and write the requested files. One prediction folder is written as its
+    own report, several as the comparison."""
+    cmp = compare_paths(metrics, gt, preds, labels=labels, **scoring)
+    out = cmp.reports[0] if len(cmp.reports) == 1 else cmp
+    if json_file:
+        out.write_json(json_file)
+    if csv_file:
+        out.write_csv(csv_file)
+    if grid:
+        write_grid(cmp, grid, grid_rows)
+    return cmp

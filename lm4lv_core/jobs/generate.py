@@ -34,11 +34,17 @@ import os
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config import to_dict
 from ..data.format import Sample, load_checked
+from ..defaults import GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, PRECISIONS
+from ..engine import launch
+from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, Interrupted, LM4LVError
+from ..generate import GenerationConfig
 from ..util.fsutil import user_entries, write_json_atomic
 from ..util.progress import rank0_progress
 
@@ -46,11 +52,36 @@ MANIFEST = "generate.json"
 RESULTS = "results.jsonl"
 PARTS = "parts"
 IMAGES = "images"
-JOB_DIR = ".job"
+LOG_FILE = "generate.log"
 FORMAT = "lm4lv-generate"
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # options whose change makes existing outputs stale
 _IDENTITY_KEYS = ("model", "model_fingerprint", "precision", "generation")
+
+
+def new_attempt() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+
+
+@dataclass(kw_only=True)
+class GenerateJob:
+    """What every ``generate`` worker receives (paths absolute, ``model`` a saved model folder)."""
+
+    model: str
+    data: str
+    out: str
+    image_root: str | None = None
+    batch_size: int = GENERATE_BATCH_SIZE
+    precision: str = "fp32"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    attempt: str = field(default_factory=new_attempt)  # names this run's part files
+    compile: bool = False
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 # ---------------------------------------------------------------------------- naming
@@ -159,30 +190,27 @@ class _StopAfterBatch(Exception):
 # ---------------------------------------------------------------------------- out folder
 def resolve_model_dir(run: str | os.PathLike) -> Path:
     """A training run folder (its ``final/``) or a saved model folder itself."""
-    from ..model import CONFIG_FILE
-
     run = Path(run)
     for cand in (run / "final", run):
-        if (cand / CONFIG_FILE).is_file():
+        if (cand / MODEL_CONFIG).is_file():
             return cand.resolve()
     if not run.exists():
         raise ConfigError(f"--run {run}: folder not found")
-    raise ConfigError(f"--run {run}: neither a saved model folder nor a run with final/{CONFIG_FILE}")
+    raise ConfigError(f"--run {run}: neither a saved model folder nor a run with final/{MODEL_CONFIG}")
 
 
 def model_resize(model_dir: Path) -> str:
     """The size policy a saved model was trained with (its ``lm4lv.yaml``)."""
     from ..config import ModelConfig, from_dict, load_yaml
-    from ..model import CONFIG_FILE
 
-    path = Path(model_dir) / CONFIG_FILE
+    path = Path(model_dir) / MODEL_CONFIG
     return from_dict(ModelConfig, load_yaml(path), source=str(path)).resize
 
 
-def manifest_for(job: dict[str, Any]) -> dict[str, Any]:
-    return {"format": FORMAT, "version": 1, "model": str(job["model"]),
-            "model_fingerprint": model_fingerprint(Path(job["model"])), "data": str(job["data"]),
-            "precision": job["precision"], "generation": dict(job["generation"])}
+def manifest_for(job: GenerateJob) -> dict[str, Any]:
+    return {"format": FORMAT, "version": 1, "model": job.model,
+            "model_fingerprint": model_fingerprint(Path(job.model)), "data": job.data,
+            "precision": job.precision, "generation": to_dict(job.generation)}
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -201,7 +229,7 @@ def sample_hash(s: Sample) -> str:
     return hashlib.sha256(json.dumps(s.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> str:
+def prepare_out(out: Path, job: GenerateJob, overwrite: bool) -> str:
     """Check and set up the output folder before any worker starts.
 
     Returns ``"new"``, ``"resume"`` or ``"overwrite"``. Refuses a non-empty folder that is not an
@@ -255,31 +283,82 @@ def _remove_previous(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- the job
-def generate_job(job: dict[str, Any]) -> dict[str, int]:
-    """Worker entry: generate this rank's unfinished samples; rank 0 merges the results.
+@dataclass
+class GenerateSummary:
+    """Samples finished before and after a ``generate`` run, of ``total``; ``dropped``: training
+    samples whose last answer was dropped to be generated."""
 
-    ``job`` keys: ``model`` (saved model folder), ``data``, ``image_root``, ``out``,
-    ``batch_size``, ``precision``, ``generation`` (``GenerationConfig`` fields), ``attempt``.
+    before: int
+    after: int
+    total: int
+    dropped: int
+    results: Path
+
+
+def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+             image_root: str | os.PathLike | None = None, batch_size: int = GENERATE_BATCH_SIZE,
+             precision: str = "fp32", generation: GenerationConfig | None = None,
+             workers: Workers | None = None, overwrite: bool = False, compile: bool = False,
+             attn_implementation: str | None = None, verbose: bool = False, on_note=None) -> GenerateSummary:
+    """Parent side of ``lm4lv generate``: check the options, the model and the data, set up the
+    output folder, run the workers and count what is finished. ``on_note(text)`` receives notes
+    for the user (e.g. answers dropped from training samples)."""
+    from ..util.runlock import hold
+
+    gen = generation or GenerationConfig()
+    model_dir = resolve_model_dir(run)
+    gen.resize = gen.resize or model_resize(model_dir)
+    job = GenerateJob(model=str(model_dir), data=str(Path(data).resolve()), out=str(Path(out).resolve()),
+                      image_root=str(Path(image_root).resolve()) if image_root else None, batch_size=batch_size,
+                      precision=precision, generation=gen, compile=compile, attn_implementation=attn_implementation)
+    workers = workers or Workers()
+    _check_device(job)
+    samples = load_checked(job.data, image_root=job.image_root, mode="generate")
+    dropped = sum(s.answer_dropped for s in samples)
+    if dropped and on_note:
+        on_note(f"note: {dropped} of {len(samples)} samples in {job.data} end with an answer (training format); "
+                "each last answer is dropped and generated")
+    out = Path(job.out)
+    with hold(out, "generate"):  # one run per folder; removes temporary files of killed runs
+        prepare_out(out, job, overwrite)
+        stems = output_stems(samples)
+        before = len(finished_records(out, samples, stems))
+        launch.run_job("generate", job, job_dir=out / JOB_DIR, workers=workers, log_file=out / LOG_FILE,
+                       verbose=verbose)
+        after = len(finished_records(out, samples, stems))
+    return GenerateSummary(before, after, len(samples), dropped, out / RESULTS)
+
+
+def _check_device(job: GenerateJob) -> None:
+    """fp16 and flash attention need a GPU; ``--compile`` needs a working compiler."""
+    launch.require_gpu_for(job.precision)
+    if job.attn_implementation or job.compile:
+        import torch
+
+        from ..compiled_decode import check_compile_available
+        from ..loading import check_attn_implementation, compute_dtype
+
+        if job.attn_implementation:
+            check_attn_implementation(job.attn_implementation, dtype=compute_dtype(job.precision))
+        if job.compile:
+            check_compile_available(torch.device("cuda" if launch.has_cuda() else "cpu"))
+
+
+@register_job("generate", GenerateJob)
+def generate_job(job: GenerateJob) -> dict[str, int]:
+    """Worker entry: generate this rank's unfinished samples; rank 0 merges the results.
     Returns counts ``{"generated", "skipped", "total"}`` of this rank.
     """
-    import torch
-
-    from ..util import dist, memreport, signals
-    from ..generate import GenerationConfig, generate_samples, output_image
+    from ..generate import generate_samples, output_image
+    from ..loading import compute_dtype
     from ..imageio import oriented_size, save_png
     from ..model import LM4LV
+    from ..util import dist, memreport, signals
 
     dist.init_distributed()
     rank, world = dist.rank(), dist.world_size()
-    out = Path(job["out"])
-    cfg = GenerationConfig(**job.get("generation", {}))
-    precision = job.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    device = dist.device()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
-    samples = load_checked(job["data"], image_root=job.get("image_root"), mode="generate", check_files=False)
+    out, cfg = Path(job.out), job.generation
+    samples = load_checked(job.data, image_root=job.image_root, mode="generate", check_files=False)
     stems = output_stems(samples)
     done = finished_records(out, samples, stems)
     dist.barrier()  # every rank has read the same records before any rank writes new ones
@@ -288,12 +367,12 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
     skipped = len(done) if rank == 0 else 0
     stopped = bool(mine) and signals.requested()
     if mine and not stopped:
+        dtype = compute_dtype(job.precision)
         load = memreport.LoadMeter()  # measures only with LM4LV_MEMORY_REPORT set
-        model = LM4LV.from_pretrained(job["model"], dtype=getattr(torch, PRECISIONS[precision]),
-                                      attn_implementation=job.get("attn_implementation"))
-        load.done("generate", model, getattr(torch, PRECISIONS[precision]))
-        model = model.to(device).eval()
-        part = out / PARTS / f"rank-{rank}-{job.get('attempt', 'run')}.jsonl"
+        model = LM4LV.from_pretrained(job.model, dtype=dtype, attn_implementation=job.attn_implementation)
+        load.done("generate", model, dtype)
+        model = model.to(dist.device()).eval()
+        part = out / PARTS / f"rank-{rank}-{job.attempt}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)
         label = "generate" + (f" (rank 0 of {world})" if world > 1 else "")
         with open(part, "a", encoding="utf-8") as f, rank0_progress(label, len(mine), show=rank == 0) as advance:
@@ -312,8 +391,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
                     raise _StopAfterBatch
 
             try:
-                generate_samples(model, mine, cfg, batch_size=int(job.get("batch_size", 8)), on_batch=write,
-                                 compile=bool(job.get("compile", False)))
+                generate_samples(model, mine, cfg, batch_size=job.batch_size, on_batch=write, compile=job.compile)
             except _StopAfterBatch:
                 stopped = True
     dist.barrier()
@@ -325,7 +403,3 @@ def generate_job(job: dict[str, Any]) -> dict[str, int]:
         raise Interrupted(f"interrupted: {finished} of {len(samples)} samples finished and kept; "
                           "run the same command again to generate the rest")
     return {"generated": len(mine), "skipped": skipped, "total": len(samples)}
-
-
-def new_attempt() -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"

@@ -1,15 +1,15 @@
-"""Pieces of ``lm4lv quickstart``: bundled sample images, the stage commands, and the report.
+"""``lm4lv quickstart``: scikit-image sample images, the stages, and the report.
 
-The quickstart runs the real commands (make-data → ft-mae → train → generate → eval) on images
-that ship with scikit-image and on a tiny random-initialised model built offline, so the whole
-method runs on a laptop CPU in minutes. Its numbers are whatever the run measures.
+The quickstart runs the core of every command (make-data → ft-mae → train → generate → eval) on
+scikit-image's sample images and a tiny random-initialised model built offline, so the whole method
+runs on a laptop CPU in minutes. Its numbers are whatever the run measures.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ TRAIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistr
                 "coins", "camera", "moon", "brick", "grass", "gravel", "clock", "cell", "page", "text")
 HELD_OUT_IMAGES = ("cat", "retina", "colorwheel")
 MARKER = "quickstart.yaml"  # the settings of the run; marks the folder as the quickstart's own
+# everything the quickstart writes into its folder; --overwrite replaces only these
+OWN_ENTRIES = ("images", "data", "mae", "run", "generated", "scores", "grid.png", "loss.png", "report.md", MARKER)
 # LoRA on attention and MLP: a *random* LLM must learn to carry degraded token t to the slot
 # before target token t; a pretrained LLM does this frozen (the paper's setting)
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -57,13 +59,18 @@ class QuickstartConfig:
 
 @dataclass
 class Stage:
+    """One command of the quickstart: its positional ``args`` and ``options`` by option name, as
+    ``lm4lv COMMAND`` takes them (``run_stage`` runs it; the report shows it as a command line)."""
+
     name: str
-    args: list[str]
+    command: str
+    args: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 
 def export_sample_images(root: Path) -> tuple[Path, Path]:
-    """Write the bundled scikit-image samples as PNGs into ``root/train`` and ``root/held-out``."""
+    """Write scikit-image's sample images as PNGs into ``root/train`` and ``root/held-out``."""
     import skimage.data
 
     dirs = (root / "train", root / "held-out")
@@ -122,36 +129,83 @@ def lpips_available() -> bool:
 
 
 def stages(cfg: QuickstartConfig, lpips_weight: float, verbose: bool = False) -> list[Stage]:
-    """The ``lm4lv`` commands the quickstart runs, in order (paths relative to ``cfg.out``);
-    ``verbose`` passes ``--verbose`` to the commands that write a log."""
+    """The commands the quickstart runs, in order (paths inside ``cfg.out``); ``verbose`` shows the
+    third-party output of the commands that write a log."""
     o = Path(cfg.out)
-    degr = [a for d in cfg.degradations for a in ("--degradation", d)]
     train_images = o / ("images/train-crops" if cfg.crops else "images/train")
-    lora = (["--lora", "--lora-targets", LORA_TARGETS, "--lora-r", str(cfg.lora_r),
-             "--lora-alpha", str(cfg.lora_alpha)] if cfg.lora_r else [])
+    lora = ({"lora": True, "lora_targets": LORA_TARGETS, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+            if cfg.lora_r else {})
+    loud = {"verbose": True} if verbose else {}
     out = [
-        Stage("make-data", ["make-data", str(train_images), "--test-dir", str(o / "images/held-out"),
-                            "--out", str(o / "data"), *degr, "--size", str(cfg.size), "--seed", str(cfg.seed)]),
-        Stage("ft-mae", ["ft-mae", str(o / "data/hq"), "--out", str(o / "mae"), "--preset", cfg.preset,
-                         "--lpips-weight", str(lpips_weight), "--max-steps", str(cfg.mae_steps),
-                         "--micro-batch", str(cfg.micro_batch), "--lr", str(cfg.mae_lr), "--seed", str(cfg.seed),
-                         "--save-every", str(max(cfg.mae_steps, 1)), "--preview-every", str(max(cfg.mae_steps // 3, 100))]),
-        Stage("train", ["train", "--data", str(o / "data/train.json"), "--out", str(o / "run"),
-                        "--preset", cfg.preset, "--mae-decoder", str(o / "mae/final"),
-                        "--max-steps", str(cfg.steps), "--micro-batch", str(cfg.micro_batch),
-                        "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--cache-features",
-                        "--save-every", str(cfg.steps), "--preview-every", str(max(cfg.steps // 4, 100)), *lora]),
-        Stage("generate", ["generate", "--run", str(o / "run"), "--data", str(o / "data/test.json"),
-                           "--out", str(o / "generated"), "--batch-size", "8"]),
+        Stage("make-data", "make-data", [str(train_images)],
+              {"test_dir": str(o / "images/held-out"), "out": str(o / "data"), "degradation": list(cfg.degradations),
+               "size": cfg.size, "seed": cfg.seed}),
+        Stage("ft-mae", "ft-mae", [str(o / "data/hq")],
+              {"out": str(o / "mae"), "preset": cfg.preset, "lpips_weight": lpips_weight, "max_steps": cfg.mae_steps,
+               "micro_batch": cfg.micro_batch, "lr": cfg.mae_lr, "seed": cfg.seed, "save_every": max(cfg.mae_steps, 1),
+               "preview_every": max(cfg.mae_steps // 3, 100), **loud}),
+        Stage("train", "train", [],
+              {"data": str(o / "data/train.json"), "out": str(o / "run"), "preset": cfg.preset,
+               "mae_decoder": str(o / "mae/final"), "max_steps": cfg.steps, "micro_batch": cfg.micro_batch,
+               "lr": cfg.lr, "seed": cfg.seed, "cache_features": True, "save_every": cfg.steps,
+               "preview_every": max(cfg.steps // 4, 100), **lora, **loud}),
+        Stage("generate", "generate", [],
+              {"run": str(o / "run"), "data": str(o / "data/test.json"), "out": str(o / "generated"),
+               "batch_size": 8, **loud}),
     ]
-    if verbose:
-        for stage in out[1:]:
-            stage.args.append("--verbose")
     for slug in degradation_slugs(cfg):  # degraded input and lm4lv's output in one table
-        out.append(Stage(f"eval {slug}", ["eval", "psnr,ssim", str(o / "data/test/hq"), str(o / "data/test/lq" / slug),
-                                          str(o / "generated/images" / slug), "--labels", "degraded,lm4lv",
-                                          "--json", str(o / "scores" / f"{slug}.json")]))
+        out.append(Stage(f"eval {slug}", "eval",
+                         ["psnr,ssim", str(o / "data/test/hq"), str(o / "data/test/lq" / slug),
+                          str(o / "generated/images" / slug)],
+                         {"labels": "degraded,lm4lv", "json": str(o / "scores" / f"{slug}.json")}))
     return out
+
+
+def run_stage(stage: Stage, progress=None, on_note=None) -> Any:
+    """Run one stage through the core of its command; returns what that command reports
+    (``progress(done, total)`` for make-data and eval, ``on_note(text)`` for generate)."""
+    a, o = stage.args, dict(stage.options)
+    if stage.command == "make-data":
+        from .make_data import MakeDataConfig, make_data
+
+        cfg = MakeDataConfig(out=Path(o.pop("out")), clean_dir=Path(a[0]), degradations=o.pop("degradation"),
+                             test_dir=Path(o.pop("test_dir")), **o)
+        return make_data(cfg, progress=progress)
+    if stage.command == "ft-mae":
+        from .ft_mae import finetune, resolve_finetune_options
+
+        train, mae = resolve_finetune_options({"data": a[0], **o})
+        return train, finetune(train, mae)
+    if stage.command == "train":
+        from .train import resolve_options, train
+
+        cfg, model = resolve_options(o)
+        return cfg, train(cfg, model)
+    if stage.command == "generate":
+        from .generate import generate
+
+        return generate(o.pop("run"), o.pop("data"), o.pop("out"), on_note=on_note, **o)
+    if stage.command == "eval":
+        from .evaluate import evaluate
+
+        return evaluate(a[0], a[1], a[2:], labels=o["labels"].split(","), json_file=o["json"], progress=progress)
+    raise ConfigError(f"unknown quickstart stage command {stage.command!r}")
+
+
+def command_line(stage: Stage) -> str:
+    """``stage`` as the ``lm4lv`` command line that does the same."""
+    import shlex
+
+    words = [stage.command, *stage.args]
+    for name, value in stage.options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, list):
+            words += [w for v in value for w in (flag, str(v))]
+        else:
+            words += [flag, str(value)]
+    return "lm4lv " + shlex.join(words)
 
 
 def degradation_slugs(cfg: QuickstartConfig) -> list[str]:
@@ -194,6 +248,7 @@ def write_grid(cfg: QuickstartConfig) -> Path:
 
 def write_report(cfg: QuickstartConfig, table: list[dict[str, Any]], ran: list[Stage], lpips_weight: float,
                  total_s: float) -> Path:
+    """``report.md``: the scores table, the grid, the loss curve and the commands that were run."""
     o = Path(cfg.out)
     shutil.copyfile(o / "run" / "loss.png", o / "loss.png")
     lines = ["# lm4lv quickstart report", "",
@@ -215,7 +270,7 @@ def write_report(cfg: QuickstartConfig, table: list[dict[str, Any]], ran: list[S
               "![degraded | lm4lv | ground truth](grid.png)", "",
               "Each row: degraded | lm4lv | ground truth, with PSNR / SSIM against the ground truth.", "",
               "![loss](loss.png)", "", "## Commands", "", "```bash"]
-    lines += [f"lm4lv {' '.join(s.args)}   # {s.seconds:.1f} s" for s in ran]
+    lines += [f"{command_line(s)}   # {s.seconds:.1f} s" for s in ran]
     lines += ["```", ""]
     path = o / "report.md"
     write_text_atomic(path, "\n".join(lines))

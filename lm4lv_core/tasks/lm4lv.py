@@ -13,28 +13,24 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..util import dist
-from ..config import ModelConfig, from_dict, to_dict
+from ..config import ModelConfig
 from ..data.dataset import Batch, Item, LM4LVDataset, collate, tensor_to_uint8
 from ..data.format import load_checked
-from ..errors import ConfigError
 from ..engine.config import TrainConfig
 from ..engine.task import Gather, TrainTask, no_gather
+from ..errors import ConfigError
+from ..util import dist
 
 
 class LM4LVTask(TrainTask):
     name = "lm4lv"
     metric_names = ("loss", "text_loss", "vision_loss")
 
-    def __init__(self, job: dict[str, Any]) -> None:
-        super().__init__(job)
-        self.model_config = from_dict(ModelConfig, job["model"], source="model config")
-        self.train_config = from_dict(TrainConfig, job["train"], source="train config")
+    def __init__(self, train: TrainConfig, model: ModelConfig) -> None:
+        self.train_config = train
+        self.model_config = model
         self.cache: dict[str, torch.Tensor] | None = None
         self.model = None
-
-    def config_dict(self) -> dict[str, Any]:
-        return {"model": to_dict(self.model_config)}
 
     def build_model(self) -> nn.Module:
         from ..model import LM4LV

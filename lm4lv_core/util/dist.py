@@ -14,6 +14,11 @@ import torch
 import torch.distributed as tdist
 
 
+def has_cuda() -> bool:
+    """A CUDA GPU is there and DeepSpeed is not told to use the CPU."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+
+
 def rank() -> int:
     if tdist.is_available() and tdist.is_initialized():
         return tdist.get_rank()

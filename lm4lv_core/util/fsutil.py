@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import OutputError
 
@@ -35,6 +35,17 @@ def is_internal(name: str) -> bool:
 def user_entries(folder: Path) -> list[Path]:
     """Entries of ``folder`` other than lm4lv's temporary files and lock."""
     return [p for p in Path(folder).iterdir() if not is_internal(p.name)]
+
+
+def remove_entries(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Remove the files or folders ``names`` from ``folder`` where present (lm4lv's own outputs
+    of an earlier run; nothing else in the folder is touched)."""
+    for name in names:
+        p = Path(folder) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 @contextlib.contextmanager

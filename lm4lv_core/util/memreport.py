@@ -142,7 +142,7 @@ class StepMeter:
         self.at_backward: int | None = None
         if not enabled() or _steps[0] not in (target - 1, target):
             return
-        from ..engine.launch import has_cuda
+        from .dist import has_cuda
 
         self.cuda = has_cuda()
         if not self.cuda and StepMeter._prof is None:

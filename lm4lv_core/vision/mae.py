@@ -1,11 +1,15 @@
 """MAE encoder and decoder from a Hugging Face ``ViTMAEForPreTraining`` folder.
 
+``MAEAutoencoder`` pairs both for decoder fine-tuning and reconstruction.
+
 The encoder runs with mask ratio 0 and keeps patch order (``noise = arange(N)``), so its output is
 ``[B, 1 + N, d_v]`` (CLS first). The decoder maps such features back to pixels: decoder
 transformer → unpatchify → de-normalisation with the ImageNet statistics the MAE was trained on.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -109,3 +113,71 @@ class MAEDecoder(_MAEPart, VisionDecoder):
         x = patches.float().reshape(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, g * p, g * p)
         x = self.denormalize(x)
         return x.clamp(0.0, 1.0) if clamp else x
+
+
+class MAEAutoencoder(nn.Module):
+    """Encoder + decoder of one ``ViTMAEForPreTraining``; only the decoder trains by default.
+
+    ``dtype`` is the compute dtype (default float32). With ``train=False`` (reconstruction) the
+    whole MAE is read from disk in it. When training, the MAE is read in float32 so the trainable
+    decoder's master weights are exact, and a frozen encoder is then cast to ``dtype``.
+    """
+
+    def __init__(self, path: str, train_encoder: bool = False, dtype: torch.dtype | None = None,
+                 train: bool = True) -> None:
+        super().__init__()
+        dtype = dtype or torch.float32
+        hf = load_mae(path, torch.float32 if train else dtype)
+        self.path = path
+        object.__setattr__(self, "_hf", hf)  # not a submodule: its parts are registered below
+        self.encoder = MAEEncoder(mae=hf)
+        self.decoder = MAEDecoder(mae=hf)
+        self.image_size = self.encoder.image_size
+        self.train_encoder = train_encoder
+        for p in self.encoder.parameters():
+            p.requires_grad_(train_encoder)
+        for p in self.decoder.parameters():
+            p.requires_grad_(True)
+        if train:
+            from ..loading import cast_by_trainability
+
+            cast_by_trainability(self, dtype, torch.float32)
+
+    def train(self, mode: bool = True) -> "MAEAutoencoder":
+        """A frozen encoder stays in eval mode whatever ``mode`` is (no dropout in a frozen part)."""
+        super().train(mode)
+        if not self.train_encoder:
+            self.encoder.eval()
+        return self
+
+    def forward(self, pixels: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [0, 1] → reconstruction ``[B, 3, H, W]``."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
+            feats = self.encoder(pixels)
+        return self.decoder(feats, clamp=clamp)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a complete Hugging Face ``ViTMAEForPreTraining`` folder into ``path``.
+
+        ``state_dict`` (this module's names, e.g. all parameters gathered from ZeRO-3 partitions)
+        overrides the module's own tensors in what is written. Weights held in a lower precision
+        while training are written in float32; a frozen part is then written exactly as it was
+        read (from the source folder), not rounded through the compute dtype.
+        """
+        hf = self._hf
+        reread = any(p.dtype != torch.float32 for p in hf.parameters())
+        if reread:
+            hf = load_mae(self.path, torch.float32)
+        hf_sd = hf.state_dict()
+        updates = state_dict if state_dict is not None else (self.state_dict() if reread else {})
+        for k, v in updates.items():
+            part, hf_key = k.split(".", 1)  # encoder.vit.* → vit.*, decoder.decoder.* → decoder.*
+            if reread and not (part == "decoder" or self.train_encoder):
+                continue  # frozen: keep the source's exact weights
+            if hf_key not in hf_sd:
+                if state_dict is None:
+                    continue
+                raise ValueError(f"unexpected MAE weight: {k}")
+            hf_sd[hf_key] = v.to(hf_sd[hf_key].dtype)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        hf.save_pretrained(str(path), state_dict=hf_sd)

@@ -1,0 +1,123 @@
+"""``lm4lv recon-mae``: reconstruct a folder with an MAE (every worker its share) and score the
+reconstructions against their inputs."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..defaults import CROP_BORDER, RECON_BATCH_SIZE
+from ..engine import launch
+from ..engine.launch import Workers, register_job
+from ..errors import ConfigError, LM4LVError
+from ..imageio import load_rgb, require_images, save_png
+from ..presets import mae_path
+from ..util.progress import rank0_progress
+
+LOG_FILE = "recon-mae.log"
+RESULTS = "recon.json"
+
+
+@dataclass
+class ReconJob:
+    """What every ``recon-mae`` worker receives."""
+
+    mae: str
+    images: str
+    out: str
+    batch_size: int = RECON_BATCH_SIZE
+    crop_border: int = CROP_BORDER
+    precision: str = "fp32"
+
+
+def reconstruct_folder(mae: str, images_dir: str | Path, out_dir: str | Path, *,
+                       batch_size: int = RECON_BATCH_SIZE, rank: int = 0, world_size: int = 1,
+                       crop_border: int = CROP_BORDER, progress=None, precision: str = "fp32",
+                       device=None) -> list[dict[str, Any]]:
+    """Reconstruct every image under ``images_dir`` (this rank's share) into ``out_dir`` under the
+    same relative names (``.png``); return per-image PSNR/SSIM rows against the (resized) input."""
+    import torch
+
+    from ..data.dataset import image_to_tensor, tensor_to_uint8
+    from ..loading import compute_dtype
+    from ..metrics import psnr, ssim
+    from ..vision.mae import MAEAutoencoder
+
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    files = require_images(images_dir)
+    device = device or torch.device("cpu")
+    model = MAEAutoencoder(mae, dtype=compute_dtype(precision), train=False).to(device).eval()
+    mine = files[rank::world_size]
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        x = torch.stack([image_to_tensor(load_rgb(f), model.image_size) for f in chunk])
+        with torch.inference_mode():
+            y = model(x.to(device)).float().cpu()
+        for f, xi, yi in zip(chunk, x, y):
+            rel = f.relative_to(images_dir).with_suffix(".png")
+            src, rec = tensor_to_uint8(xi), tensor_to_uint8(yi)
+            save_png(rec, out_dir / rel)
+            rows.append({"name": rel.as_posix(), "psnr": psnr(src, rec, crop_border),
+                         "ssim": ssim(src, rec, crop_border)})
+        if progress:
+            progress(len(chunk))
+    return rows
+
+
+def mean_rows(rows: list[dict[str, Any]], keys=("psnr", "ssim")) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys} if rows else {}
+
+
+@register_job("recon-mae", ReconJob)
+def recon_mae_job(job: ReconJob) -> list[dict[str, Any]] | None:
+    """Worker side: each rank reconstructs its share; rank 0 gathers the rows into ``recon.json``."""
+    from ..util import dist
+    from ..util.fsutil import write_json_atomic
+
+    dist.init_distributed()
+    n_mine = len(require_images(job.images)[dist.rank()::dist.world_size()])
+    with rank0_progress("reconstruct", n_mine, show=dist.is_main()) as advance:
+        rows = reconstruct_folder(job.mae, job.images, job.out, batch_size=job.batch_size,
+                                  rank=dist.rank(), world_size=dist.world_size(), crop_border=job.crop_border,
+                                  progress=advance, precision=job.precision, device=dist.device())
+    gathered = dist.all_gather_objects(rows)
+    if not dist.is_main():
+        return None
+    merged = sorted((r for part in gathered for r in part), key=lambda r: r["name"])
+    write_json_atomic(Path(job.out) / RESULTS, {"count": len(merged), "mean": mean_rows(merged), "images": merged})
+    return merged
+
+
+def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
+                batch_size: int = RECON_BATCH_SIZE, crop_border: int = CROP_BORDER, precision: str = "fp32",
+                workers: Workers | None = None, overwrite: bool = False,
+                verbose: bool = False) -> list[dict[str, Any]]:
+    """Parent side of ``lm4lv recon-mae``: check, then run the reconstruction workers (third-party
+    output goes to ``out/recon-mae.log``)."""
+    from ..loading import compute_dtype
+
+    compute_dtype(precision)
+    launch.require_gpu_for(precision)
+    path, _ = mae_path(mae, preset)
+    images, out = Path(images), Path(out)
+    if not images.is_dir():
+        raise LM4LVError(f"{images}: folder not found")
+    require_images(images)
+    if out.resolve() == images.resolve() or images.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out {out}: must not be the input folder or inside it")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
+    job = ReconJob(mae=path, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
+                   crop_border=crop_border, precision=precision)
+    with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
+        rows = launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers or Workers(),
+                              log_file=out / LOG_FILE, verbose=verbose)
+    if rows is None:  # several workers: rank 0 wrote the gathered rows
+        rows = json.loads((out / RESULTS).read_text(encoding="utf-8"))["images"]
+    return rows

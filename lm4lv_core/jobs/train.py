@@ -1,0 +1,139 @@
+"""``lm4lv train``: the LM4LV training job, its option resolver, checks and dry run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import LoraConfig, ModelConfig, from_dict
+from ..data.format import Sample, load_checked
+from ..engine.config import TrainConfig, train_config_keys
+from ..engine.launch import register_job, require_gpu_for
+from ..engine.options import layer_options
+from ..engine.run import TrainingJob, run_training, train_in_worker
+from ..errors import ConfigError
+
+MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config")
+MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss",
+                "text_loss_weight", "vision_loss_weight",
+                "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "resize",
+                "attn_implementation")
+LORA = {"lora": "enabled", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+        "lora_targets": "target_modules"}
+
+
+def option_names() -> set[str]:
+    """Every option ``lm4lv train`` (and its ``--config`` file) takes."""
+    return train_config_keys() | set(MODEL_SOURCE) | set(MODEL_FIELDS) | set(LORA)
+
+
+@dataclass(kw_only=True)
+class TrainJob(TrainingJob):
+    """One LM4LV training run: written as the run's ``config.yaml`` and handed to every worker."""
+
+    TASK = "lm4lv"
+    task: str = TASK
+    model: ModelConfig
+
+    def build_task(self):
+        from ..tasks.lm4lv import LM4LVTask
+
+        return LM4LVTask(self.train, self.model)
+
+
+register_job("train", TrainJob)(train_in_worker)
+
+
+def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, ModelConfig]:
+    """Flat options (``None`` = not given) over ``--config`` over a resumed run's ``config.yaml``
+    → both configs. A resumed run keeps its saved model; model options given now override its fields."""
+    from ..presets import resolve_model_config
+
+    lay = layer_options(cli, config_file, valid=option_names(), required=("data", "out"))
+    opts, saved_model = lay.options, lay.saved.get("model")
+    train = from_dict(TrainConfig, {k: v for k, v in opts.items() if k in train_config_keys()},
+                      source="train options")
+    fields = {k: opts[k] for k in MODEL_FIELDS if k in opts}
+    sources = any(opts.get(k) for k in MODEL_SOURCE)
+    if saved_model is not None and (lay.given.get("resume") or not sources):
+        model = from_dict(ModelConfig, {**saved_model, **fields}, source="saved model config")
+        if sources:
+            given = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
+            for part in ("llm", "encoder", "decoder"):
+                if getattr(given, part) != getattr(model, part):
+                    raise ConfigError(f"--resume: the {part} given now differs from the run's "
+                                      f"({getattr(model, part)}); drop the model options or start a new run")
+    else:
+        model = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
+    lora = {LORA[k]: opts[k] for k in LORA if k in opts}
+    if lora:
+        if isinstance(lora.get("target_modules"), str):
+            lora["target_modules"] = [t.strip() for t in lora["target_modules"].split(",") if t.strip()]
+        model.lora = LoraConfig(**{**vars(model.lora), **lora})
+    return train, model
+
+
+def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
+    """Everything that can be checked before workers start; makes the data and image paths
+    absolute and returns the parsed samples."""
+    from ..hub import resolve_model
+    from ..loading import check_attn_implementation, compute_dtype
+    from ..tasks.lm4lv import check_cache_allowed
+
+    samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
+    if cfg.cache_features:
+        check_cache_allowed(model)
+    resolve_model(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
+    if not Path(model.llm).is_dir():
+        raise ConfigError(f"llm {model.llm}: folder not found")
+    for part in ("encoder", "decoder"):
+        path = getattr(model, part).kwargs.get("path")
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"{part} {path}: folder not found")
+    require_gpu_for(cfg.precision)
+    check_attn_implementation(model.attn_implementation, dtype=compute_dtype(cfg.precision))
+    if cfg.hostfile and not Path(cfg.hostfile).is_file():
+        raise ConfigError(f"--hostfile {cfg.hostfile}: file not found")
+    if cfg.deepspeed_config:
+        if not Path(cfg.deepspeed_config).is_file():
+            raise ConfigError(f"--deepspeed-config {cfg.deepspeed_config}: file not found")
+        from ..engine.backends import checked_deepspeed_overrides
+
+        checked_deepspeed_overrides(cfg, cfg.nproc * cfg.num_nodes)
+    cfg.image_root = str(Path(cfg.image_root if cfg.image_root is not None else Path(cfg.data).parent).resolve())
+    cfg.data = str(Path(cfg.data).resolve())
+    return samples
+
+
+def train(cfg: TrainConfig, model: ModelConfig) -> Any:
+    """Train LM4LV: check data, images and config, then run the workers."""
+    check(cfg, model)
+    return run_training("train", TrainJob(train=cfg, model=model))
+
+
+@dataclass
+class DryRun:
+    """What ``lm4lv train --dry-run`` shows: the first sample rendered, its tokens, and the memory plan."""
+
+    samples: int
+    data: str
+    text: str
+    tokens: str
+    counts: dict[str, int]
+    plan: str
+
+
+def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = None) -> DryRun:
+    """Check everything a run would, render the first sample and plan the memory per rank
+    (against ``gpu_memory`` GiB, default the detected GPU's)."""
+    from ..memplan import detected_gpu_memory_gib, format_plan, plan_training
+    from ..prompt import render_first_prompt
+
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise ConfigError(f"--gpu-memory must be > 0 (GiB), got {gpu_memory}")
+    samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
+    text, tokens, counts = render_first_prompt(model, samples[0])
+    gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
+    plan = plan_training(cfg, model, samples, gpu)
+    return DryRun(len(samples), cfg.data, text, tokens, counts, format_plan(plan))
