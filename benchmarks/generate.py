@@ -96,7 +96,7 @@ def timed(fn, device: torch.device):
     return time.perf_counter() - t, out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=2)
@@ -112,24 +112,20 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8", help="batch sizes of the throughput table")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive reference algorithm")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed (imported by peft) stays quiet
+    return ap.parse_args()
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    """The benchmark model on ``device`` in ``dtype`` (its adapter scaled to the embeddings) and
+    the generation items of the eight ``PROMPTS``, each with a random image."""
     from PIL import Image
 
     from lm4lv_core.config import ModelConfig, ModuleSpec
-    from lm4lv_core.data.dataset import collate
     from lm4lv_core.data.format import parse_sample
-    from lm4lv_core.errors import ConfigError
-    from lm4lv_core.generate import GenerationConfig, build_items, generate_batch, naive_generate_images
+    from lm4lv_core.generate import build_items
     from lm4lv_core.model import LM4LV
     from lm4lv_core.presets import preset_config
 
-    load0 = os.getloadavg()[0]  # other processes on the machine skew the timings
-    device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     mae = preset_config("tiny-224")
     encoder, decoder = mae.encoder, mae.decoder
     if args.mae:
@@ -150,19 +146,33 @@ def main() -> None:
                for i, p in enumerate(PROMPTS)]
     items, _ = build_items(model, samples, "image", loader=lambda p: images[p])
     scale_adapter_to_embeddings(model, items[0].pixels)
-    model = model.to(device, dtype)
+    return model.to(device, dtype), items
+
+
+def batch_of(model, items, device: torch.device, dtype: torch.dtype):
+    from lm4lv_core.data.dataset import collate
+
+    return collate(items, pad_id=model.builder.pad_id, padding_side="left").to(device, dtype)
+
+
+def runner(model, batch, compile: bool = False):
+    """A call that generates the image of every sample of ``batch`` (features only)."""
+    from lm4lv_core.generate import GenerationConfig, generate_batch
+
     cfg = GenerationConfig(mode="image")
+    flags = [True] * batch.size
+    return lambda: generate_batch(model, batch, cfg, image_only=flags, decode_images=False, compile=compile)
 
-    def batch_of(its):
-        return collate(its, pad_id=model.builder.pad_id, padding_side="left").to(device, dtype)
 
-    def runner(batch, compile=False):
-        flags = [True] * batch.size
-        return lambda: generate_batch(model, batch, cfg, image_only=flags, decode_images=False, compile=compile)
+def measure_eager(args, model, items, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The naive algorithm, cached generation of batches 1 and 8 and the LLM's own decode of as
+    many tokens (interleaved, so that load from other processes hits all alike). Returns the
+    result entries and what later measurements compare against (``b1``, ``cached``, ``cached_s``)."""
+    from lm4lv_core.generate import naive_generate_images
 
-    b1, b8 = batch_of(items[:1]), batch_of(items)
+    b1, b8 = batch_of(model, items[:1], device, dtype), batch_of(model, items, device, dtype)
     prompt_len = int(b1.input_ids.shape[1])
-    run1, run8 = runner(b1), runner(b8)
+    run1, run8 = runner(model, b1), runner(model, b8)
     n = model.num_visual_tokens
     ids = torch.randint(4, len(model.tokenizer), (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     gen_kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -175,7 +185,6 @@ def main() -> None:
     for fn in (run1, run8, run_llm):  # warm-up
         fn()
     naive_s, naive = timed(lambda: naive_generate_images(model, b1), device) if not args.skip_naive else (None, None)
-    # the fast measurements are interleaved so that load from other processes hits all alike
     times: dict[str, list[float]] = {"cached": [], "batch8": [], "llm": []}
     for _ in range(args.repeats):
         t, cached = timed(run1, device)
@@ -186,33 +195,68 @@ def main() -> None:
     assert llm_out.shape[1] == prompt_len + n
     cached_s, b8_s, llm_s = (statistics.median(times[k]) for k in ("cached", "batch8", "llm"))
     diff = (cached[0].features[0].float() - naive.float()).abs().max().item() if naive is not None else None
+    result = {
+        "visual_tokens": n, "prompt_tokens": prompt_len,
+        "batch8_prompt_tokens": sorted(len(it.encoded) for it in items),
+        "naive_s": round(naive_s, 4) if naive_s else None, "cached_s": round(cached_s, 4),
+        "speedup": round(naive_s / cached_s, 2) if naive_s else None,
+        "max_abs_diff": diff,
+        "llm_decode_s": round(llm_s, 4), "overhead_vs_llm_decode": round(cached_s / llm_s, 3),
+        "batch8_s": round(b8_s, 4), "batch8_vs_batch1_throughput": round(8 * cached_s / b8_s, 2),
+    }
+    return result, {"b1": b1, "cached": cached, "cached_s": cached_s, "runs_s": times}
 
-    # torch.compile of the decode step (static KV cache): batch 1, the same sample as cached_s
-    compiled: dict = {}
-    if not args.no_compile:
-        try:
-            compile_s, first = timed(runner(b1, compile=True), device)  # includes compilation
-            ts = [timed(runner(b1, compile=True), device)[0] for _ in range(args.repeats)]
-            compiled = {"compile_s": round(compile_s, 2), "compiled_s": round(statistics.median(ts), 4),
-                        "compiled_vs_eager": round(cached_s / statistics.median(ts), 3),
-                        "compiled_max_abs_diff": (first[0].features[0].float()
-                                                  - cached[0].features[0].float()).abs().max().item()}
-        except ConfigError as e:
-            compiled = {"compiled_s": None, "compiled_vs_eager": None, "compile_error": str(e)}
 
+def measure_compiled(args, model, ref: dict, device: torch.device) -> dict:
+    """torch.compile of the decode step (static KV cache): batch 1, the same sample as ``cached_s``."""
+    from lm4lv_core.errors import ConfigError
+
+    if args.no_compile:
+        return {}
+    try:
+        compile_s, first = timed(runner(model, ref["b1"], compile=True), device)  # includes compilation
+        ts = [timed(runner(model, ref["b1"], compile=True), device)[0] for _ in range(args.repeats)]
+        return {"compile_s": round(compile_s, 2), "compiled_s": round(statistics.median(ts), 4),
+                "compiled_vs_eager": round(ref["cached_s"] / statistics.median(ts), 3),
+                "compiled_max_abs_diff": (first[0].features[0].float()
+                                          - ref["cached"][0].features[0].float()).abs().max().item()}
+    except ConfigError as e:
+        return {"compiled_s": None, "compiled_vs_eager": None, "compile_error": str(e)}
+
+
+def measure_throughput(args, model, items, compiled: dict, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Per ``--batch-sizes`` entry: eager (and compiled) seconds per batch, images/s and visual
+    tokens/s per sample."""
+    n = model.num_visual_tokens
     throughput = []
     for bs in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
-        batch = batch_of([items[i % len(items)] for i in range(bs)])
+        batch = batch_of(model, [items[i % len(items)] for i in range(bs)], device, dtype)
         row = {"batch": bs}
         for key, comp in (("eager", False), ("compiled", True)):
             if comp and (args.no_compile or compiled.get("compiled_s") is None):
                 continue
-            run = runner(batch, comp)
+            run = runner(model, batch, comp)
             run()  # warm-up (and compilation for this shape)
             t = statistics.median(timed(run, device)[0] for _ in range(args.repeats))
             row.update({f"{key}_s": round(t, 4), f"{key}_images_per_s": round(bs / t, 3),
                         f"{key}_visual_tokens_per_s_per_sample": round(n / t, 2)})
         throughput.append(row)
+    return throughput
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # deepspeed (imported by peft) stays quiet
+    load0 = os.getloadavg()[0]  # other processes on the machine skew the timings
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    model, items = build_model(args, device, dtype)
+    eager, ref = measure_eager(args, model, items, device, dtype)
+    compiled = measure_compiled(args, model, ref, device)
+    throughput = measure_throughput(args, model, items, compiled, device, dtype)
 
     params = sum(p.numel() for p in model.llm.parameters())
     c = model.llm.config
@@ -221,15 +265,8 @@ def main() -> None:
         "llm": {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
                 "intermediate": c.intermediate_size, "vocab": c.vocab_size, "params": params},
         "encoder_width": model.encoder.dim,
-        "visual_tokens": n, "prompt_tokens": prompt_len,
-        "batch8_prompt_tokens": sorted(len(it.encoded) for it in items),
-        "naive_s": round(naive_s, 4) if naive_s else None, "cached_s": round(cached_s, 4),
-        "speedup": round(naive_s / cached_s, 2) if naive_s else None,
-        "max_abs_diff": diff,
-        "llm_decode_s": round(llm_s, 4), "overhead_vs_llm_decode": round(cached_s / llm_s, 3),
-        "batch8_s": round(b8_s, 4), "batch8_vs_batch1_throughput": round(8 * cached_s / b8_s, 2),
-        **compiled, "throughput": throughput,
-        "runs_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        **eager, **compiled, "throughput": throughput,
+        "runs_s": {k: [round(t, 4) for t in v] for k, v in ref["runs_s"].items()},
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
     }
     if device.type == "cuda":

@@ -164,39 +164,37 @@ def paper_plans(root: Path, data: Path) -> dict:
     return out
 
 
-def main() -> None:
-    import torch
-
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--precision", choices=("bf16", "fp32"), default=None)
     ap.add_argument("--out", type=Path, default=None, help="work folder (kept; models are reused) [a temporary one]")
-    args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="lm4lv-scale-")
-    work = Path(args.out or tmp.name).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    return ap.parse_args()
 
+
+def prepare_data(work: Path, micro_batch: int) -> tuple[Path, Path]:
+    """The training pairs (two steps' worth, reused when present) and the generation prompt."""
+    data_dir = work / "data"
+    train_json = data_dir / "train.json"
+    if not train_json.is_file():
+        write_data(data_dir, n=2 * micro_batch, size=MAE_LARGE["image_size"])
+    return train_json, write_generation_data(train_json)
+
+
+def measure_training(args, work: Path, precision: str, llm: Path, mae: Path, train_json: Path,
+                     wall: dict) -> tuple[dict, dict]:
+    """``lm4lv train`` for 2 steps without and with ``--gradient-checkpointing``: each run's
+    memory report and the memory plan of the same options."""
     from lm4lv_core.data.format import load_samples
     from lm4lv_core.jobs.train import resolve_options
     from lm4lv_core.memplan import plan_training
 
-    llm, mae = build_folders(work / "models", args.layers)
-    data_dir = work / "data"
-    train_json = data_dir / "train.json"
-    if not train_json.is_file():
-        write_data(data_dir, n=2 * args.micro_batch, size=MAE_LARGE["image_size"])
-    test_json = write_generation_data(train_json)
     samples = load_samples(train_json)
-
     common = ["--data", str(train_json), "--llm", str(llm), "--mae", str(mae), "--precision", precision,
               "--micro-batch", str(args.micro_batch), "--max-steps", "2", "--warmup-ratio", "0",
               "--save-every", "1000", "--preview-every", "1000", "--overwrite"]
-    runs, plans, wall = {}, {}, {}
+    runs, plans = {}, {}
     for name, extra in (("plain", []), ("checkpointing", ["--gradient-checkpointing"])):
         log(f"train {name} ({precision}, micro-batch {args.micro_batch}, {args.layers} layers)")
         wall[name] = lm4lv(["train", *common, "--out", str(work / "runs" / name), *extra], work / "reports" / name)
@@ -204,16 +202,22 @@ def main() -> None:
         opts = {"data": str(train_json), "out": "-", "llm": str(llm), "mae": str(mae), "precision": precision,
                 "micro_batch": args.micro_batch, "gradient_checkpointing": bool(extra)}
         plans[name] = plan_training(*resolve_options(opts), samples)
+    return runs, plans
+
+
+def measure_generate(work: Path, test_json: Path, wall: dict) -> dict:
+    """``lm4lv generate`` of one image in bf16 from the plain run: its load report."""
     log("generate one image (bf16)")
     gen_dir = work / "generated"
     wall["generate"] = lm4lv(["generate", "--run", str(work / "runs" / "plain"), "--data", str(test_json),
                               "--out", str(gen_dir), "--precision", "bf16", "--batch-size", "1", "--overwrite"],
                              work / "reports" / "generate")
-    gen = json.loads((work / "reports" / "generate" / "generate-rank0.json").read_text())["load"]
+    return json.loads((work / "reports" / "generate" / "generate-rank0.json").read_text())["load"]
 
+
+def plan_vs_measured(args, precision: str, runs: dict, plans: dict, gen: dict) -> list[dict]:
+    """The plan's estimates next to the measured training steps and generate's loaded parameters."""
     plan = plans["plain"]
-    params = {**{k: v for k, v in plan.model.frozen.items()}, "trainable": sum(plan.model.trainable.values())}
-    bf16_weights = 2 * gen["params"]
     comparisons = []
     for name in ("plain", "checkpointing"):
         step, p = runs[name]["step"], plans[name]
@@ -227,6 +231,30 @@ def main() -> None:
     gen_plan = sum(v for part in gen["param_bytes"].values() for v in part.values())
     comparisons.append(entry("generate bf16: parameter bytes of the loaded model",
                              2 * sum(plan.model.frozen.values()) + 2 * sum(plan.model.trainable.values()), gen_plan))
+    return comparisons
+
+
+def main() -> None:
+    import torch
+
+    args = parse_args()
+    cuda = torch.cuda.is_available()
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    tmp = None if args.out else tempfile.TemporaryDirectory(prefix="lm4lv-scale-")
+    work = Path(args.out or tmp.name).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+
+    llm, mae = build_folders(work / "models", args.layers)
+    train_json, test_json = prepare_data(work, args.micro_batch)
+    wall: dict[str, float] = {}
+    runs, plans = measure_training(args, work, precision, llm, mae, train_json, wall)
+    gen = measure_generate(work, test_json, wall)
+
+    plan = plans["plain"]
+    params = {**{k: v for k, v in plan.model.frozen.items()}, "trainable": sum(plan.model.trainable.values())}
+    bf16_weights = 2 * gen["params"]
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "precision": precision, "layers": args.layers,
         "micro_batch": args.micro_batch, "seq_len": plan.data.seq_len, "params": params,
@@ -241,7 +269,7 @@ def main() -> None:
         "activation_bytes": {name: runs[name]["step"]["activation_bytes"] for name in runs},
         "activation_ratio": round(runs["plain"]["step"]["activation_bytes"]
                                   / runs["checkpointing"]["step"]["activation_bytes"], 2),
-        "plan_vs_measured": comparisons,
+        "plan_vs_measured": plan_vs_measured(args, precision, runs, plans, gen),
         "command_wall_s": {k: round(v, 1) for k, v in wall.items()},
         "paper_plan": paper_plans(work / "paper-config", train_json),
     }

@@ -1,4 +1,7 @@
-"""Batched, KV-cached autoregressive generation of text and images (pure tensor code).
+"""Batched, KV-cached autoregressive generation of text and images, and its in-memory entry
+points: ``build_items`` turns samples into dataset items (loading and resizing their images),
+``generate_samples`` generates for them in batches, ``restore`` takes and returns PIL images.
+Result files are written by ``lm4lv_core.jobs.generate``.
 
 Generation continues each conversation from its last, empty gpt turn:
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -34,6 +37,7 @@ from .compiled_decode import compiled_decode, eager_step
 from .data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
 from .data.format import TASK_TOKEN, Sample, parse_sample
 from .data.sequence import IMG_START, SLOT_TEXT
+from .defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
 from .errors import ConfigError
 from .imageio import OUTPUT_SIZES, check_resize, resize_to, restored_size
 
@@ -187,6 +191,32 @@ def _answer_text(tokenizer, st: _State) -> str:
     return "".join(parts)
 
 
+@dataclass
+class _Decode:
+    """The decode loop of one batch: per-sample bookkeeping (host side) and the tensors it feeds
+    the backbone (device side)."""
+
+    model: object
+    cfg: GenerationConfig
+    states: list[_State]
+    generators: list[torch.Generator]  # one per sample; empty when greedy
+    step: Callable                     # (emb [B, 1, d], mask, pos [B, 1], cache) → h [B, d]
+    cache: object
+    h: torch.Tensor                    # [B, d] the last hidden state of each sample
+    mask: torch.Tensor                 # [B, *] attention mask (fixed size over a static cache)
+    pos: torch.Tensor                  # [B] position id of each sample's next input
+    fixed: int | None                  # the static cache's length (None: the mask grows)
+    prompt_len: int
+    cur: torch.Tensor                  # [B, N, d_v] visual tokens of the image in progress
+    pad_emb: torch.Tensor              # [d] the input of finished samples
+    outputs: list[SampleOutput] = field(default_factory=list)
+    n_steps: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+
 @torch.inference_mode()
 def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Sequence[bool],
                    keys: Sequence[int] | None = None, decode_images: bool = True,
@@ -197,23 +227,36 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
     one image. ``keys`` (default: the batch's sample indices) seed each sample's generator.
     ``compile``: run the decode steps of an image-only batch through ``torch.compile``.
     """
-    B = batch.size
-    dev = batch.input_ids.device
-    n_vis = model.num_visual_tokens
-    tok = model.builder
-    end_ids, eos, stops = tok.image_end_ids(), tok.eos_id, tok.stop_strings
-    tokenizer = model.tokenizer
     keys = list(keys) if keys is not None else list(batch.sample_index)
-    embed_tokens = model.llm.get_input_embeddings()
-    adapter_dtype = model.adapter_dtype
+    d = _prefill(model, batch, cfg, image_only, keys, compile)
+    while True:
+        modes = [st.mode for st in d.states]
+        if all(m == DONE for m in modes):
+            break
+        next_emb = d.pad_emb.expand(batch.size, -1).clone()
+        active = torch.tensor([m != DONE for m in modes], device=d.device)
+        img_rows = [b for b, m in enumerate(modes) if m == IMAGE]
+        text_rows = [b for b, m in enumerate(modes) if m == TEXT]
+        if img_rows:
+            next_emb = _image_step(d, img_rows, next_emb, active)
+        if text_rows:
+            _text_step(d, text_rows, next_emb, active)
+        if all(st.mode == DONE for st in d.states):
+            break
+        _advance(d, next_emb, active)
+    return _finish(d, decode_images)
 
-    # ---- prefill
-    feats = batch.features if batch.features is not None else (
-        model.encode_images(batch.pixels) if batch.pixels.shape[0] else None)
-    emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos, feats)
+
+def _prefill(model, batch: Batch, cfg: GenerationConfig, image_only: Sequence[bool], keys: list[int],
+             compile: bool) -> _Decode:
+    """Run the prompts through the backbone into a KV cache (a static one, compiled decode steps
+    with ``compile``, when every sample is image-only); the decode state after the prompts."""
+    B, L = batch.input_ids.shape
+    dev = batch.input_ids.device
+    emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos,
+                      model.batch_features(batch))
     mask = batch.attention_mask
-    L = batch.input_ids.shape[1]
-    final_len = L + n_vis if all(image_only) else None
+    final_len = L + model.num_visual_tokens if all(image_only) else None
     step = compiled_decode(model) if compile and final_len else None
     cache = step.cache_for(B, final_len) if step else new_cache(model, final_len)
     fixed = static_length(cache)
@@ -221,124 +264,145 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
         mask = torch.cat([mask, mask.new_zeros(B, fixed - L)], dim=1)
     out = model.backbone()(inputs_embeds=emb, attention_mask=mask, position_ids=batch.position_ids,
                            cache=cache, use_cache=True)
-    cache, h = out.cache, out.last_hidden_state[:, -1]
-    pos = batch.position_ids[:, -1] + 1
-    step = step or functools.partial(eager_step, model.backbone())
-    n_steps = 0
+    states = _initial_states(model.tokenizer, batch, cfg, image_only, keys)
+    generators = [sample_generator(cfg.seed, k, dev) for k in keys] if not cfg.greedy else []
+    pad_emb = model.llm.get_input_embeddings()(torch.tensor([model.builder.pad_id], device=dev))[0]
+    return _Decode(model=model, cfg=cfg, states=states, generators=generators,
+                   step=step or functools.partial(eager_step, model.backbone()), cache=out.cache,
+                   h=out.last_hidden_state[:, -1], mask=mask, pos=batch.position_ids[:, -1] + 1,
+                   fixed=fixed, prompt_len=L, pad_emb=pad_emb,
+                   cur=torch.zeros(B, model.num_visual_tokens, model.encoder.dim, dtype=model.adapter_dtype,
+                                   device=dev),
+                   outputs=[SampleOutput() for _ in range(B)])
 
+
+def _initial_states(tokenizer, batch: Batch, cfg: GenerationConfig, image_only: Sequence[bool],
+                    keys: list[int]) -> list[_State]:
+    """Each sample's state after its prompt: *image* when the prompt ends with ``<Img>``, else
+    *text* (*done* at once when no token may be sampled)."""
     states = []
-    for b in range(B):
+    for b in range(batch.size):
         ids, stype, m = batch.input_ids[b].tolist(), batch.slot_type[b].tolist(), batch.attention_mask[b].tolist()
         tail = [i if s == SLOT_TEXT and k else -1 for i, s, k in zip(ids, stype, m)][-_WINDOW:]
         start_image = _tail_text(tokenizer, tail).endswith(IMG_START)
         if image_only[b] and not start_image:
             raise ConfigError(f"sample {keys[b]}: image-only generation needs a prompt that ends with {IMG_START}")
-        states.append(_State(tail, image_only[b], start_image))
-    generators = [sample_generator(cfg.seed, k, dev) for k in keys] if not cfg.greedy else []
-    cur = torch.zeros(B, n_vis, model.encoder.dim, dtype=adapter_dtype, device=dev)
-    pad_emb = embed_tokens(torch.tensor([tok.pad_id], device=dev))[0]
-    arange = torch.arange(B, device=dev)
-    outputs = [SampleOutput() for _ in range(B)]
-    for b, st in enumerate(states):
+        st = _State(tail, image_only[b], start_image)
         if st.mode == TEXT and cfg.max_new_tokens == 0:
             st.mode = DONE
+        states.append(st)
+    return states
 
-    # ---- decode
-    while True:
-        modes = [st.mode for st in states]
-        if all(m == DONE for m in modes):
-            break
-        next_emb = pad_emb.expand(B, -1).clone()
-        active = torch.tensor([m != DONE for m in modes], device=dev)
-        img_rows = [b for b, m in enumerate(modes) if m == IMAGE]
-        if img_rows:
-            f = model.deadapter(h.to(adapter_dtype))  # all rows: one matmul, no gather
-            if len(img_rows) == B:
-                cur[arange, torch.tensor([st.n_vis for st in states], device=dev)] = f
-            else:
-                rows = torch.tensor(img_rows, device=dev)
-                cur[rows, torch.tensor([states[b].n_vis for b in img_rows], device=dev)] = f[rows]
-            feed = []
-            for b in img_rows:
-                st = states[b]
-                st.n_vis += 1
-                if st.n_vis < n_vis:
-                    feed.append(b)
-                    continue
-                outputs[b].features.append(cur[b].clone())
-                st.n_vis = 0
-                if st.image_only:
-                    st.mode = DONE
-                    active[b] = False
-                else:
-                    st.mode, st.forced = TEXT, list(end_ids)
-                    st.segments.append([])
-                    feed.append(b)
-            if len(feed) == B:
-                next_emb = model.adapter(f).to(next_emb.dtype)
-            elif feed:
-                rows = torch.tensor(feed, device=dev)
-                next_emb[rows] = model.adapter(f[rows]).to(next_emb.dtype)
-        text_rows = [b for b, m in enumerate(modes) if m == TEXT]
-        if text_rows:
-            chosen: dict[int, int] = {}
-            sample_rows = [b for b in text_rows if not states[b].forced]
-            if sample_rows:
-                logits = model.logits(h[torch.tensor(sample_rows, device=dev)])
-                gens = [generators[b] for b in sample_rows] if generators else []
-                chosen.update(zip(sample_rows, next_tokens(logits, cfg, gens).tolist()))
-            feed = []
-            for b in text_rows:
-                st = states[b]
-                if st.forced:
-                    chosen[b] = st.forced.pop(0)
-                    st.tail.append(chosen[b])
-                    feed.append(b)
-                    continue
-                t = chosen[b]
-                st.n_sampled += 1
-                st.generated.append(t)
-                if t == eos:
-                    st.mode = DONE
-                    active[b] = False
-                    continue
-                st.tail.append(t)
-                st.segments[-1].append(t)
-                text = _tail_text(tokenizer, st.segments[-1]) if stops else ""
-                st.stop = next((x for x in stops if text.endswith(x)), "")
-                if _tail_text(tokenizer, st.tail).endswith(IMG_START):
-                    st.segments.append(None)
-                    st.tail.append(-1)
-                    st.mode = IMAGE
-                elif st.stop or st.n_sampled >= cfg.max_new_tokens:
-                    st.mode = DONE
-                    active[b] = False
-                    continue
-                feed.append(b)
-            if feed:
-                ids = torch.tensor([chosen[b] for b in feed], device=dev)
-                next_emb[torch.tensor(feed, device=dev)] = embed_tokens(ids)
-        if all(st.mode == DONE for st in states):
-            break
-        if fixed:
-            mask[:, L + n_steps] = active.to(mask.dtype)
+
+def _image_step(d: _Decode, rows: list[int], next_emb: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Rows emitting a visual token: ``f = deadapter(h)`` joins the image in progress and
+    ``adapter(f)`` is the next input; a finished image goes to the outputs and the sample ends
+    (image-only) or feeds ``</Img>`` next. Returns the next inputs."""
+    model, dev, n_vis = d.model, d.device, d.model.num_visual_tokens
+    f = model.deadapter(d.h.to(model.adapter_dtype))  # all rows: one matmul, no gather
+    if len(rows) == len(d.states):
+        d.cur[torch.arange(len(rows), device=dev), torch.tensor([st.n_vis for st in d.states], device=dev)] = f
+    else:
+        idx = torch.tensor(rows, device=dev)
+        d.cur[idx, torch.tensor([d.states[b].n_vis for b in rows], device=dev)] = f[idx]
+    feed = []
+    for b in rows:
+        st = d.states[b]
+        st.n_vis += 1
+        if st.n_vis < n_vis:
+            feed.append(b)
+            continue
+        d.outputs[b].features.append(d.cur[b].clone())
+        st.n_vis = 0
+        if st.image_only:
+            st.mode = DONE
+            active[b] = False
         else:
-            mask = torch.cat([mask, active.to(mask.dtype)[:, None]], dim=1)
-        h = step(next_emb[:, None], mask, pos[:, None], cache)
-        pos = pos + active.to(pos.dtype)
-        n_steps += 1
+            st.mode, st.forced = TEXT, list(model.builder.image_end_ids())
+            st.segments.append([])
+            feed.append(b)
+    if len(feed) == len(d.states):
+        return model.adapter(f).to(next_emb.dtype)
+    if feed:
+        idx = torch.tensor(feed, device=dev)
+        next_emb[idx] = model.adapter(f[idx]).to(next_emb.dtype)
+    return next_emb
 
-    for b, st in enumerate(states):
-        o = outputs[b]
+
+def _text_step(d: _Decode, rows: list[int], next_emb: torch.Tensor, active: torch.Tensor) -> None:
+    """Rows emitting a text token: a forced one (``</Img>``) or one sampled from the LM head;
+    its embedding goes into ``next_emb`` unless the sample ends with it."""
+    dev = d.device
+    chosen: dict[int, int] = {}
+    sample_rows = [b for b in rows if not d.states[b].forced]
+    if sample_rows:
+        logits = d.model.logits(d.h[torch.tensor(sample_rows, device=dev)])
+        gens = [d.generators[b] for b in sample_rows] if d.generators else []
+        chosen.update(zip(sample_rows, next_tokens(logits, d.cfg, gens).tolist()))
+    feed = []
+    for b in rows:
+        st = d.states[b]
+        if st.forced:
+            chosen[b] = st.forced.pop(0)
+            st.tail.append(chosen[b])
+            feed.append(b)
+        elif _take_token(d, st, chosen[b]):
+            feed.append(b)
+        else:
+            active[b] = False
+    if feed:
+        ids = torch.tensor([chosen[b] for b in feed], device=dev)
+        next_emb[torch.tensor(feed, device=dev)] = d.model.llm.get_input_embeddings()(ids)
+
+
+def _take_token(d: _Decode, st: _State, t: int) -> bool:
+    """Record sampled token ``t`` of a sample; whether it goes on (EOS, a stop string or the
+    token limit end it; a completed ``<Img>`` switches it to *image*)."""
+    builder, tokenizer = d.model.builder, d.model.tokenizer
+    st.n_sampled += 1
+    st.generated.append(t)
+    if t == builder.eos_id:
+        st.mode = DONE
+        return False
+    st.tail.append(t)
+    st.segments[-1].append(t)
+    stops = builder.stop_strings
+    text = _tail_text(tokenizer, st.segments[-1]) if stops else ""
+    st.stop = next((x for x in stops if text.endswith(x)), "")
+    if _tail_text(tokenizer, st.tail).endswith(IMG_START):
+        st.segments.append(None)
+        st.tail.append(-1)
+        st.mode = IMAGE
+    elif st.stop or st.n_sampled >= d.cfg.max_new_tokens:
+        st.mode = DONE
+        return False
+    return True
+
+
+def _advance(d: _Decode, next_emb: torch.Tensor, active: torch.Tensor) -> None:
+    """One backbone step on the next inputs; finished samples' positions stay masked out."""
+    if d.fixed:
+        d.mask[:, d.prompt_len + d.n_steps] = active.to(d.mask.dtype)
+    else:
+        d.mask = torch.cat([d.mask, active.to(d.mask.dtype)[:, None]], dim=1)
+    d.h = d.step(next_emb[:, None], d.mask, d.pos[:, None], d.cache)
+    d.pos = d.pos + active.to(d.pos.dtype)
+    d.n_steps += 1
+
+
+def _finish(d: _Decode, decode_images: bool) -> list[SampleOutput]:
+    """The outputs: answer texts and token ids, and (``decode_images``) the pixels of every
+    generated image, all decoded in one batch."""
+    for st, o in zip(d.states, d.outputs):
         o.token_ids = st.generated
-        o.text = _answer_text(tokenizer, st)
+        o.text = _answer_text(d.model.tokenizer, st)
     if decode_images:
-        flat = [(b, k) for b, o in enumerate(outputs) for k in range(len(o.features))]
+        flat = [(b, k) for b, o in enumerate(d.outputs) for k in range(len(o.features))]
         if flat:
-            pixels = decode_images_of(model, torch.stack([outputs[b].features[k] for b, k in flat]))
+            pixels = decode_images_of(d.model, torch.stack([d.outputs[b].features[k] for b, k in flat]))
             for (b, _), img in zip(flat, pixels):
-                outputs[b].images.append(img)
-    return outputs
+                d.outputs[b].images.append(img)
+    return d.outputs
 
 
 def new_cache(model, max_len: int | None):
@@ -365,12 +429,18 @@ def static_length(cache) -> int | None:
     return cache.layers[0].max_cache_len
 
 
+def check_decodable(model, n_tokens: int) -> None:
+    """One-line error when the vision decoder cannot turn images of ``n_tokens`` visual tokens
+    into pixels."""
+    need = getattr(model.decoder, "num_tokens", n_tokens)
+    if n_tokens != need:
+        raise ConfigError(f"the decoder needs {need} visual tokens per image but the model generates "
+                          f"{n_tokens} (num_visual_tokens); images cannot be decoded")
+
+
 def decode_images_of(model, features: torch.Tensor) -> torch.Tensor:
     """``[M, N, d_v]`` generated features → ``[M, 3, H, W]`` in [0, 1] through the vision decoder."""
-    need = getattr(model.decoder, "num_tokens", features.shape[1])
-    if features.shape[1] != need:
-        raise ConfigError(f"the decoder needs {need} visual tokens per image but the model generates "
-                          f"{features.shape[1]} (num_visual_tokens); images cannot be decoded")
+    check_decodable(model, features.shape[1])
     return model.decode_features(features)
 
 
@@ -381,9 +451,8 @@ def naive_generate_images(model, batch: Batch) -> torch.Tensor:
     Returns the generated features ``[N, d_v]``."""
     if batch.size != 1:
         raise ValueError("naive_generate_images takes a batch of one sample")
-    feats = batch.features if batch.features is not None else (
-        model.encode_images(batch.pixels) if batch.pixels.shape[0] else None)
-    emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos, feats)
+    emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos,
+                      model.batch_features(batch))
     out = []
     for _ in range(model.num_visual_tokens):
         L = emb.shape[1]
@@ -413,7 +482,7 @@ def model_device(model) -> torch.device:
 
 
 def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | None = None, *,
-                     batch_size: int = 8, loader=None, decode_images: bool = True,
+                     batch_size: int = GENERATE_BATCH_SIZE, loader=None, decode_images: bool = True,
                      on_batch=None, compile: bool = False) -> list[SampleOutput]:
     """Generate for ``samples`` (in order) in batches of ``batch_size``.
 
@@ -425,10 +494,8 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     dev = model_device(model)
     dtype = model.adapter_dtype
-    need = getattr(model.decoder, "num_tokens", model.num_visual_tokens)
-    if decode_images and need != model.num_visual_tokens:
-        raise ConfigError(f"the decoder needs {need} visual tokens per image but the model generates "
-                          f"{model.num_visual_tokens} (num_visual_tokens); images cannot be decoded")
+    if decode_images:
+        check_decodable(model, model.num_visual_tokens)
     results: list[SampleOutput] = []
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start:start + batch_size])
@@ -441,7 +508,7 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
     return results
 
 
-def restore(model, images, prompt: str = "<image> <task>", *, batch_size: int = 8,
+def restore(model, images, prompt: str = DEFAULT_PROMPT, *, batch_size: int = GENERATE_BATCH_SIZE,
             cfg: GenerationConfig | None = None):
     """Restore PIL images with a loaded model (image-only generation); returns PIL images.
 

@@ -269,6 +269,13 @@ class LM4LV(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_encoder):
             return self.encoder(pixels)[:, : self.num_visual_tokens]
 
+    def batch_features(self, batch: Batch) -> torch.Tensor | None:
+        """The visual features of ``batch``'s images: its precomputed ones, else encoded from its
+        pixels (``None`` when it holds no image)."""
+        if batch.features is not None:
+            return batch.features
+        return self.encode_images(batch.pixels) if batch.pixels.shape[0] else None
+
     def embed(self, input_ids: torch.Tensor, slot_type: torch.Tensor, slot_image: torch.Tensor,
               slot_pos: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with visual and task slots filled in (one vectorised scatter each)."""
@@ -293,8 +300,7 @@ class LM4LV(nn.Module):
         return out.last_hidden_state
 
     def forward(self, batch: Batch) -> LM4LVOutput:
-        feats = batch.features if batch.features is not None else (
-            self.encode_images(batch.pixels) if batch.pixels.shape[0] else None)
+        feats = self.batch_features(batch)
         h = self.hidden_states(batch, feats)
         h_prev = h[:, :-1]
         # text: the hidden state at t-1 predicts token t of a gpt value
