@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     import os
     from pathlib import Path
 
-    from .engine.launch import interrupted_file, stop_file
+    from .engine.launch import interrupted_file, result_file, stop_file
     from .errors import Interrupted
     from .util import dist, logs, signals
-    from .util.fsutil import write_failure
+    from .util.fsutil import write_failure, write_json_atomic
 
     logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
     job = Path(args.job)
@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             try:
                 spec = JOBS.get(args.kind)
-                spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
+                result = spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
+                if rank == 0 and result is not None:  # what an in-process run would return
+                    write_json_atomic(result_file(job), result)
             except Interrupted as e:
                 # stopped on request with the progress saved: the parent reports it and exits 75
                 interrupted_file(job, rank).write_text(str(e), encoding="utf-8")

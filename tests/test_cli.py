@@ -81,3 +81,19 @@ def test_usage_errors_are_reported_by_the_cli_framework(tmp_path):
     # lm4lv's own errors stay one line
     proc = _console_script("eval", "psnr", "nope-gt", "nope-pred", tmp_path=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: nope-gt: no such file or folder"
+
+
+def test_train_and_ft_mae_declare_only_options_their_resolver_takes():
+    """The command-line options of both training commands map onto the one option resolver: a
+    declared option the resolver does not know (or a shared option one command lacks) fails here."""
+    import typer.main
+
+    from lm4lv_cli.options import RUN_OPTIONS
+    from lm4lv_core.jobs import ft_mae, train
+
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
+    cli_only = {"config", "dry_run", "gpu_memory", "images"}  # handled by the command itself
+    for name, valid in (("train", train.option_names()), ("ft-mae", ft_mae.option_names())):
+        declared = {p.name for p in commands[name].params}
+        assert set(RUN_OPTIONS) <= declared, name
+        assert declared - cli_only <= valid, (name, sorted(declared - cli_only - valid))

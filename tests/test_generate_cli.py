@@ -11,7 +11,8 @@ import torch
 
 from conftest import write_pairs
 from lm4lv_core.data.format import parse_sample
-from lm4lv_core.jobs.generate import image_names, output_stems, resolve_model_dir
+from lm4lv_core.data.outputs import image_names, output_stems
+from lm4lv_core.jobs.generate import resolve_model_dir
 
 
 def lm4lv(monkeypatch, capsys, *args: str) -> tuple[int, str]:

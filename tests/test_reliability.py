@@ -158,21 +158,21 @@ def test_sigterm_to_two_worker_training_and_a_concurrent_run(tiny_config, data, 
 def test_generate_stops_after_the_current_batch_and_keeps_it(gen, tmp_path, monkeypatch, capsys):
     from lm4lv_core.jobs import generate as generate_job
 
-    append = generate_job._append_line
+    append = generate_job.append_line
 
     def append_then_signal(f, rec):
         append(f, rec)
         if rec["index"] == 0:  # during the first batch (samples 0 and 1)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(generate_job, "_append_line", append_then_signal)
+    monkeypatch.setattr(generate_job, "append_line", append_then_signal)
     out = tmp_path / "out"
     code, log = lm4lv(monkeypatch, capsys, *_gen_args(gen, out))
     assert code == signals.EXIT_INTERRUPTED and "interrupted: 2 of 4 samples finished and kept" in log, log
     results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in results] == [0, 1]
     assert sorted(p.name for p in (out / "images").glob("*.png")) == ["0.png", "1.png"]
-    monkeypatch.setattr(generate_job, "_append_line", append)
+    monkeypatch.setattr(generate_job, "append_line", append)
     code, log = lm4lv(monkeypatch, capsys, *_gen_args(gen, out))
     assert code == 0 and "(2 generated, 2 already done)" in log, log
 

@@ -26,6 +26,7 @@ to the workers as the stop file ``KIND-job.stop``; a second one kills the launch
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -169,6 +170,11 @@ def single_worker_env(master_port: int | None = None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def result_file(job_path: Path) -> Path:
+    """Where rank 0 of launched workers leaves the job function's return value (JSON)."""
+    return job_path.with_name(f"{job_path.stem}.result.json")
+
+
 def interrupted_file(job_path: Path, rank: int) -> Path:
     """Where worker ``rank`` writes the message of a stop on request (:class:`Interrupted`)."""
     return job_path.with_name(f"{job_path.stem}.interrupted.rank{rank}")
@@ -218,7 +224,8 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
 
     ``job`` is the kind's typed job (a plain dict is read into it). It is written once to
     ``job_dir/KIND-job.yaml``, which launched workers read back; a single worker on a single node
-    runs in-process on the same object and the job function's return value is returned. Raises
+    runs in-process on the same object. Returns the job function's return value (of rank 0, read
+    back as JSON from launched workers). Raises
     :class:`LM4LVError` when a worker fails. ``log_file``: where third-party output goes.
     """
     from ..util import logs
@@ -234,6 +241,7 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
     for f in [*job_dir.glob(f"{job_path.stem}.error.rank*"), *job_dir.glob(f"{job_path.stem}.interrupted.rank*")]:
         f.unlink()
     stop.unlink(missing_ok=True)
+    result_file(job_path).unlink(missing_ok=True)
     save_yaml(job, job_path)
     if log_file:
         import datetime
@@ -276,7 +284,8 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
     if rc != 0:
         where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
         raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}); {where}")
-    return None
+    result = result_file(job_path)
+    return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
 
 
 @dataclass

@@ -3,7 +3,6 @@ reconstructions against their inputs."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +115,5 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     job = ReconJob(mae=path, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
                    crop_border=crop_border, precision=precision)
     with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
-        rows = launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers or Workers(),
+        return launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers or Workers(),
                               log_file=out / LOG_FILE, verbose=verbose)
-    if rows is None:  # several workers: rank 0 wrote the gathered rows
-        rows = json.loads((out / RESULTS).read_text(encoding="utf-8"))["images"]
-    return rows
