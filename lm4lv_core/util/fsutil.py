@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..errors import OutputError
 
@@ -112,11 +112,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def atomic_dir_commit(tmp_dir: Path, final_dir: Path) -> None:
-    """Rename a fully written ``tmp_dir`` to ``final_dir`` (same parent) in one step."""
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} already exists")
-    os.replace(tmp_dir, final_dir)
+def remove_entries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the entries ``folder/<name>`` that exist (folders with their content, files; a
+    symbolic link is removed, not what it points to); other entries are left alone. Returns
+    what was removed."""
+    removed = []
+    for name in names:
+        p = Path(folder) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.is_symlink() or p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    return removed
 
 
 # ----------------------------------------------------------------------------- write errors
