@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lm4lv_core.jobs.make_data import DEFAULT_PROMPT, SIZE_POLICY
+from lm4lv_core.defaults import CROP_BORDER, DEFAULT_PROMPT
+from lm4lv_core.jobs.make_data import SIZE_POLICY
+from lm4lv_core.util.progress import progress_bar
 
-err_console = Console(stderr=True)
 _MAX_LISTED = 10
-
-
-@contextlib.contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 def _list_degradations() -> None:
@@ -86,8 +73,8 @@ def make_data(
                          seed=seed, test_fraction=test_fraction, test_dir=test_dir,
                          prompt=prompt, workers=workers, overwrite=overwrite, lq_dir=lq,
                          hq_dir=hq, resize=resize)
-    with progress_bar("make-data") as update:
-        res = build(cfg, progress=update)
+    with progress_bar("make-data") as bar:
+        res = build(cfg, progress=bar.update)
     show_make_data(res)
 
 
@@ -111,7 +98,7 @@ def evaluate(
     gt: Path = typer.Argument(..., help="Ground-truth image or folder."),
     pred: List[Path] = typer.Argument(..., help="Restored image(s) or folder(s) (paired by path / name); "
                                       "several are compared in one table."),
-    crop_border: int = typer.Option(4, help="Pixels removed from each side before scoring."),
+    crop_border: int = typer.Option(CROP_BORDER, help="Pixels removed from each side before scoring."),
     y_channel: bool = typer.Option(False, "--y-channel", help="Score BT.601 luma (PSNR/SSIM)."),
     resize_to_smaller: bool = typer.Option(
         False, "--resize-to-smaller", help="Resize both images of a pair to the smaller size "
@@ -132,11 +119,11 @@ def evaluate(
     from lm4lv_core.jobs.evaluate import evaluate as score
 
     names = [s.strip() for s in labels.split(",")] if labels else None
-    with progress_bar("eval") as update:
+    with progress_bar("eval") as bar:
         cmp = score(metric, gt, pred, labels=names, json_file=json_file, csv_file=csv_file, grid=grid,
                     grid_rows=grid_rows, crop_border=crop_border, y_channel=y_channel,
                     resize_to_smaller=resize_to_smaller, lpips_net=lpips_net, lpips_weights=lpips_weights,
-                    progress=update)
+                    progress=bar.update)
     show_eval(cmp, crop_border=crop_border, y_channel=y_channel, grid=grid)
 
 
@@ -158,9 +145,14 @@ def show_eval(cmp, *, crop_border: int, y_channel: bool = False, grid: Optional[
         console.print(f"grid: {grid}")
 
 
-def _single_table(console: Console, report, title: str) -> None:
-    from lm4lv_core.metrics import HIGHER_IS_BETTER
+def _metric_label(name: str) -> str:
+    """``PSNR ↑``: the arrow says which way is better."""
+    from lm4lv_core.metrics import METRICS
 
+    return f"{name.upper()} {'↑' if METRICS.get(name).higher_is_better else '↓'}"
+
+
+def _single_table(console: Console, report, title: str) -> None:
     table = Table(title=title)
     table.add_column("metric", style="bold")
     table.add_column("mean", justify="right")
@@ -169,16 +161,13 @@ def _single_table(console: Console, report, title: str) -> None:
     table.add_column("count", justify="right")
     for m in report.metrics:
         vals = [r[m] for r in report.rows]
-        arrow = "↑" if HIGHER_IS_BETTER[m] else "↓"
-        table.add_row(f"{m.upper()} {arrow}", f"{report.mean(m):.4f}", f"{min(vals):.4f}",
+        table.add_row(_metric_label(m), f"{report.mean(m):.4f}", f"{min(vals):.4f}",
                       f"{max(vals):.4f}", str(report.count))
     console.print(table)
 
 
 def _compare_table(console: Console, cmp, title: str) -> None:
     """A column group per folder: its mean and (after the first) its difference to the first."""
-    from lm4lv_core.metrics import HIGHER_IS_BETTER
-
     table = Table(title=title)
     table.add_column("metric", style="bold")
     for k, label in enumerate(cmp.labels):
@@ -188,7 +177,7 @@ def _compare_table(console: Console, cmp, title: str) -> None:
     means = [cmp.mean(k) for k in range(len(cmp.labels))]
     diffs = [cmp.difference(k) if k else None for k in range(len(cmp.labels))]
     for m in cmp.metrics:
-        cells = [f"{m.upper()} {'↑' if HIGHER_IS_BETTER[m] else '↓'}"]
+        cells = [_metric_label(m)]
         for k in range(len(cmp.labels)):
             cells.append(f"{means[k][m]:.4f}")
             if k:

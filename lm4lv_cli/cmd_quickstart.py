@@ -77,11 +77,13 @@ def quickstart(
 
 def _run_and_show(qs, stage) -> None:
     """Run a stage through lm4lv_core and print what its command prints."""
+    from lm4lv_core.util.progress import progress_bar
+
     from . import cmd_data, cmd_generate, cmd_mae, cmd_train
 
     if stage.command in ("make-data", "eval"):
-        with cmd_data.progress_bar(stage.command) as update:
-            result = qs.run_stage(stage, progress=update)
+        with progress_bar(stage.command) as bar:
+            result = qs.run_stage(stage, progress=bar.update)
     else:
         result = qs.run_stage(stage, on_note=cmd_generate.show_note)
     if stage.command == "make-data":

@@ -24,6 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .errors import ConfigError
+from .registry import Registry
 
 # --------------------------------------------------------------------------- helpers
 
@@ -271,18 +272,18 @@ class Degradation:
         return next((p for p in self.params if p.name == name), None)
 
 
-REGISTRY: dict[str, Degradation] = {}
-_ALIASES: dict[str, str] = {}
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+REGISTRY: Registry[Degradation] = Registry(
+    "degradation", hint="`lm4lv make-data --list` describes them", normalize=_normalize)
 
 
 def register(name: str, fn: Callable[..., np.ndarray], help: str, *params: Param,
              aliases: tuple[str, ...] = ()) -> None:
     """Add a named degradation; names and aliases must be unique."""
-    for key in (name, *aliases):
-        if key in REGISTRY or key in _ALIASES:
-            raise ValueError(f"degradation name {key!r} registered twice")
-    REGISTRY[name] = Degradation(name, fn, help, tuple(params), aliases)
-    _ALIASES.update({a: name for a in aliases})
+    REGISTRY.register(name, aliases)(Degradation(name, fn, help, tuple(params), aliases))
 
 
 P = Param
@@ -376,7 +377,7 @@ class Step:
 
     @property
     def degradation(self) -> Degradation:
-        return REGISTRY[self.name]
+        return REGISTRY.get(self.name)
 
     def params(self) -> dict[str, Any]:
         """All parameters; defaults filled in, random ones shown as written."""
@@ -423,16 +424,6 @@ class Pipeline:
         return "+".join(s.slug() for s in self.steps)
 
 
-def resolve_name(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
-    if key in REGISTRY:
-        return key
-    if key in _ALIASES:
-        return _ALIASES[key]
-    raise ConfigError(f"unknown degradation {name!r}; valid: {', '.join(REGISTRY)} "
-                      "(`lm4lv make-data --list` describes them)")
-
-
 def _parse_value(p: Param, text: str, where: str) -> Value:
     if ".." in text and p.kind in (int, float) and "|" not in text:
         lo_t, _, hi_t = text.partition("..")
@@ -449,7 +440,7 @@ def parse_step(text: str) -> Step:
     name, _, args = text.strip().partition(":")
     if not name.strip():
         raise ConfigError(f"empty degradation name in {text!r}")
-    d = REGISTRY[resolve_name(name)]
+    d = REGISTRY.get(name)
     given: dict[str, Value] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, val = item.partition("=")

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .defaults import CROP_BORDER
 from .errors import LM4LVError
 from .util.fsutil import atomic_path
 
@@ -21,7 +22,7 @@ MUTED = (90, 90, 90)
 EMPTY = (128, 128, 128)
 
 
-def scores_caption(img: np.ndarray | None, truth: np.ndarray | None, crop_border: int = 4) -> str:
+def scores_caption(img: np.ndarray | None, truth: np.ndarray | None, crop_border: int = CROP_BORDER) -> str:
     """``PSNR 24.31 dB`` / ``SSIM 0.712`` of ``img`` against ``truth`` (the same protocol as
     ``lm4lv eval``); empty when there is nothing to compare or the sizes differ."""
     from .metrics import psnr, ssim
@@ -107,7 +108,7 @@ def comparison_grid(rows: Sequence[Sequence[np.ndarray | None]], columns: Sequen
 
 def save_comparison(rows: Sequence[Sequence[np.ndarray | None]], path: str | os.PathLike, columns: Sequence[str],
                     row_labels: Sequence[str], truth_column: int | None = -1, scale: int = 1,
-                    crop_border: int = 4) -> None:
+                    crop_border: int = CROP_BORDER) -> None:
     """Write a labelled grid (PNG, atomically); tiles get PSNR / SSIM against the tile of
     ``truth_column`` in their row (``None``: no scores)."""
     captions = []

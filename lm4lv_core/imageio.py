@@ -3,10 +3,11 @@ them to the model's square size and restored images back to their input's size."
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -17,29 +18,36 @@ from .util.fsutil import atomic_path
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``Image.open(path)``; a missing or unreadable file (also while the block reads it) raises a
+    one-line ``LM4LVError`` naming it."""
+    try:
+        with Image.open(path) as im:
+            yield im
+    except FileNotFoundError:
+        raise LM4LVError(f"{path}: image file not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise LM4LVError(f"{path}: cannot read image ({e})") from None
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open any supported image as 8-bit RGB.
 
     EXIF orientation is applied; grayscale, RGBA (composited on black is *not* done: alpha is
     dropped), palette and 16-bit images are converted to 8-bit RGB.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                peak = 65535.0 if arr.max() > 255 else 255.0
-                arr = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
-                im = Image.fromarray(arr, mode="L")
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise LM4LVError(f"{path}: image file not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise LM4LVError(f"{path}: cannot read image ({e})") from None
+    with _opened(Path(path)) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 65535.0 if arr.max() > 255 else 255.0
+            arr = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+            im = Image.fromarray(arr, mode="L")
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        return im.convert("RGB")
 
 
 def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike) -> None:
@@ -117,15 +125,21 @@ def pair_images(root_a: str | os.PathLike, root_b: str | os.PathLike) -> Pairing
     return Pairing(pairs, sorted(a.values()), sorted(b.values()))
 
 
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """Resize (bicubic, antialiased) so that the shorter side is ``size`` and the aspect ratio
+    is kept (the longer side rounded, never below ``size``)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+
+
 def fit_square(img: Image.Image, size: int) -> Image.Image:
     """The ``crop`` size policy: resize the shorter side to ``size`` (bicubic, antialiased), then
     centre-crop to ``size`` x ``size``. ``size`` 0, or an image already that size, is unchanged."""
     if size <= 0 or img.size == (size, size):
         return img
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    img = resize_shorter(img, size)
+    nw, nh = img.size
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
 
@@ -176,12 +190,7 @@ def resize_to(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image file as :func:`load_rgb` returns it (EXIF orientation applied),
     read from its header without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except FileNotFoundError:
-        raise LM4LVError(f"{path}: image file not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise LM4LVError(f"{path}: cannot read image ({e})") from None
+    with _opened(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

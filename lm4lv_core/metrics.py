@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .defaults import CROP_BORDER
 from .errors import ConfigError, LM4LVError
 from .util.fsutil import write_json_atomic, write_text_atomic
 from .imageio import load_rgb, pair_images
+from .registry import Registry
 
-METRICS = ("psnr", "ssim", "lpips")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
 PSNR_IDENTICAL = 100.0
 LPIPS_NETS = ("alex", "vgg")
 
@@ -57,7 +57,7 @@ def _prepare(gt: np.ndarray, pred: np.ndarray, crop_border: int,
     return gt.astype(np.float64), pred.astype(np.float64)
 
 
-def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = 4, y_channel: bool = False) -> float:
+def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
     """PSNR in dB of two HxWx3 uint8 RGB images (data range 255; identical images -> 100)."""
     from skimage.metrics import mean_squared_error, peak_signal_noise_ratio
 
@@ -67,7 +67,7 @@ def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = 4, y_channel: bool
     return float(peak_signal_noise_ratio(a, b, data_range=255))
 
 
-def ssim(gt: np.ndarray, pred: np.ndarray, crop_border: int = 4, y_channel: bool = False) -> float:
+def ssim(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
     """SSIM of two HxWx3 uint8 RGB images: 11x11 Gaussian window (sigma 1.5), averaged
     over channels (or on the Y channel)."""
     from skimage.metrics import structural_similarity
@@ -177,7 +177,7 @@ def build_lpips(net: str = "alex", weights: str | os.PathLike | None = None,
     return LPIPSModule(lp, net)
 
 
-def lpips_score(module: LPIPSModule, gt: np.ndarray, pred: np.ndarray, crop_border: int = 4) -> float:
+def lpips_score(module: LPIPSModule, gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER) -> float:
     """LPIPS of two HxWx3 uint8 RGB images with a module from :func:`build_lpips`."""
     a, b = _prepare(gt, pred, crop_border, False)
     dev = next(module.parameters()).device
@@ -185,6 +185,27 @@ def lpips_score(module: LPIPSModule, gt: np.ndarray, pred: np.ndarray, crop_bord
     tb = torch.from_numpy(b / 255.0).permute(2, 0, 1)[None].float().to(dev)
     with torch.inference_mode():
         return float(module(tb, ta)[0])
+
+
+# --------------------------------------------------------------------------- the metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A full-reference metric: ``score(gt, pred, crop_border, y_channel, lpips_module)`` of two
+    HxWx3 uint8 RGB images (``lpips_module``: from :func:`build_lpips`, used by LPIPS only)."""
+
+    name: str
+    higher_is_better: bool
+    score: Callable[[np.ndarray, np.ndarray, int, bool, Any], float]
+
+
+METRICS: Registry[Metric] = Registry("metric")
+for _m in (Metric("psnr", True, lambda gt, pred, cb, y, _lp: psnr(gt, pred, cb, y)),
+           Metric("ssim", True, lambda gt, pred, cb, y, _lp: ssim(gt, pred, cb, y)),
+           Metric("lpips", False, lambda gt, pred, cb, _y, lp: lpips_score(lp, gt, pred, cb))):
+    METRICS.register(_m.name)(_m)
+del _m
 
 
 # --------------------------------------------------------------------------- pairs / folders
@@ -243,7 +264,7 @@ def _match_sizes(gt: np.ndarray, pred: np.ndarray, resize_to_smaller: bool,
 
 
 def score_pairs(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]],
-                metrics: Sequence[str] = ("psnr", "ssim"), crop_border: int = 4,
+                metrics: Sequence[str] = ("psnr", "ssim"), crop_border: int = CROP_BORDER,
                 y_channel: bool = False, resize_to_smaller: bool = False,
                 lpips_net: str = "alex", lpips_weights: str | os.PathLike | None = None,
                 lpips_module: Any = None,
@@ -261,12 +282,7 @@ def score_pairs(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]],
         gt_img, pr_img = _match_sizes(gt_img, pr_img, resize_to_smaller, str(p))
         row: dict[str, Any] = {"name": name, "gt": str(g), "pred": str(p)}
         for m in metrics:
-            if m == "psnr":
-                row[m] = psnr(gt_img, pr_img, crop_border, y_channel)
-            elif m == "ssim":
-                row[m] = ssim(gt_img, pr_img, crop_border, y_channel)
-            else:
-                row[m] = lpips_score(lpips_module, gt_img, pr_img, crop_border)
+            row[m] = METRICS.get(m).score(gt_img, pr_img, crop_border, y_channel, lpips_module)
         rows.append(row)
         if progress:
             progress(i + 1, len(pairs))

@@ -228,7 +228,7 @@ def test_cli_eval_writes_json_and_csv(folders, tmp_path):
                               str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv"),
                               "--crop-border", "0", "--y-channel"])
     assert res.exit_code == 0, res.output
-    assert "PSNR" in res.output and "only_gt.png" in res.output and "sub/extra.png" in res.output
+    assert "PSNR ↑" in res.output and "only_gt.png" in res.output and "sub/extra.png" in res.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["count"] == 2 and data["settings"]["y_channel"] is True
     assert data["settings"]["crop_border"] == 0
@@ -243,6 +243,7 @@ def test_cli_eval_lpips_with_weights_file(folders, alex_weights, tmp_path):
     res = runner.invoke(app, ["eval", "lpips", str(gt), str(pred), "--lpips-weights",
                               str(alex_weights), "--json", str(tmp_path / "l.json")])
     assert res.exit_code == 0, res.output
+    assert "LPIPS ↓" in res.output  # lower is better
     rows = json.loads((tmp_path / "l.json").read_text())["images"]
     assert rows[0]["lpips"] > 0 and rows[1]["lpips"] == pytest.approx(0, abs=1e-6)
 

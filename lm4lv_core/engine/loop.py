@@ -313,17 +313,14 @@ class _Progress:
     """Rich progress bar with the latest losses (rank 0 only)."""
 
     def __init__(self, total: int, start: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from ..util.progress import progress_bar
 
         # progress and status go to the console's stderr: stdout stays free for results (e.g. a benchmark's JSON)
-        self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          TextColumn("{task.fields[info]}"), console=logs.console())
-        self.t = self.p.add_task("train", total=total, completed=start, info="")
-        self.p.start()
+        self.bar = progress_bar("[bold]train", total, completed=start, transient=False, info=True).start()
 
     def update(self, row: dict[str, Any]) -> None:
         info = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("step",) and isinstance(v, float))
-        self.p.update(self.t, completed=row["step"], info=info)
+        self.bar.update(row["step"], info=info)
 
     def close(self) -> None:
-        self.p.stop()
+        self.bar.close()

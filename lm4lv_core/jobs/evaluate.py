@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import write_json_atomic, write_text_atomic
-from ..metrics import HIGHER_IS_BETTER, EvalReport, build_lpips, evaluate_paths, validate_metrics
+from ..metrics import METRICS, EvalReport, build_lpips, evaluate_paths, validate_metrics
 
 GRID_TILE_MAX = 256  # larger images are shown reduced in grids
 
@@ -127,7 +127,7 @@ def grid_names(cmp: Comparison, rows: int | None = None) -> list[tuple[str, str]
             raise ConfigError(f"--grid-rows must be >= 1, got {rows}")
         return [(n, n) for n in names[:rows]]
     metric = "psnr" if "psnr" in cmp.metrics else cmp.metrics[0]
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    sign = 1.0 if METRICS.get(metric).higher_is_better else -1.0
     last = len(cmp.reports) - 1
 
     def gain(n: str) -> float:

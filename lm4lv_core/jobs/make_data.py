@@ -42,13 +42,13 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
+from ..defaults import DEFAULT_PROMPT
 from ..degrade import Pipeline, parse_spec
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import temp_dir, user_entries, write_json_atomic, writing
 from ..imageio import (RESIZE_POLICIES, check_resize, require_images, load_rgb, pair_images, save_png,
                       to_square)
 
-DEFAULT_PROMPT = "<image> <task>"
 SIZE_POLICY = "SIZE x SIZE as --resize says; SIZE 0 keeps the original size"
 OUR_ENTRIES = ("hq", "lq", "test", "train.json", "test.json", "manifest.json")
 _SPLIT_TAG = 0x5B1A
@@ -211,6 +211,20 @@ def _check_out(cfg: MakeDataConfig) -> None:
                              "make-data; refusing to overwrite it")
 
 
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A new hidden sibling of ``out`` to build the dataset in, moved into ``out`` (see
+    :func:`_commit`) when the block ends; removed, ``out`` untouched, when it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(out.parent, f"{out.name}.partial")
+    try:
+        yield tmp
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _commit(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` into ``out``; only lm4lv's own entries are replaced."""
     if not out.exists() or not any(out.iterdir()):
@@ -313,14 +327,12 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
     _check_out(cfg)
     test_keys = (set() if cfg.test_dir else _split(sorted(train_src), cfg.test_fraction,
                                                     cfg.seed))
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(cfg.out.parent, f"{cfg.out.name}.partial")
-    pipelines = tuple(zip(slugs, pipes))
-    jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
-            for key, src in sorted(train_src.items())]
-    jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
-             for key, src in sorted(test_src.items())]
-    try:
+    with _staging(cfg.out) as tmp:
+        pipelines = tuple(zip(slugs, pipes))
+        jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
+                for key, src in sorted(train_src.items())]
+        jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
+                 for key, src in sorted(test_src.items())]
         _run_jobs(jobs, cfg.workers, progress)
         train, test = [], []
         for job in jobs:
@@ -349,10 +361,6 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
             "resize": cfg.resize,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-        _commit(tmp, cfg.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MakeDataResult(cfg.out, "degrade", len(jobs), len(train), len(test), slugs)
 
 
@@ -377,9 +385,7 @@ def _pair_data(cfg: MakeDataConfig) -> MakeDataResult:
     train = [_sample(cfg.prompt, lq, hq, False) for k, lq, hq in pairing.pairs
              if k not in test_keys]
     test = [_sample(cfg.prompt, lq, hq, True) for k, lq, hq in pairing.pairs if k in test_keys]
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(cfg.out.parent, f"{cfg.out.name}.partial")
-    try:
+    with _staging(cfg.out) as tmp:
         write_json_atomic(tmp / "train.json", train)
         write_json_atomic(tmp / "test.json", test)
         write_json_atomic(tmp / "manifest.json", {
@@ -389,9 +395,5 @@ def _pair_data(cfg: MakeDataConfig) -> MakeDataResult:
             "counts": {"pairs": len(pairing.pairs), "train_samples": len(train),
                        "test_samples": len(test)},
             "unpaired_lq": only_lq, "unpaired_hq": only_hq, "versions": _versions()})
-        _commit(tmp, cfg.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MakeDataResult(cfg.out, "pair", len(pairing.pairs), len(train), len(test), [],
                           only_lq, only_hq)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..util.fsutil import write_text_atomic
-from ..imageio import load_rgb, save_png
+from ..imageio import load_rgb, resize_shorter, save_png
 
 # scikit-image sample images: RGB and grayscale photographs and textures
 TRAIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -102,9 +102,7 @@ def augment_train_images(src: Path, dst: Path, size: int, per_image: int, seed: 
         for colour in (False, True):
             for k in range(per_image):
                 s = int(rng.choice([size, size * 5 // 4, size * 3 // 2, size * 2]))
-                w, h = img.size
-                sc = s / min(w, h)
-                im = img.resize((max(s, round(w * sc)), max(s, round(h * sc))), Image.Resampling.BICUBIC)
+                im = resize_shorter(img, s)
                 x, y = rng.integers(0, im.size[0] - size + 1), rng.integers(0, im.size[1] - size + 1)
                 c = np.asarray(im.crop((x, y, x + size, y + size)), dtype=np.float32)
                 if rng.random() < 0.5:

@@ -37,17 +37,6 @@ def user_entries(folder: Path) -> list[Path]:
     return [p for p in Path(folder).iterdir() if not is_internal(p.name)]
 
 
-def remove_entries(folder: str | os.PathLike, names: Iterable[str]) -> None:
-    """Remove the files or folders ``names`` from ``folder`` where present (lm4lv's own outputs
-    of an earlier run; nothing else in the folder is touched)."""
-    for name in names:
-        p = Path(folder) / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
@@ -123,11 +112,21 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def atomic_dir_commit(tmp_dir: Path, final_dir: Path) -> None:
-    """Rename a fully written ``tmp_dir`` to ``final_dir`` (same parent) in one step."""
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} already exists")
-    os.replace(tmp_dir, final_dir)
+def remove_entries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the entries ``folder/<name>`` that exist (folders with their content, files; a
+    symbolic link is removed, not what it points to); other entries are left alone. Returns
+    what was removed."""
+    removed = []
+    for name in names:
+        p = Path(folder) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.is_symlink() or p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    return removed
 
 
 # ----------------------------------------------------------------------------- write errors

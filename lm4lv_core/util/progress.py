@@ -1,34 +1,64 @@
-"""A rich progress bar shown by one process (rank 0); other ranks count silently."""
+"""The one rich progress bar of lm4lv: drawn on the console's stderr (stdout stays free for
+results), by one process (rank 0); other ranks pass ``show=False`` and count silently."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
 
 from . import logs
 
 
-class rank0_progress:
-    """``with rank0_progress(label, total, show=rank == 0) as advance: ... advance(n)``.
+class progress_bar:
+    """``with progress_bar(label, total) as bar: ... bar.advance(n)`` (or ``bar.update(done, total)``).
 
-    Drawn on stderr (stdout stays free for results) and removed when done.
+    Columns: ``label`` (rich markup allowed), the bar, ``done/total``, the time remaining and, with
+    ``info=True``, a free text set by ``update(..., info=...)``. ``total=None`` is unknown until
+    the first ``update``; ``transient`` removes the bar when done. ``show=False`` draws nothing.
+    Outside a ``with`` block, ``start()`` / ``close()`` do the same.
     """
 
-    def __init__(self, label: str, total: int, show: bool = True):
-        self.label, self.total, self.show = label, total, show
+    def __init__(self, label: str, total: int | None = None, *, show: bool = True, transient: bool = True,
+                 completed: int = 0, info: bool = False) -> None:
         self.bar = None
-
-    def __enter__(self):
-        if self.show:
+        if show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=logs.console(), transient=True)
-            self.bar.__enter__()
-            self.task = self.bar.add_task(self.label, total=self.total)
-        return self.advance
+            columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+            if info:
+                columns.append(TextColumn("{task.fields[info]}"))
+            self.bar = Progress(*columns, console=logs.console(), transient=transient)
+            self.task = self.bar.add_task(label, total=total, completed=completed, info="")
 
-    def advance(self, n: int) -> None:
+    def start(self) -> "progress_bar":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __enter__(self) -> "progress_bar":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.advance(self.task, n)
 
-    def __exit__(self, *exc) -> None:
+    def update(self, completed: int, total: int | None = None, **fields: Any) -> None:
+        """Set the count (and the total, and the ``info`` text when the bar has one)."""
         if self.bar is not None:
-            self.bar.__exit__(*exc)
+            if total is not None:
+                fields["total"] = total
+            self.bar.update(self.task, completed=completed, **fields)
+
+
+@contextlib.contextmanager
+def rank0_progress(label: str, total: int, show: bool = True) -> Iterator[Callable[[int], None]]:
+    """``with rank0_progress(label, total, show=rank == 0) as advance: ... advance(n)``."""
+    with progress_bar(label, total, show=show) as bar:
+        yield bar.advance
