@@ -124,8 +124,9 @@ def test_missing_lpips_weights_is_a_clear_error_before_anything_is_written(folde
 @pytest.mark.slow
 def test_two_workers_ft_mae_and_recon(folders, tmp_path):
     train, held = folders
-    _ft([train, "--out", tmp_path / "run", "--preset", "tiny", "--lpips-weight", 0, "--max-steps", 2,
-         "--micro-batch", 2, "--nproc", 2])
+    res = _ft([train, "--out", tmp_path / "run", "--preset", "tiny", "--lpips-weight", 0, "--max-steps", 2,
+               "--micro-batch", 2, "--nproc", 2])
+    assert "done" in res.output and "stopped" not in res.output  # launched workers report like one
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["world_size"] == 2
     rep = _recon(held, tmp_path / "rec", "--mae", tmp_path / "run" / "final", "--nproc", 2, "--batch-size", 1)
