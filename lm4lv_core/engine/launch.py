@@ -238,7 +238,7 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
     job_dir.mkdir(parents=True, exist_ok=True)
     job_path = job_dir / f"{kind}-job.yaml"
     stop = stop_file(job_path)
-    for f in [*job_dir.glob(f"{job_path.stem}.error.rank*"), *job_dir.glob(f"{job_path.stem}.interrupted.rank*")]:
+    for f in job_dir.glob(f"{job_path.stem}.*.rank*"):  # an earlier run's error_file / interrupted_file
         f.unlink()
     stop.unlink(missing_ok=True)
     result_file(job_path).unlink(missing_ok=True)
@@ -302,8 +302,6 @@ class ProbeJob:
 def probe_job(job: ProbeJob) -> dict[str, int]:
     """Join the process group and write ``probe-rankN.json`` (rank, world size, all-reduced sum)
     into ``job.out``."""
-    import json
-
     import torch
 
     from ..util import dist
