@@ -5,7 +5,7 @@ tokens, from the ``tiny-224`` preset's MAE) and a random Llama whose width is ch
 path takes under a minute on two CPU cores:
 
 * ``naive_s``: batch 1, the whole sequence recomputed for each of the 197 visual tokens;
-* ``cached_s``: the same sample with ``lm4lv_core.generate`` (KV cache, one embedding per step);
+* ``cached_s``: the same sample with ``lm4lv_core.model.generate`` (KV cache, one embedding per step);
   ``speedup = naive_s / cached_s``; ``max_abs_diff`` between the two feature sets;
 * ``llm_decode_s``: the same LLM's own KV-cached ``generate`` of 197 greedy tokens from a prompt of
   the same length; ``overhead_vs_llm_decode = cached_s / llm_decode_s``;
@@ -57,7 +57,7 @@ def build_llm(hidden: int, layers: int, heads: int, intermediate: int, vocab: in
     (``vocab``: embedding rows, at least the tokenizer's; e.g. Llama-2's 32000)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lm4lv_core.presets import build_tokenizer, preset_home
+    from lm4lv_core.sources.presets import build_tokenizer, preset_home
 
     name = f"llama-h{hidden}-l{layers}-a{heads}-i{intermediate}" + (f"-v{vocab}" if vocab else "")
     out = preset_home().parent / "bench" / name
@@ -122,9 +122,9 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
 
     from lm4lv_core.config import ModelConfig, ModuleSpec
     from lm4lv_core.data.format import parse_sample
-    from lm4lv_core.generate import build_items
-    from lm4lv_core.model import LM4LV
-    from lm4lv_core.presets import preset_config
+    from lm4lv_core.model.generate import build_items
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
 
     mae = preset_config("tiny-224")
     encoder, decoder = mae.encoder, mae.decoder
@@ -157,7 +157,7 @@ def batch_of(model, items, device: torch.device, dtype: torch.dtype):
 
 def runner(model, batch, compile: bool = False):
     """A call that generates the image of every sample of ``batch`` (features only)."""
-    from lm4lv_core.generate import GenerationConfig, generate_batch
+    from lm4lv_core.model.generate import GenerationConfig, generate_batch
 
     cfg = GenerationConfig(mode="image")
     flags = [True] * batch.size
@@ -168,7 +168,7 @@ def measure_eager(args, model, items, device: torch.device, dtype: torch.dtype) 
     """The naive algorithm, cached generation of batches 1 and 8 and the LLM's own decode of as
     many tokens (interleaved, so that load from other processes hits all alike). Returns the
     result entries and what later measurements compare against (``b1``, ``cached``, ``cached_s``)."""
-    from lm4lv_core.generate import naive_generate_images
+    from lm4lv_core.model.generate import naive_generate_images
 
     b1, b8 = batch_of(model, items[:1], device, dtype), batch_of(model, items, device, dtype)
     prompt_len = int(b1.input_ids.shape[1])

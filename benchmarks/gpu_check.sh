@@ -189,7 +189,7 @@ for mode in ("plain", "checkpointing"):
     try:  # the memory plan of the same run, next to the measurement
         from lm4lv_core.data.format import load_samples
         from lm4lv_core.engine.options import resolve_options
-        from lm4lv_core.memplan import plan_training
+        from lm4lv_core.model.memplan import plan_training
 
         import yaml
 

@@ -18,7 +18,7 @@ itself (``LM4LV_MEMORY_REPORT``, see ``lm4lv_core/util/memreport.py``), and prin
 * ``step_s``: time of the second training step with and without checkpointing (``metrics.csv``);
 * ``activation_bytes`` kept for the backward without / with checkpointing and their ratio
   ``activation_ratio``;
-* ``plan_vs_measured``: the plan's estimate (``lm4lv_core.memplan``, the plan of
+* ``plan_vs_measured``: the plan's estimate (``lm4lv_core.model.memplan``, the plan of
   ``lm4lv train --dry-run``) next to each measurement, with ``ratio`` = estimate / measured;
 * ``paper_plan``: the plan of the full paper configuration (32 layers, micro-batch 16, bf16,
   ZeRO-1 and ZeRO-2) on 4 × 80 GB and 8 × 24 GB, planned from a configuration-only folder.
@@ -65,7 +65,7 @@ def build_folders(root: Path, layers: int, weights: bool = True) -> tuple[Path, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, ViTMAEConfig, ViTMAEForPreTraining
 
-    from lm4lv_core.presets import build_tokenizer
+    from lm4lv_core.sources.presets import build_tokenizer
 
     llm, mae = root / "llm", root / "mae"
     stamp = root / "shape.json"
@@ -126,7 +126,7 @@ def entry(config: str, estimate: float, measured: float) -> dict:
 
 
 def plan_summary(plan) -> dict:
-    from lm4lv_core.memplan import GiB
+    from lm4lv_core.model.memplan import GiB
 
     r = plan.run
     return {"world": r.world, "zero_stage": r.zero_stage, "precision": r.precision, "micro_batch": r.micro_batch,
@@ -145,8 +145,8 @@ def paper_plans(root: Path, data: Path) -> dict:
     """The full paper configuration, planned from configs only (no weights written or read)."""
     from lm4lv_core.data.format import load_samples
     from lm4lv_core.engine.config import TrainConfig
-    from lm4lv_core.memplan import plan_training
-    from lm4lv_core.presets import resolve_model_config
+    from lm4lv_core.model.memplan import plan_training
+    from lm4lv_core.sources.presets import resolve_model_config
 
     llm, mae = build_folders(root, 32, weights=False)
     model = resolve_model_config(llm=str(llm), mae=str(mae))
@@ -188,7 +188,7 @@ def measure_training(args, work: Path, precision: str, llm: Path, mae: Path, tra
     memory report and the memory plan of the same options."""
     from lm4lv_core.data.format import load_samples
     from lm4lv_core.jobs.train import resolve_options
-    from lm4lv_core.memplan import plan_training
+    from lm4lv_core.model.memplan import plan_training
 
     samples = load_samples(train_json)
     common = ["--data", str(train_json), "--llm", str(llm), "--mae", str(mae), "--precision", precision,

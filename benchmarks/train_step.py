@@ -60,7 +60,7 @@ def median_step(run_dir: Path, batch: int) -> float:
 def llm_fwd_bwd(model_cfg, batch: int, seq_len: int, reps: int) -> float:
     import torch
 
-    from lm4lv_core.model import load_llm
+    from lm4lv_core.model.lm4lv import load_llm
 
     llm, _ = load_llm(model_cfg.llm)
     llm.requires_grad_(False)
@@ -87,8 +87,8 @@ def main() -> None:
     from lm4lv_core.data.format import load_samples
     from lm4lv_core.engine.config import TrainConfig
     from lm4lv_core.jobs.train import train
-    from lm4lv_core.model import LM4LV
-    from lm4lv_core.presets import preset_config
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
 
     model_cfg = preset_config(args.preset)
     with tempfile.TemporaryDirectory() as tmp:

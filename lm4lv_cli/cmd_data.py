@@ -17,7 +17,7 @@ _MAX_LISTED = 10
 
 
 def _list_degradations() -> None:
-    from lm4lv_core.degrade import describe
+    from lm4lv_core.image.degrade import describe
 
     table = Table(title="degradations (NAME:k=v,... ; chain with +)")
     table.add_column("name", style="bold")
@@ -147,7 +147,7 @@ def show_eval(cmp, *, crop_border: int, y_channel: bool = False, grid: Optional[
 
 def _metric_label(name: str) -> str:
     """``PSNR ↑``: the arrow says which way is better."""
-    from lm4lv_core.metrics import METRICS
+    from lm4lv_core.image.metrics import METRICS
 
     return f"{name.upper()} {'↑' if METRICS.get(name).higher_is_better else '↓'}"
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from lm4lv_core.defaults import GENERATE_BATCH_SIZE
+from lm4lv_core.precision import FP32
 
 console = Console()
 
@@ -26,7 +27,7 @@ def generate(
     num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (deepspeed launcher; --out must be on a shared filesystem)."),
     hostfile: Optional[str] = typer.Option(None, "--hostfile", help="Hostfile for the deepspeed launcher."),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port [a free one]."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only)."),
+    precision: str = typer.Option(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only)."),
     mode: str = typer.Option("auto", "--mode", help="image: answers start with <Img> and stop after the image; "
                              "text: free text and images; auto: image when the prompt holds <task>."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most sampled text tokens per answer (images not counted)."),
@@ -44,7 +45,7 @@ def generate(
 ) -> None:
     """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
     from lm4lv_core.engine.launch import Workers
-    from lm4lv_core.generate import GenerationConfig
+    from lm4lv_core.model.generate import GenerationConfig
     from lm4lv_core.jobs.generate import generate as run_generate
 
     workers = Workers(nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes, hostfile=hostfile,

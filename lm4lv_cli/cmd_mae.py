@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lm4lv_core.defaults import CROP_BORDER, RECON_BATCH_SIZE
+from lm4lv_core.precision import FP32
 
 from . import options as opt
 
@@ -55,7 +56,7 @@ def recon_mae(
     crop_border: int = O(CROP_BORDER, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out."),
     verbose: bool = opt.VERBOSE,
-    precision: str = O("fp32", "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
+    precision: str = O(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
 ) -> None:
     """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
     from lm4lv_core.engine.launch import Workers

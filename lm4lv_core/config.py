@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .defaults import ATTN_IMPLEMENTATIONS, RESIZE_MODES
 from .errors import ConfigError
 from .util.fsutil import write_text_atomic
 
@@ -46,7 +47,7 @@ class ModelConfig:
     """Where the frozen parts come from and what trains.
 
     ``resize`` is how images reach the encoder's square size (``stretch`` | ``crop``, see
-    :data:`lm4lv_core.imageio.RESIZE_POLICIES`); generation uses the model's by default.
+    :data:`lm4lv_core.image.io.RESIZE_POLICIES`); generation uses the model's by default.
 
     ``llm`` is a Hugging Face causal-LM folder or hub id (``org/name[@revision]``). ``encoder`` /
     ``decoder`` / ``adapter`` / ``deadapter`` are registry specs (MAE folders or hub ids for the
@@ -55,15 +56,15 @@ class ModelConfig:
 
     llm: str
     encoder: ModuleSpec
-    decoder: ModuleSpec
-    adapter: ModuleSpec = field(default_factory=lambda: ModuleSpec("linear"))
-    deadapter: ModuleSpec = field(default_factory=lambda: ModuleSpec("linear"))
+    decoder: ModuleSpec | None = None  # None: an understanding encoder, text answers only
+    adapter: ModuleSpec | None = None  # None: the family's (linear for features, embedding for codes)
+    deadapter: ModuleSpec | None = None  # None: linear (to a feature, or to logits over the codebook)
     num_task_tokens: int = 10
     template: str = "default"
     system_prompt: str | None = None
     gpt_prefix: str = ""
     num_visual_tokens: int | None = None
-    vision_loss: str = "feature_mse"
+    vision_loss: str | None = None  # None: the family's (feature_mse for features, code_ce for codes)
     vision_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
     train_adapter: bool = True
@@ -72,19 +73,17 @@ class ModelConfig:
     train_decoder: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     resize: str = "stretch"  # size policy of every image (stretch, as the reference, or crop)
-    # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.hub)
+    # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.sources.hub)
     hub: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | eager | flash_attention_2
 
     def __post_init__(self) -> None:
-        if isinstance(self.encoder, dict):
-            self.encoder = ModuleSpec(**self.encoder)
-        if isinstance(self.decoder, dict):
-            self.decoder = ModuleSpec(**self.decoder)
-        if isinstance(self.adapter, dict):
-            self.adapter = ModuleSpec(**self.adapter)
-        if isinstance(self.deadapter, dict):
-            self.deadapter = ModuleSpec(**self.deadapter)
+        for part in ("encoder", "decoder", "adapter", "deadapter"):
+            spec = getattr(self, part)
+            if isinstance(spec, dict):
+                setattr(self, part, ModuleSpec(**spec))
+            elif isinstance(spec, str):  # a plain registry name
+                setattr(self, part, ModuleSpec(spec))
         if isinstance(self.lora, dict):
             self.lora = LoraConfig(**self.lora)
         if self.num_task_tokens < 0:
@@ -93,17 +92,11 @@ class ModelConfig:
             raise ConfigError(f"unknown template {self.template!r}; valid: {', '.join(TEMPLATES)}")
         if self.num_visual_tokens is not None and self.num_visual_tokens <= 0:
             raise ConfigError(f"num_visual_tokens must be > 0, got {self.num_visual_tokens}")
-        from .losses import VISION_LOSSES  # registers the built-in losses
-
-        VISION_LOSSES.get(self.vision_loss)  # unknown names list the valid ones
+        # registry names (encoder, adapters, loss) are checked by vision.complete_config
         if self.vision_loss_weight < 0 or self.text_loss_weight < 0:
             raise ConfigError("loss weights must be >= 0")
-        from .imageio import check_resize
-
-        check_resize(self.resize)
-
-        from .loading import ATTN_IMPLEMENTATIONS
-
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                               f"got {self.attn_implementation!r}")

@@ -5,7 +5,8 @@ Plain values with no imports, so the command line can read them without loading 
 # option vocabularies
 ENGINES = ("deepspeed", "accelerate")
 LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name → torch dtype name
+RESIZE_MODES = ("stretch", "crop")  # how images reach the encoder's square size (see image/io.py)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # the LLM's attention
 
 # defaults
 CROP_BORDER = 4  # pixels ignored at each border by PSNR/SSIM/LPIPS

@@ -21,7 +21,7 @@ REFERENCE = Path(__file__).resolve().parent / "data"
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from lm4lv_core.presets import preset_config
+    from lm4lv_core.sources.presets import preset_config
 
     return preset_config("tiny")
 

@@ -15,7 +15,7 @@ from lm4lv_core.data.dataset import LM4LVDataset, collate
 from lm4lv_core.data.format import load_checked
 from lm4lv_core.engine.config import TrainConfig
 from lm4lv_core.jobs.train import train
-from lm4lv_core.model import LM4LV
+from lm4lv_core.model.lm4lv import LM4LV
 
 
 def _loss_and_grads(cfg, data_file, checkpointing: bool, llm_eval: bool):

@@ -11,9 +11,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lm4lv_cli.app import app
-from lm4lv_core import metrics as M
+from lm4lv_core.image import metrics as M
 from lm4lv_core.jobs.evaluate import compare_paths, grid_names
-from lm4lv_core.grids import comparison_grid, scores_caption
+from lm4lv_core.image.grids import comparison_grid, scores_caption
 
 
 def _dark(img: Image.Image, box) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from lm4lv_core import degrade as D
+from lm4lv_core.image import degrade as D
 from lm4lv_core.errors import ConfigError, LM4LVError
 
 

@@ -9,11 +9,11 @@ from lm4lv_core.data.dataset import LM4LVDataset, collate, image_to_tensor, tens
 from lm4lv_core.data.format import load_checked, parse_sample
 from lm4lv_core.data.sequence import IMG_START
 from lm4lv_core.errors import ConfigError
-from lm4lv_core.generate import (GenerationConfig, build_items, filter_logits, generate_samples,
+from lm4lv_core.model.generate import (GenerationConfig, build_items, filter_logits, generate_samples,
                                  naive_generate_images, restore)
-from lm4lv_core.imageio import load_rgb
-from lm4lv_core.model import LM4LV
-from lm4lv_core.presets import preset_config
+from lm4lv_core.image.io import load_rgb
+from lm4lv_core.model.lm4lv import LM4LV
+from lm4lv_core.sources.presets import preset_config
 
 PROMPTS = [  # prompt lengths differ a lot: the batch is left-padded
     "<image> <task>",
@@ -200,7 +200,7 @@ def test_training_to_overfit_two_pairs_improves_psnr(pairs_file):
     sample's generated features (free-running, one visual token at a time) and the images on
     average. (Per image, pixel PSNR of a 2-layer random LLM's free-running generation is too noisy
     to demand a gain for each.)"""
-    from lm4lv_core.metrics import psnr
+    from lm4lv_core.image.metrics import psnr
 
     torch.manual_seed(0)
     model = LM4LV.from_config(preset_config("tiny"))

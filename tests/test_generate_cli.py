@@ -31,8 +31,8 @@ def lm4lv(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A saved tiny model, and a generation file: 4 restoration samples + 1 captioning sample."""
-    from lm4lv_core.model import LM4LV
-    from lm4lv_core.presets import preset_config
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
 
     root = tmp_path_factory.mktemp("gencli")
     write_pairs(root, n=4)
@@ -189,7 +189,7 @@ def test_changed_prompt_is_regenerated_and_a_retrained_model_is_refused(setup, t
     assert code == 0 and "(1 generated" in log, log
     assert _results(out)[1]["text"] != "<image>"  # answered in text mode now
     # the same folder, retrained: its outputs are stale
-    from lm4lv_core.model import LM4LV
+    from lm4lv_core.model.lm4lv import LM4LV
 
     model = LM4LV.from_pretrained(run / "final")
     with torch.no_grad():

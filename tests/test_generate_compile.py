@@ -9,8 +9,8 @@ from PIL import Image
 
 from lm4lv_core.data.format import parse_sample
 from lm4lv_core.errors import ConfigError
-from lm4lv_core.generate import GenerationConfig, generate_samples
-from lm4lv_core.model import LM4LV
+from lm4lv_core.model.generate import GenerationConfig, generate_samples
+from lm4lv_core.model.lm4lv import LM4LV
 
 
 @pytest.mark.slow  # one torch.compile of the tiny LLM's decode step (~20-60 s on a CPU)
@@ -37,7 +37,7 @@ def test_compiled_decode_matches_eager(tiny_config):
 def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch):
     import torch._inductor.config as inductor_config
 
-    from lm4lv_core.compiled_decode import check_compile_available
+    from lm4lv_core.model.compiled_decode import check_compile_available
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
     with pytest.raises(ConfigError, match="--compile needs a C\\+\\+ compiler"):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from lm4lv_cli.app import app
 from lm4lv_core.data.dataset import image_to_tensor
 from lm4lv_core.errors import ConfigError
-from lm4lv_core.imageio import load_rgb, oriented_size, restored_size, to_square
+from lm4lv_core.image.io import load_rgb, oriented_size, restored_size, to_square
 
 runner = CliRunner()
 W, H = 56, 40  # a landscape input; the tiny preset's model size is 32
@@ -167,8 +167,8 @@ def test_generate_uses_the_runs_mode_and_writes_the_input_size(cropped_run, tmp_
     # ... and the model saw the cropped input, not the stretched one
     from lm4lv_core.data.dataset import tensor_to_uint8
     from lm4lv_core.data.format import load_checked
-    from lm4lv_core.generate import GenerationConfig, generate_samples
-    from lm4lv_core.model import LM4LV
+    from lm4lv_core.model.generate import GenerationConfig, generate_samples
+    from lm4lv_core.model.lm4lv import LM4LV
 
     model = LM4LV.from_pretrained(run / "final").eval()
     sample = load_checked(data, mode="generate")[:1]
@@ -185,10 +185,10 @@ def test_generate_uses_the_runs_mode_and_writes_the_input_size(cropped_run, tmp_
 
 
 def test_restore_returns_images_at_their_input_size(tmp_path):
-    from lm4lv_core.generate import GenerationConfig, build_items, restore
+    from lm4lv_core.model.generate import GenerationConfig, build_items, restore
     from lm4lv_core.data.format import parse_sample
-    from lm4lv_core.model import LM4LV
-    from lm4lv_core.presets import preset_config
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
 
     torch.manual_seed(0)
     model = LM4LV.from_config(preset_config("tiny")).eval()

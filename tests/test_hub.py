@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lm4lv_core import hub
+from lm4lv_core.sources import hub
 from lm4lv_core.errors import ConfigError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -30,7 +30,7 @@ def _put(cache: Path, repo: str, src: Path, commit: str = COMMIT) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
-    from lm4lv_core.presets import preset_dir
+    from lm4lv_core.sources.presets import preset_dir
 
     home = tmp_path_factory.mktemp("hf_home")
     d = preset_dir("tiny")
@@ -69,7 +69,7 @@ def test_python_api_and_train_record_the_snapshot(offline_cache, pairs_file, tmp
 
     from lm4lv_cli.app import app
     from lm4lv_core.config import ModelConfig, ModuleSpec
-    from lm4lv_core.model import LM4LV
+    from lm4lv_core.model.lm4lv import LM4LV
 
     cfg = ModelConfig(llm="lm4lv-test/tiny-llm", encoder=ModuleSpec("mae", {"path": "lm4lv-test/tiny-mae"}),
                       decoder=ModuleSpec("mae", {"path": "lm4lv-test/tiny-mae"}), num_task_tokens=2)

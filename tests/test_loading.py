@@ -12,7 +12,7 @@ from lm4lv_core.engine.config import TrainConfig
 from lm4lv_core.engine.loop import Trainer
 from lm4lv_core.jobs.train import train
 from lm4lv_core.errors import ConfigError
-from lm4lv_core.model import LM4LV
+from lm4lv_core.model.lm4lv import LM4LV
 
 BF16 = torch.bfloat16
 
@@ -125,7 +125,7 @@ def test_ft_mae_bf16_keeps_the_frozen_encoder_exact_and_recon_reads_bf16(tmp_pat
     from lm4lv_core.jobs.ft_mae import finetune
     from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig
     from lm4lv_core.vision.mae import MAEAutoencoder
-    from lm4lv_core.presets import preset_dir
+    from lm4lv_core.sources.presets import preset_dir
 
     images = tmp_path / "images"
     images.mkdir()

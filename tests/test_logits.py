@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lm4lv_core.errors import ConfigError
-from lm4lv_core.logits import check_output_logits, output_logits
+from lm4lv_core.model.logits import check_output_logits, output_logits
 
 V, D = 96, 32
 
@@ -64,10 +64,10 @@ def test_unknown_logit_post_processing_is_refused():
 def test_lm4lv_text_loss_and_sampling_use_cohere_logit_scale(tmp_path, tiny_config, monkeypatch):
     from transformers import AutoTokenizer, CohereConfig, CohereForCausalLM
 
-    from lm4lv_core import generate as gen
+    from lm4lv_core.model import generate as gen
     from lm4lv_core.data.dataset import LM4LVDataset, collate
     from lm4lv_core.data.format import parse_sample
-    from lm4lv_core.model import LM4LV
+    from lm4lv_core.model.lm4lv import LM4LV
 
     from PIL import Image
 

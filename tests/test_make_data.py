@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lm4lv_cli.app import app
-from lm4lv_core import degrade as D
+from lm4lv_core.image import degrade as D
 from lm4lv_core.errors import LM4LVError
 from lm4lv_core.jobs.make_data import MakeDataConfig, apply_size_policy, image_rng, make_data
 

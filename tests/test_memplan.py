@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from lm4lv_cli.app import app
 from lm4lv_core.data.format import load_samples
 from lm4lv_core.engine.config import TrainConfig
-from lm4lv_core.memplan import GiB, format_plan, plan_training
+from lm4lv_core.model.memplan import GiB, format_plan, plan_training
 
 LLAMA2_7B_PARAMS = 6_738_415_616
 
@@ -21,7 +21,7 @@ def config_only_7b(tmp_path_factory):
     """Llama-2-7B and MAE-Large *configurations* (no weights), with the tiny preset's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, ViTMAEConfig
 
-    from lm4lv_core.presets import preset_dir, resolve_model_config
+    from lm4lv_core.sources.presets import preset_dir, resolve_model_config
 
     root = tmp_path_factory.mktemp("config7b")
     tok = AutoTokenizer.from_pretrained(preset_dir("tiny") / "llm")
@@ -57,7 +57,7 @@ def test_paper_configuration_is_planned_from_configs_alone(config_only_7b, pairs
     assert not small.fits and small.max_micro_batch < 16 <= small.max_micro_batch_other
     eager = _plan(config_only_7b, pairs_file, nproc=4, zero_stage=1)
     eager.run.attn_implementation = "eager"
-    from lm4lv_core.memplan import make_plan
+    from lm4lv_core.model.memplan import make_plan
 
     assert make_plan(eager.model, eager.data, eager.run).activations["saved"] > z1.activations["saved"]
     text = format_plan(z1)
@@ -72,7 +72,7 @@ def test_plan_agrees_with_measured_step(tmp_path, monkeypatch, checkpointing, ze
 
     from conftest import write_pairs
     from lm4lv_core.jobs.train import train
-    from lm4lv_core.presets import preset_config
+    from lm4lv_core.sources.presets import preset_config
 
     # an earlier in-process ZeRO-3 run leaves DeepSpeed's input-keeping F.linear installed; restore
     # the builtin for this test (and whatever was there after it)

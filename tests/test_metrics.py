@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lm4lv_cli.app import app
-from lm4lv_core import metrics as M
+from lm4lv_core.image import metrics as M
 from lm4lv_core.errors import LM4LVError
 
 runner = CliRunner()

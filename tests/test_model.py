@@ -3,8 +3,8 @@ import torch
 from lm4lv_core.config import LoraConfig
 from lm4lv_core.data.dataset import LM4LVDataset, collate
 from lm4lv_core.data.format import load_checked, parse_sample
-from lm4lv_core.model import LM4LV
-from lm4lv_core.presets import preset_config
+from lm4lv_core.model.lm4lv import LM4LV
+from lm4lv_core.sources.presets import preset_config
 
 
 def _batch(model, data_file):

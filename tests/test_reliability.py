@@ -48,8 +48,8 @@ def straight(tiny_config, data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gen(tmp_path_factory) -> Path:
     """A saved tiny model and a generation file of 4 restoration samples."""
-    from lm4lv_core.model import LM4LV
-    from lm4lv_core.presets import preset_config
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
 
     root = tmp_path_factory.mktemp("gen")
     write_pairs(root, n=4)
@@ -306,7 +306,7 @@ def test_failed_writes_keep_their_cause(full_dir):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from lm4lv_core.imageio import save_png
+    from lm4lv_core.image.io import save_png
 
     big = torch.rand(64, 1024)
     noise = (torch.rand(256, 256, 3) * 255).byte().numpy()

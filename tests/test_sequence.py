@@ -42,7 +42,7 @@ def metaspace(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, LlamaTokenizer
 
-    from lm4lv_core.presets import _CORPUS
+    from lm4lv_core.sources.presets import _CORPUS
 
     raw = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)

@@ -42,7 +42,7 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_run_outputs_and_exact_resume(tiny_config, pairs_file, tmp_path):
-    from lm4lv_core.model import LM4LV
+    from lm4lv_core.model.lm4lv import LM4LV
 
     straight = tmp_path / "straight"
     summary = run(tiny_config, pairs_file, straight)
@@ -110,7 +110,7 @@ def test_zero_stage_save_and_resume(stage, tiny_config, pairs_file, tmp_path):
 
 
 def test_lora_run_saves_peft_adapters_that_reload(tiny_config, pairs_file, tmp_path):
-    from lm4lv_core.model import LM4LV
+    from lm4lv_core.model.lm4lv import LM4LV
 
     cfg = dataclasses.replace(tiny_config, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.1))
     run(cfg, pairs_file, tmp_path / "a", max_steps=3, stop_after=2, lr=1e-2)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lm4lv_core.engine.config import TrainConfig
 from lm4lv_core.jobs.train import train
-from lm4lv_core.presets import preset_config
+from lm4lv_core.sources.presets import preset_config
 
 ONE_STEP = dict(lr_schedule="constant", warmup_ratio=0.0)  # the reference schedule's first step has lr 0
 
@@ -22,8 +22,8 @@ def no_persistence(tmp_path):
 
 
 def test_zero3_run_with_frozen_adapters_reloads_and_generates(pairs_file, tmp_path, no_persistence):
-    from lm4lv_core.generate import restore
-    from lm4lv_core.model import LM4LV
+    from lm4lv_core.model.generate import restore
+    from lm4lv_core.model.lm4lv import LM4LV
 
     cfg = preset_config("tiny", train_adapter=False, train_deadapter=False)  # --freeze-(de)adapter
     out = tmp_path / "run"
@@ -49,7 +49,7 @@ def test_zero3_ft_mae_writes_the_whole_mae(tmp_path, no_persistence):
 
     from lm4lv_core.jobs.ft_mae import finetune
     from lm4lv_core.tasks.mae_decoder import MAEFinetuneConfig
-    from lm4lv_core.presets import preset_dir
+    from lm4lv_core.sources.presets import preset_dir
 
     images = tmp_path / "images"
     images.mkdir()

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..imageio import check_resize, load_rgb, to_square
+from ..image.io import check_resize, load_rgb, to_square
 from .format import Sample
 from .sequence import IGNORE_INDEX, SLOT_IMAGE, SLOT_TEXT, Encoded, SequenceBuilder
 
@@ -18,7 +18,7 @@ def image_to_tensor(img: Image.Image, size: int, resize: str = "stretch") -> tor
     """PIL RGB → ``[3, size, size]`` float in [0, 1].
 
     Images of another size are brought to ``size`` x ``size`` by the size policy ``resize``
-    (:func:`lm4lv_core.imageio.to_square`): ``stretch`` (the reference's) or ``crop``.
+    (:func:`lm4lv_core.image.io.to_square`): ``stretch`` (the reference's) or ``crop``.
     """
     arr = np.asarray(to_square(img, size, resize), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

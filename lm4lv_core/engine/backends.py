@@ -21,11 +21,14 @@ from typing import Any, Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
+import copy
+
 from ..util import dist
 from ..defaults import WEIGHTS_FILE
 from .checkpoint import load_weights, save_weights
 from ..config import load_yaml
 from ..errors import ConfigError
+from ..precision import precision
 from ..util.fsutil import torch_save
 from .config import TrainConfig
 
@@ -115,10 +118,7 @@ class DeepSpeedBackend(Backend):
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,
         }
-        if c.precision == "bf16":
-            conf["bf16"] = {"enabled": True}
-        elif c.precision == "fp16":
-            conf["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        conf.update(copy.deepcopy(precision(c.precision).deepspeed or {}))
         if c.deepspeed_config:
             _deep_update(conf, checked_deepspeed_overrides(c, dist.world_size()))
         return conf
@@ -130,7 +130,7 @@ class DeepSpeedBackend(Backend):
         # DeepSpeed casts the module to bf16/fp16 and builds its float32 masters from that cast;
         # the exact float32 values are put back into the masters below
         exact = [(p, p.detach().clone()) for p in params if p.dtype == torch.float32] \
-            if self.cfg.precision != "fp32" else []
+            if precision(self.cfg.precision).mixed else []
         opt = make_optimizer(params, self.cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -209,7 +209,7 @@ class AccelerateBackend(Backend):
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.cfg.precision]  # (fp16: checked by the parent)
+        mp = precision(self.cfg.precision).accelerate  # (fp16: checked by the parent)
         from accelerate.state import AcceleratorState, GradientState
 
         # a job that runs in this process after another (the Python API, the quickstart) sets up

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from ..defaults import PRECISIONS
+from ..precision import FP32, PRECISIONS
 from ..errors import ConfigError
 from .schedule import SCHEDULES
 
@@ -33,7 +33,7 @@ class TrainConfig:
     master_port: int | None = None
     zero_stage: int = 0
     deepspeed_config: str | None = None  # JSON/YAML merged over the generated DeepSpeed config
-    precision: str = "fp32"
+    precision: str = FP32
     # optimisation
     micro_batch: int = 4
     grad_accum: int = 1

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from ..util import dist, logs, memreport, signals
 from ..errors import ConfigError, Interrupted, OutputError
 from ..util.fsutil import TEMP_PREFIX, write_failure, write_json_atomic, writing
-from ..loading import compute_dtype
+from ..precision import compute_dtype
 from .backends import Backend, make_backend
 from .config import TrainConfig
 from .schedule import lr_lambda, warmup_steps_for
@@ -284,7 +284,7 @@ class Trainer:
             self._plot()
 
     def _plot(self) -> None:
-        from ..plots import plot_metrics
+        from .plots import plot_metrics
 
         try:
             plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import write_json_atomic, write_text_atomic
-from ..metrics import METRICS, EvalReport, build_lpips, evaluate_paths, validate_metrics
+from ..image.metrics import METRICS, EvalReport, build_lpips, evaluate_paths, validate_metrics
 
 GRID_TILE_MAX = 256  # larger images are shown reduced in grids
 
@@ -151,7 +151,7 @@ def grid_names(cmp: Comparison, rows: int | None = None) -> list[tuple[str, str]
 def _tile(path: str) -> np.ndarray:
     from PIL import Image
 
-    from ..imageio import load_rgb
+    from ..image.io import load_rgb
 
     img = load_rgb(path)
     if max(img.size) > GRID_TILE_MAX:
@@ -163,7 +163,7 @@ def _tile(path: str) -> np.ndarray:
 def write_grid(cmp: Comparison, path: str | os.PathLike, rows: int | None = None) -> Path:
     """A labelled grid: one column per prediction folder and the ground truth, a row per chosen
     image, the scored metrics under every prediction tile."""
-    from ..grids import comparison_grid, grid_scale
+    from ..image.grids import comparison_grid, grid_scale
     from ..util.fsutil import atomic_path
 
     picks = grid_names(cmp, rows)

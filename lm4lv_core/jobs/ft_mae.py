@@ -14,8 +14,8 @@ from ..engine.config import TrainConfig, train_config_keys
 from ..engine.launch import register_job, require_gpu_for
 from ..engine.options import layer_options
 from ..engine.run import TrainingJob, prepare_run_dir, run_training, train_in_worker
-from ..imageio import require_images
-from ..presets import mae_path
+from ..image.io import require_images
+from ..sources.presets import mae_path
 from ..tasks.mae_decoder import MAEFinetuneConfig, MAETask
 from ..vision.mae import MAEAutoencoder
 
@@ -70,7 +70,7 @@ def finetune(train_cfg: TrainConfig, mae_cfg: MAEFinetuneConfig) -> Any:
 
     ``train_cfg.max_steps == 0`` writes the starting model unchanged as ``final/`` (a baseline).
     """
-    from ..hub import local_path
+    from ..sources.hub import local_path
 
     mae_cfg.mae, record = local_path(mae_cfg.mae, "--mae", mae_cfg.hub.get("mae"))
     mae_cfg.hub = {"mae": record} if record else {}

@@ -23,11 +23,12 @@ from ..config import to_dict
 from ..data.format import Sample, load_checked
 from ..data.outputs import (PARTS, RESULTS, append_line, finished_records, image_names, manifest, merge_results,
                             output_stems, prepare_out, sample_hash)
-from ..defaults import GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, PRECISIONS
+from ..defaults import GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, Interrupted
-from ..generate import GenerationConfig
+from ..precision import FP32, precision
+from ..model.generate import GenerationConfig
 from ..util.progress import rank0_progress
 
 LOG_FILE = "generate.log"
@@ -46,7 +47,7 @@ class GenerateJob:
     out: str
     image_root: str | None = None
     batch_size: int = GENERATE_BATCH_SIZE
-    precision: str = "fp32"
+    precision: str = FP32
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     attempt: str = field(default_factory=new_attempt)  # names this run's part files
     compile: bool = False
@@ -55,8 +56,7 @@ class GenerateJob:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        precision(self.precision)  # an unknown name is a one-line error
 
 
 class _StopAfterBatch(Exception):
@@ -99,7 +99,7 @@ class GenerateSummary:
 
 def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
              image_root: str | os.PathLike | None = None, batch_size: int = GENERATE_BATCH_SIZE,
-             precision: str = "fp32", generation: GenerationConfig | None = None,
+             precision: str = FP32, generation: GenerationConfig | None = None,
              workers: Workers | None = None, overwrite: bool = False, compile: bool = False,
              attn_implementation: str | None = None, verbose: bool = False, on_note=None) -> GenerateSummary:
     """Parent side of ``lm4lv generate``: check the options, the model and the data, set up the
@@ -134,8 +134,9 @@ def _check_device(job: GenerateJob) -> None:
     if job.attn_implementation or job.compile:
         import torch
 
-        from ..compiled_decode import check_compile_available
-        from ..loading import check_attn_implementation, compute_dtype
+        from ..model.compiled_decode import check_compile_available
+        from ..model.loading import check_attn_implementation
+        from ..precision import compute_dtype
 
         if job.attn_implementation:
             check_attn_implementation(job.attn_implementation, dtype=compute_dtype(job.precision))
@@ -149,10 +150,10 @@ def generate_job(job: GenerateJob) -> dict[str, int]:
     Returns counts ``{"generated", "skipped", "finished", "total"}``: ``generated`` of this rank; on
     rank 0 ``skipped`` = samples finished before this run, ``finished`` = after it.
     """
-    from ..generate import generate_samples, output_image
-    from ..loading import compute_dtype
-    from ..imageio import oriented_size, save_png
-    from ..model import LM4LV
+    from ..model.generate import generate_samples, output_image
+    from ..precision import compute_dtype
+    from ..image.io import oriented_size, save_png
+    from ..model.lm4lv import LM4LV
     from ..util import dist, memreport, signals
 
     dist.init_distributed()

@@ -43,10 +43,10 @@ from PIL import Image
 
 from .. import __version__
 from ..defaults import DEFAULT_PROMPT
-from ..degrade import Pipeline, parse_spec
+from ..image.degrade import Pipeline, parse_spec
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import temp_dir, user_entries, write_json_atomic, writing
-from ..imageio import (RESIZE_POLICIES, check_resize, require_images, load_rgb, pair_images, save_png,
+from ..image.io import (RESIZE_POLICIES, check_resize, require_images, load_rgb, pair_images, save_png,
                       to_square)
 
 SIZE_POLICY = "SIZE x SIZE as --resize says; SIZE 0 keeps the original size"

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..util.fsutil import write_text_atomic
-from ..imageio import load_rgb, resize_shorter, save_png
+from ..image.io import load_rgb, resize_shorter, save_png
 
 # scikit-image sample images: RGB and grayscale photographs and textures
 TRAIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -121,7 +121,7 @@ def augment_train_images(src: Path, dst: Path, size: int, per_image: int, seed: 
 def lpips_available() -> bool:
     """Whether the backbone of ft-mae's default LPIPS network is in the torch hub cache."""
     from ..tasks.mae_decoder import MAEFinetuneConfig
-    from ..metrics import lpips_backbone_file, lpips_cache_dir
+    from ..image.metrics import lpips_backbone_file, lpips_cache_dir
 
     return (lpips_cache_dir() / lpips_backbone_file(MAEFinetuneConfig.lpips_net)).is_file()
 
@@ -207,7 +207,7 @@ def command_line(stage: Stage) -> str:
 
 
 def degradation_slugs(cfg: QuickstartConfig) -> list[str]:
-    from ..degrade import parse_spec
+    from ..image.degrade import parse_spec
 
     return [parse_spec(d).slug for d in cfg.degradations]
 
@@ -229,7 +229,7 @@ def scores_table(cfg: QuickstartConfig) -> list[dict[str, Any]]:
 def write_grid(cfg: QuickstartConfig) -> Path:
     """``grid.png``: degraded | lm4lv | ground truth, one labelled row per held-out sample, with
     PSNR / SSIM under the degraded and restored tiles."""
-    from ..grids import grid_scale, save_comparison
+    from ..image.grids import grid_scale, save_comparison
 
     o = Path(cfg.out)
     rows, labels = [], []

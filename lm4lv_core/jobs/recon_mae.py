@@ -14,8 +14,9 @@ from ..defaults import CROP_BORDER, RECON_BATCH_SIZE
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, LM4LVError
-from ..imageio import load_rgb, require_images, save_png
-from ..presets import mae_path
+from ..precision import FP32
+from ..image.io import load_rgb, require_images, save_png
+from ..sources.presets import mae_path
 from ..util.progress import rank0_progress
 
 LOG_FILE = "recon-mae.log"
@@ -31,20 +32,20 @@ class ReconJob:
     out: str
     batch_size: int = RECON_BATCH_SIZE
     crop_border: int = CROP_BORDER
-    precision: str = "fp32"
+    precision: str = FP32
 
 
 def reconstruct_folder(mae: str, images_dir: str | Path, out_dir: str | Path, *,
                        batch_size: int = RECON_BATCH_SIZE, rank: int = 0, world_size: int = 1,
-                       crop_border: int = CROP_BORDER, progress=None, precision: str = "fp32",
+                       crop_border: int = CROP_BORDER, progress=None, precision: str = FP32,
                        device=None) -> list[dict[str, Any]]:
     """Reconstruct every image under ``images_dir`` (this rank's share) into ``out_dir`` under the
     same relative names (``.png``); return per-image PSNR/SSIM rows against the (resized) input."""
     import torch
 
     from ..data.dataset import image_to_tensor, tensor_to_uint8
-    from ..loading import compute_dtype
-    from ..metrics import psnr, ssim
+    from ..precision import compute_dtype
+    from ..image.metrics import psnr, ssim
     from ..vision.mae import MAEAutoencoder
 
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -94,12 +95,12 @@ def recon_mae_job(job: ReconJob) -> list[dict[str, Any]] | None:
 
 
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
-                batch_size: int = RECON_BATCH_SIZE, crop_border: int = CROP_BORDER, precision: str = "fp32",
+                batch_size: int = RECON_BATCH_SIZE, crop_border: int = CROP_BORDER, precision: str = FP32,
                 workers: Workers | None = None, overwrite: bool = False,
                 verbose: bool = False) -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon-mae``: check, then run the reconstruction workers (third-party
     output goes to ``out/recon-mae.log``)."""
-    from ..loading import compute_dtype
+    from ..precision import compute_dtype
 
     compute_dtype(precision)
     launch.require_gpu_for(precision)

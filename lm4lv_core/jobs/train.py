@@ -14,8 +14,8 @@ from ..engine.options import layer_options
 from ..engine.run import TrainingJob, run_training, train_in_worker
 from ..errors import ConfigError
 
-MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config")
-MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss",
+MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config", "encoder", "decoder")
+MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss", "adapter", "deadapter",
                 "text_loss_weight", "vision_loss_weight",
                 "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "resize",
                 "attn_implementation")
@@ -48,7 +48,8 @@ register_job("train", TrainJob)(train_in_worker)
 def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, ModelConfig]:
     """Flat options (``None`` = not given) over ``--config`` over a resumed run's ``config.yaml``
     → both configs. A resumed run keeps its saved model; model options given now override its fields."""
-    from ..presets import resolve_model_config
+    from ..sources.presets import resolve_model_config
+    from ..vision import complete_config
 
     lay = layer_options(cli, config_file, valid=option_names(), required=("data", "out"))
     opts, saved_model = lay.options, lay.saved.get("model")
@@ -66,6 +67,7 @@ def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tupl
                                       f"({getattr(model, part)}); drop the model options or start a new run")
     else:
         model = resolve_model_config(**{k: opts.get(k) for k in MODEL_SOURCE}, **fields)
+    complete_config(model)  # adapters and loss that follow from the vision family, recorded as used
     lora = {LORA[k]: opts[k] for k in LORA if k in opts}
     if lora:
         if isinstance(lora.get("target_modules"), str):
@@ -74,14 +76,26 @@ def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tupl
     return train, model
 
 
+def check_image_answers(model: ModelConfig, samples: list[Sample], data: str) -> None:
+    """One-line error when the data asks for image answers that the model cannot paint."""
+    if model.decoder is not None:
+        return
+    bad = next((i for i, s in enumerate(samples) if "gpt" in s.image_turns()), None)
+    if bad is not None:
+        raise ConfigError(f"{data}: sample {bad} answers with an image, but encoder {model.encoder.name} has no "
+                          "decoder (text answers only); give --decoder FAMILY:SOURCE or use text answers")
+
+
 def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
     """Everything that can be checked before workers start; makes the data and image paths
     absolute and returns the parsed samples."""
-    from ..hub import resolve_model
-    from ..loading import check_attn_implementation, compute_dtype
+    from ..sources.hub import resolve_model
+    from ..model.loading import check_attn_implementation
+    from ..precision import compute_dtype
     from ..tasks.lm4lv import check_cache_allowed
 
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
+    check_image_answers(model, samples, cfg.data)
     if cfg.cache_features:
         check_cache_allowed(model)
     resolve_model(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
@@ -127,13 +141,16 @@ class DryRun:
 def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = None) -> DryRun:
     """Check everything a run would, render the first sample and plan the memory per rank
     (against ``gpu_memory`` GiB, default the detected GPU's)."""
-    from ..memplan import detected_gpu_memory_gib, format_plan, plan_training
-    from ..prompt import render_first_prompt
+    from ..model.memplan import detected_gpu_memory_gib, format_plan, plan_training
+    from ..model.prompt import render_first_prompt
 
     if gpu_memory is not None and gpu_memory <= 0:
         raise ConfigError(f"--gpu-memory must be > 0 (GiB), got {gpu_memory}")
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
-    plan = plan_training(cfg, model, samples, gpu)
+    from ..engine.backends import checked_deepspeed_overrides
+
+    overrides = checked_deepspeed_overrides(cfg, cfg.nproc * cfg.num_nodes) if cfg.deepspeed_config else None
+    plan = plan_training(cfg, model, samples, gpu, deepspeed_overrides=overrides)
     return DryRun(len(samples), cfg.data, text, tokens, counts, format_plan(plan))

@@ -33,9 +33,9 @@ class LM4LVTask(TrainTask):
         self.model = None
 
     def build_model(self) -> nn.Module:
-        from ..model import LM4LV
+        from ..model.lm4lv import LM4LV
 
-        from ..loading import compute_dtype
+        from ..precision import compute_dtype
 
         # frozen parts in the compute dtype from the first byte; trainables keep float32 masters
         self.model = LM4LV.from_config(self.model_config, compute_dtype(self.train_config.precision),
@@ -63,7 +63,7 @@ class LM4LVTask(TrainTask):
         check_cache_allowed(self.model_config)
         paths = sorted({p for s in dataset.samples for p in s.images})
         from ..data.dataset import image_to_tensor
-        from ..imageio import load_rgb
+        from ..image.io import load_rgb
 
         cache: dict[str, torch.Tensor] = {}
         size = model.encoder.image_size
@@ -75,8 +75,8 @@ class LM4LVTask(TrainTask):
                 feats = model.encode_images(pixels).cpu()
                 cache.update(zip(chunk, feats))
         self.cache = cache
-        if self.model_config.vision_loss == "feature_mse":
-            dataset.skip_pixels = True  # the loss needs features only; previews load real pixels
+        if not model.vision_loss_fn.uses_decoder:
+            dataset.skip_pixels = True  # the loss needs tokens only; previews load real pixels
         if dist.is_main():
             from ..util import logs
 
@@ -102,13 +102,14 @@ class LM4LVTask(TrainTask):
         """One row per target image: degraded input | teacher-forced prediction | target, labelled,
         with PSNR / SSIM against the target under the other tiles."""
         out = model(batch)
-        if out.vision_pred is None:
+        if out.vision_pred is None or model.decoder is None:
             return
+        tokens = model.space.next_token(out.vision_pred.flatten(0, 1), lambda g: g.argmax(-1))
         with gather(model.decoder.parameters()):
-            pred = model.decode_features(out.vision_pred)
+            pred = model.decode_features(tokens.view(*out.vision_pred.shape[:2], *tokens.shape[1:]))
         if path is None:
             return
-        from ..grids import grid_scale, save_comparison
+        from ..image.grids import grid_scale, save_comparison
 
         owner = _image_owner(batch)
         rows, labels = [], []

@@ -17,7 +17,7 @@ from ..data.dataset import image_to_tensor, tensor_to_uint8
 from ..engine.config import TrainConfig
 from ..engine.task import TrainTask
 from ..errors import ConfigError
-from ..imageio import load_rgb, require_images
+from ..image.io import load_rgb, require_images
 from ..vision.mae import MAEAutoencoder
 
 
@@ -70,7 +70,7 @@ class MAEFinetuneConfig:
         """The frozen LPIPS module, or ``None`` when its weight is 0 (L1 only)."""
         if self.lpips_weight == 0:
             return None
-        from ..metrics import build_lpips
+        from ..image.metrics import build_lpips
 
         return build_lpips(self.lpips_net, self.lpips_weights)
 
@@ -88,12 +88,12 @@ class MAETask(TrainTask):
         self.model: MAEAutoencoder | None = None
 
     def build_model(self) -> nn.Module:
-        from ..loading import compute_dtype
+        from ..precision import compute_dtype
 
         self.model = MAEAutoencoder(self.mae_config.mae, train_encoder=self.mae_config.train_encoder,
                                     dtype=compute_dtype(self.train_config.precision))
         if self.train_config.gradient_checkpointing:
-            from ..activation_checkpointing import checkpoint_layers
+            from ..model.activation_checkpointing import checkpoint_layers
 
             checkpoint_layers(self.model.decoder, "decoder")
             if self.mae_config.train_encoder:
@@ -123,7 +123,7 @@ class MAETask(TrainTask):
         recon = model(batch.pixels)
         if path is None:
             return
-        from ..grids import grid_scale, save_comparison
+        from ..image.grids import grid_scale, save_comparison
 
         rows = [[tensor_to_uint8(x), tensor_to_uint8(y)] for x, y in zip(batch.pixels, recon)]
         save_comparison(rows, path, columns=("input", "reconstruction"),

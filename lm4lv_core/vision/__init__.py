@@ -1,4 +1,5 @@
-"""Vision parts: encoders, decoders and adapters, built by name from the registries."""
+"""Vision families: encoders, decoders, adapters and vision losses, built by name from the
+registries, and the questions the rest of lm4lv asks about them (see :mod:`.base`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import inspect
 
 import torch
 
-from ..config import ModuleSpec
+from ..config import ModelConfig, ModuleSpec
+from ..errors import ConfigError
 from ..registry import ADAPTERS, DECODERS, ENCODERS
-from . import adapters, mae  # noqa: F401  (registers the built-in parts)
-from .base import VisionDecoder, VisionEncoder
+from . import adapters, losses, mae  # noqa: F401  (registers the built-in parts)
+from .base import CODES, FEATURES, PlanShape, TokenSpace, VisionDecoder, VisionEncoder
+from .losses import VisionLoss, vision_loss
 
 
 def _build(cls, kwargs: dict, dtype: torch.dtype | None):
@@ -25,12 +28,72 @@ def build_encoder(spec: ModuleSpec, dtype: torch.dtype | None = None) -> VisionE
     return _build(ENCODERS.get(spec.name), spec.kwargs, dtype)
 
 
-def build_decoder(spec: ModuleSpec, dtype: torch.dtype | None = None) -> VisionDecoder:
-    return _build(DECODERS.get(spec.name), spec.kwargs, dtype)
+def build_decoder(spec: ModuleSpec | None, dtype: torch.dtype | None = None) -> VisionDecoder | None:
+    return _build(DECODERS.get(spec.name), spec.kwargs, dtype) if spec is not None else None
 
 
-def build_adapter(spec: ModuleSpec, in_dim: int, out_dim: int):
-    return ADAPTERS.get(spec.name)(in_dim=in_dim, out_dim=out_dim, **spec.kwargs)
+def meta_part(spec: ModuleSpec, part: str):
+    """The encoder / decoder of ``spec`` with its parameters on the meta device (configs only)."""
+    reg = ENCODERS if part == "encoder" else DECODERS
+    with torch.device("meta"):
+        return reg.get(spec.name).meta(**spec.kwargs)
 
 
-__all__ = ["VisionEncoder", "VisionDecoder", "build_encoder", "build_decoder", "build_adapter"]
+def build_adapter(spec: ModuleSpec, in_dim: int, out_dim: int, partner=None):
+    fn = ADAPTERS.get(spec.name)
+    kwargs = dict(spec.kwargs)
+    if "partner" in inspect.signature(fn).parameters:
+        kwargs["partner"] = partner
+    return fn(in_dim=in_dim, out_dim=out_dim, **kwargs)
+
+
+def parse_part(text: str, part: str) -> ModuleSpec | None:
+    """``FAMILY:SOURCE`` (``--encoder`` / ``--decoder``) → a registry spec; ``none`` → no part.
+    The family reads its own SOURCE (a folder or hub id; ``timm:MODEL[:CHECKPOINT]``)."""
+    if part == "decoder" and text.strip().lower() == "none":
+        return None
+    family, _, source = text.partition(":")
+    cls = (ENCODERS if part == "encoder" else DECODERS).get(family.strip())
+    return ModuleSpec(family.strip(), cls.source_kwargs(source.strip()))
+
+
+def has_decoder(family: str) -> bool:
+    """Whether ``family`` registers a decoder under its own name."""
+    return family in DECODERS
+
+
+def token_space(spec: ModuleSpec) -> TokenSpace:
+    """The token space of an encoder spec, from its config alone where the family can."""
+    return ENCODERS.get(spec.name).token_space(**spec.kwargs)
+
+
+def complete_config(cfg: ModelConfig, space: TokenSpace | None = None) -> ModelConfig:
+    """Fill what follows from the family (adapters, loss) where ``cfg`` leaves it open, and check
+    that the parts fit together; returns ``cfg`` (changed in place), so a run records what it uses."""
+    space = space or token_space(cfg.encoder)
+    if cfg.adapter is None:
+        cfg.adapter = ModuleSpec(space.default_adapter)
+    if cfg.deadapter is None:
+        cfg.deadapter = ModuleSpec("linear")
+    if cfg.vision_loss is None:
+        cfg.vision_loss = space.default_loss
+    ADAPTERS.get(cfg.adapter.name)
+    ADAPTERS.get(cfg.deadapter.name)
+    loss = vision_loss(cfg.vision_loss)
+    if loss.tokens != space.kind:
+        raise ConfigError(f"--vision-loss {loss.name} compares {loss.tokens} but encoder {cfg.encoder.name} "
+                          f"gives {space.kind}; use {space.default_loss}")
+    if (space.kind == CODES) != (cfg.adapter.name == "embedding"):
+        want = space.default_adapter
+        raise ConfigError(f"--adapter {cfg.adapter.name} does not take {space.kind} of encoder "
+                          f"{cfg.encoder.name}; use {want}")
+    if loss.uses_decoder and cfg.decoder is None:
+        raise ConfigError(f"--vision-loss {loss.name} decodes predictions but the model has no decoder")
+    if cfg.train_decoder and cfg.decoder is None:
+        raise ConfigError("--train-decoder needs a decoder (--decoder FAMILY:SOURCE)")
+    return cfg
+
+
+__all__ = ["VisionEncoder", "VisionDecoder", "TokenSpace", "PlanShape", "VisionLoss", "FEATURES", "CODES",
+           "build_encoder", "build_decoder", "build_adapter", "meta_part", "token_space", "vision_loss",
+           "complete_config", "parse_part", "has_decoder"]

@@ -1,28 +1,150 @@
-"""Interfaces every vision encoder / decoder implements."""
+"""The vision-family interface: what the LLM sees of an image, and the parts that make and read it.
+
+A vision family (MAE, VQGAN, SD-VAE, BEiT + dVAE, CLIP, ...) is a registered encoder and, when it
+can paint, a registered decoder. Everything the rest of lm4lv needs to know about a family is
+asked here, never decided by comparing its name:
+
+* :class:`TokenSpace`: how an image becomes tokens (float features ``[B, N, d]`` or integer codes
+  ``[B, N]`` of a codebook of K), how many at which image size, the default input adapter
+  (linear / embedding), prediction head (features, or logits over K) and loss, and how a
+  prediction becomes the next input during generation;
+* :class:`VisionEncoder` / :class:`VisionDecoder`: images → tokens → images, each able to tell
+  its token space from its config alone (``token_space``) and to build itself on the meta device
+  with the shape the memory plan needs (``meta`` and ``plan_shape``).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
 
+FEATURES, CODES = "features", "codes"
 
-class VisionEncoder(nn.Module):
-    """Images ``[B, 3, H, W]`` in [0, 1] → features ``[B, num_tokens, dim]``."""
+
+@dataclass(frozen=True)
+class TokenSpace:
+    """The visual tokens of one image.
+
+    ``codebook_size`` ``None``: float features ``[B, N, dim]``; ``K``: integer codes ``[B, N]`` in
+    ``[0, K)`` (``dim`` is then the width of a codebook entry, for information only).
+    """
+
+    num_tokens: int
+    dim: int
+    image_size: int
+    codebook_size: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return CODES if self.codebook_size else FEATURES
+
+    @property
+    def in_dim(self) -> int:
+        """Width of the adapter's input: the feature width, or the codebook size (embedding)."""
+        return self.codebook_size or self.dim
+
+    @property
+    def head_dim(self) -> int:
+        """Width of the deadapter's output: a feature, or logits over the codebook."""
+        return self.codebook_size or self.dim
+
+    @property
+    def default_adapter(self) -> str:
+        return "embedding" if self.codebook_size else "linear"
+
+    @property
+    def default_loss(self) -> str:
+        return "code_ce" if self.codebook_size else "feature_mse"
+
+    def truncated(self, n: int | None) -> "TokenSpace":
+        """The first ``n`` tokens of each image (``None``: all)."""
+        return replace(self, num_tokens=min(n or self.num_tokens, self.num_tokens))
+
+    def adapter_input(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Tokens as the adapter takes them: features in the adapter's dtype, codes as int64."""
+        return tokens.long() if self.codebook_size else tokens.to(dtype)
+
+    def next_token(self, head: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A prediction ``[R, head_dim]`` → the token fed back next: the feature itself, or the
+        code ``pick(logits)`` chooses (argmax or a sample)."""
+        return pick(head.float()) if self.codebook_size else head
+
+    def empty(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed buffer for ``batch`` images of tokens (features in ``dtype`` or int64 codes)."""
+        if self.codebook_size:
+            return torch.zeros(batch, self.num_tokens, dtype=torch.long, device=device)
+        return torch.zeros(batch, self.num_tokens, self.dim, dtype=dtype, device=device)
+
+    def check(self, tokens: torch.Tensor, what: str) -> None:
+        """One-line error for tokens of the wrong kind or range (codes outside ``[0, K)``)."""
+        if self.codebook_size:
+            if tokens.is_floating_point():
+                raise ValueError(f"{what}: expected integer codes, got {tokens.dtype}")
+            if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
+                raise ValueError(f"{what}: codes must lie in [0, {self.codebook_size}), got "
+                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
+        elif not tokens.is_floating_point():
+            raise ValueError(f"{what}: expected float features, got {tokens.dtype}")
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """What the memory plan needs of a transformer-like vision part: token width, layer count
+    and MLP width over ``tokens`` positions (zeros: a part the plan only counts by weights)."""
+
+    dim: int = 0
+    layers: int = 0
+    intermediate: int = 0
+    tokens: int = 0
+
+
+class VisionPart(nn.Module):
+    """What encoders and decoders share: their token space and plan shape."""
 
     dim: int
     num_tokens: int
     image_size: int
+    codebook_size: int | None = None
+
+    @property
+    def tokens(self) -> TokenSpace:
+        return TokenSpace(self.num_tokens, self.dim, self.image_size, self.codebook_size)
+
+    @classmethod
+    def source_kwargs(cls, source: str) -> dict:
+        """Constructor keywords of ``FAMILY:SOURCE`` (default: SOURCE is a folder or hub id, ``path``)."""
+        return {"path": source} if source else {}
+
+    @classmethod
+    def token_space(cls, **kwargs) -> TokenSpace:
+        """The token space from the part's config alone (no weights read). Default: build it."""
+        return cls(**kwargs).tokens
+
+    @classmethod
+    def meta(cls, **kwargs) -> "VisionPart":
+        """The part with its parameters on the meta device (configs only), for the memory plan.
+        Default: build it normally (small parts)."""
+        return cls(**kwargs)
+
+    def plan_shape(self) -> PlanShape:
+        """Activation shape for the memory plan (default: weights only)."""
+        return PlanShape()
+
+
+class VisionEncoder(VisionPart):
+    """Images ``[B, 3, H, W]`` in [0, 1] → tokens: features ``[B, N, dim]`` or codes ``[B, N]``."""
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
 
-class VisionDecoder(nn.Module):
-    """Features ``[B, num_tokens, dim]`` → images ``[B, 3, H, W]`` in [0, 1]."""
+class VisionDecoder(VisionPart):
+    """Tokens (features ``[B, N, dim]`` or codes ``[B, N]``) → images ``[B, 3, H', W']`` in [0, 1].
 
-    dim: int
-    num_tokens: int
-    image_size: int
+    ``clamp=False`` keeps gradients for pixels outside [0, 1] (pixel losses)."""
 
-    def forward(self, features: torch.Tensor, clamp: bool = True) -> torch.Tensor:  # pragma: no cover
+    def forward(self, tokens: torch.Tensor, clamp: bool = True) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -16,19 +16,19 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
-from .base import VisionDecoder, VisionEncoder
+from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_mae(path: str, dtype: torch.dtype | None = None):
-    """Load a ``ViTMAEForPreTraining`` folder (or hub id, see :mod:`lm4lv_core.hub`) with mask
+    """Load a ``ViTMAEForPreTraining`` folder (or hub id, see :mod:`lm4lv_core.sources.hub`) with mask
     ratio 0, its weights read in ``dtype`` (default float32)."""
     from transformers import ViTMAEForPreTraining
     from transformers.utils import logging as hf_logging
 
-    from ..hub import resolve
+    from ..sources.hub import resolve
 
     path, _ = resolve(path, "--mae")
     hf_logging.disable_progress_bar()
@@ -36,6 +36,16 @@ def load_mae(path: str, dtype: torch.dtype | None = None):
         return ViTMAEForPreTraining.from_pretrained(path, mask_ratio=0.0, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load an MAE (ViTMAEForPreTraining) folder ({e})") from None
+
+
+def mae_config(path: str):
+    """The ``ViTMAEConfig`` of an MAE folder (no weights read)."""
+    from transformers import ViTMAEConfig
+
+    try:
+        return ViTMAEConfig.from_pretrained(path, mask_ratio=0.0)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read an MAE (ViTMAEForPreTraining) config ({e})") from None
 
 
 class _MAEPart(nn.Module):
@@ -49,7 +59,7 @@ class _MAEPart(nn.Module):
     def _setup(self, path: str | None, mae, dtype: torch.dtype | None = None):
         """Load (or take) the MAE, record its geometry; return it for the subclass to keep a part."""
         mae = mae if mae is not None else load_mae(path, dtype)
-        cfg = mae.config
+        cfg = self.mae_config = mae.config
         self.path = path
         self.patch_size = cfg.patch_size
         self.dim = cfg.hidden_size
@@ -57,6 +67,19 @@ class _MAEPart(nn.Module):
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.num_tokens = 1 + self.num_patches
         return mae
+
+    @classmethod
+    def token_space(cls, path: str | None = None, **_) -> TokenSpace:
+        c = mae_config(path)
+        return TokenSpace(1 + (c.image_size // c.patch_size) ** 2, c.hidden_size, c.image_size)
+
+    @classmethod
+    def meta(cls, path: str | None = None, **_) -> "_MAEPart":
+        from transformers import ViTMAEForPreTraining
+
+        part = cls(mae=ViTMAEForPreTraining(mae_config(path)))
+        part.path = path
+        return part
 
     @staticmethod
     def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +110,10 @@ class MAEEncoder(_MAEPart, VisionEncoder):
         super().__init__()
         self.vit = self._setup(path, mae, dtype).vit
 
+    def plan_shape(self) -> PlanShape:
+        c = self.mae_config
+        return PlanShape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, self.num_tokens)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.normalize(pixels).to(self.vit.embeddings.patch_embeddings.projection.weight.dtype)
         noise = _patch_order_noise(x.shape[0], self.num_patches, x.device)
@@ -100,6 +127,11 @@ class MAEDecoder(_MAEPart, VisionDecoder):
     def __init__(self, path: str | None = None, mae=None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.decoder = self._setup(path, mae, dtype).decoder
+
+    def plan_shape(self) -> PlanShape:
+        c = self.mae_config
+        return PlanShape(c.decoder_hidden_size, c.decoder_num_hidden_layers, c.decoder_intermediate_size,
+                         self.num_tokens)
 
     def forward(self, features: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """``clamp=False`` keeps gradients for pixels outside [0, 1] (used when training)."""
@@ -139,7 +171,7 @@ class MAEAutoencoder(nn.Module):
         for p in self.decoder.parameters():
             p.requires_grad_(True)
         if train:
-            from ..loading import cast_by_trainability
+            from ..precision import cast_by_trainability
 
             cast_by_trainability(self, dtype, torch.float32)
 

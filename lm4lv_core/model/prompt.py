@@ -1,25 +1,18 @@
 """Render a sample's prompt for ``--dry-run``: with the LLM's tokenizer and the encoder's token count
-(read from an MAE's config; other encoders are built to ask them), without loading the LLM."""
+(the vision family tells it from its config), without loading the LLM or any weights."""
 
 from __future__ import annotations
 
-from .config import ModelConfig
-from .data.format import Sample
-from .data.sequence import SLOT_IMAGE, SLOT_TASK, SLOT_TEXT, Encoded, SequenceBuilder, IGNORE_INDEX
+from ..config import ModelConfig
+from ..data.format import Sample
+from ..data.sequence import SLOT_IMAGE, SLOT_TASK, SLOT_TEXT, Encoded, SequenceBuilder, IGNORE_INDEX
 
 
 def vision_token_count(cfg: ModelConfig) -> int:
-    """Visual tokens per image, read from the encoder config when possible (no weights loaded)."""
-    if cfg.encoder.name == "mae":
-        from transformers import AutoConfig
+    """Visual tokens per image, as the encoder's family tells from its config."""
+    from ..vision import token_space
 
-        c = AutoConfig.from_pretrained(cfg.encoder.kwargs["path"])
-        n = 1 + (c.image_size // c.patch_size) ** 2
-    else:
-        from .vision import build_encoder
-
-        n = build_encoder(cfg.encoder).num_tokens
-    return min(n, cfg.num_visual_tokens or n)
+    return token_space(cfg.encoder).truncated(cfg.num_visual_tokens).num_tokens
 
 
 def token_view(enc: Encoded, tokenizer) -> str:

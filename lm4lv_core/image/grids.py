@@ -12,9 +12,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .defaults import CROP_BORDER
-from .errors import LM4LVError
-from .util.fsutil import atomic_path
+from ..defaults import CROP_BORDER
+from ..errors import LM4LVError
+from ..util.fsutil import atomic_path
 
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # files from_pretrained never reads (other frameworks, exports, training states)
 IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tflite", "*.mlmodel",
@@ -67,7 +67,7 @@ def resolve(ref: str, option: str = "model") -> tuple[str, dict[str, Any] | None
 
 def _fetch_once(ref: str, option: str) -> tuple[str, dict[str, Any]]:
     """Rank 0 fetches first when workers already run; the others then find it in the cache."""
-    from .util import dist
+    from ..util import dist
 
     if dist.world_size() > 1 and _dist_ready():
         first = None
@@ -168,7 +168,7 @@ def resolve_model(cfg):
     cfg.llm = one(str(cfg.llm), "llm")
     for part in ("encoder", "decoder", "adapter", "deadapter"):
         spec = getattr(cfg, part)
-        ref = spec.kwargs.get("path") if isinstance(spec.kwargs, dict) else None
+        ref = spec.kwargs.get("path") if spec is not None and isinstance(spec.kwargs, dict) else None
         if isinstance(ref, str) and ref:
             spec.kwargs = {**spec.kwargs, "path": one(ref, part)}
     cfg.hub = records

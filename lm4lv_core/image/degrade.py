@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .errors import ConfigError
-from .registry import Registry
+from ..errors import ConfigError
+from ..registry import Registry
 
 # --------------------------------------------------------------------------- helpers
 

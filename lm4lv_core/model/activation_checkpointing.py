@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _MARK = "_lm4lv_checkpointed"
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")

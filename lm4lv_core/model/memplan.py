@@ -37,9 +37,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import ModelConfig
-from .defaults import PRECISIONS
-from .errors import ConfigError
+from ..config import ModelConfig
+from ..precision import precision
+from ..errors import ConfigError
+from ..vision import complete_config, meta_part, vision_loss
 
 GiB = 1024 ** 3
 # what --gpu-memory leaves aside: CUDA context, NCCL buffers, allocator fragmentation
@@ -49,8 +50,6 @@ SCAN_SAMPLES = 2000  # samples rendered to find the longest sequence
 DS_REDUCE_BUCKET = int(5e8)  # DeepSpeed's default zero_optimization.reduce_bucket_size
 DS3_MAX_LIVE = int(1e9)  # DeepSpeed's default stage3_max_live_parameters
 DS3_PREFETCH = int(5e7)  # DeepSpeed's default stage3_prefetch_bucket_size
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-DTYPE_NAMES = PRECISIONS
 
 
 # ------------------------------------------------------------------------------ shapes
@@ -69,8 +68,10 @@ class ModelShape:
     vocab: int
     largest_layer: int         # parameter elements of the largest LLM layer (ZeRO-3 working set)
     lora_per_layer: list[tuple[int, int]] = field(default_factory=list)  # (in_features, r) per target
-    vision_dim: int = 0
+    vision_dim: int = 0        # width of what the adapter reads per slot (1: an integer code)
+    head_dim: int = 0          # width of the deadapter's prediction (a feature, or logits over K)
     vision_tokens: int = 0
+    encoder_dim: int = 0
     encoder_layers: int = 0
     encoder_intermediate: int = 0
     decoder_dim: int = 0
@@ -78,6 +79,7 @@ class ModelShape:
     decoder_intermediate: int = 0
     visual_tokens: int = 0     # slots per image in the sequence
     image_size: int = 0
+    approximate: bool = False  # a vision part the plan counts by its weights only
 
 
 @dataclass
@@ -114,24 +116,11 @@ class RunShape:
 
 
 # ------------------------------------------------------------------------------ the meta model
-def _meta_vision(spec, part: str):
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
-
-    from .vision import build_decoder, build_encoder
-    from .vision.mae import MAEDecoder, MAEEncoder
-
-    if spec.name == "mae":
-        mae = ViTMAEForPreTraining(ViTMAEConfig.from_pretrained(spec.kwargs["path"], mask_ratio=0.0))
-        return (MAEEncoder if part == "encoder" else MAEDecoder)(mae=mae), mae.config
-    build = build_encoder if part == "encoder" else build_decoder
-    return build(spec), None
-
-
 def build_meta_model(cfg: ModelConfig):
     """The composed ``LM4LV`` with every parameter on the meta device (configs and tokenizer only)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .model import LM4LV, _wrap_lora
+    from .lm4lv import LM4LV, _wrap_lora
 
     try:
         llm_cfg = AutoConfig.from_pretrained(cfg.llm)
@@ -144,16 +133,17 @@ def build_meta_model(cfg: ModelConfig):
         llm = AutoModelForCausalLM.from_config(llm_cfg)
         if cfg.lora.enabled:
             llm = _wrap_lora(llm, cfg)
-        encoder, enc_cfg = _meta_vision(cfg.encoder, "encoder")
-        decoder, dec_cfg = _meta_vision(cfg.decoder, "decoder")
+    encoder = meta_part(cfg.encoder, "encoder")
+    decoder = meta_part(cfg.decoder, "decoder") if cfg.decoder is not None else None
+    with torch.device("meta"):
         model = LM4LV(cfg, llm, tokenizer, encoder, decoder)
-    return model, llm_cfg, enc_cfg, dec_cfg
+    return model, llm_cfg
 
 
 def model_shape(cfg: ModelConfig) -> ModelShape:
     from .activation_checkpointing import transformer_layers
 
-    model, c, enc_cfg, dec_cfg = build_meta_model(cfg)
+    model, c = build_meta_model(cfg)
     frozen: dict[str, int] = {}
     trainable: dict[str, int] = {}
     for name, p in model.named_parameters():
@@ -178,14 +168,17 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
                        intermediate=inter, heads=heads, kv_width=kv_heads * head_dim, q_width=heads * head_dim,
                        vocab=model.llm.get_output_embeddings().weight.shape[0],
                        largest_layer=max((sum(p.numel() for p in m.parameters()) for m in layers), default=0),
-                       lora_per_layer=lora, vision_dim=model.encoder.dim,
+                       lora_per_layer=lora, vision_dim=1 if model.space.codebook_size else model.space.dim,
+                       head_dim=model.space.head_dim,
                        vision_tokens=model.encoder.num_tokens, visual_tokens=model.num_visual_tokens,
                        image_size=model.encoder.image_size)
-    if enc_cfg is not None:
-        shape.encoder_layers, shape.encoder_intermediate = enc_cfg.num_hidden_layers, enc_cfg.intermediate_size
-    if dec_cfg is not None:
-        shape.decoder_dim, shape.decoder_layers = dec_cfg.decoder_hidden_size, dec_cfg.decoder_num_hidden_layers
-        shape.decoder_intermediate = dec_cfg.decoder_intermediate_size
+    enc = model.encoder.plan_shape()
+    shape.encoder_dim, shape.encoder_layers, shape.encoder_intermediate = enc.dim, enc.layers, enc.intermediate
+    shape.approximate = not enc.layers
+    if model.decoder is not None:
+        dec = model.decoder.plan_shape()
+        shape.decoder_dim, shape.decoder_layers, shape.decoder_intermediate = dec.dim, dec.layers, dec.intermediate
+        shape.approximate = shape.approximate or not dec.layers
     return shape
 
 
@@ -193,7 +186,7 @@ def data_shape(cfg: ModelConfig, samples: Sequence[Any], limit: int = SCAN_SAMPL
     """Render (tokenise) up to ``limit`` samples and keep the largest counts of any of them."""
     from transformers import AutoTokenizer
 
-    from .data.sequence import IGNORE_INDEX, SLOT_IMAGE, SequenceBuilder
+    from ..data.sequence import IGNORE_INDEX, SLOT_IMAGE, SequenceBuilder
     from .prompt import vision_token_count
 
     if not samples:
@@ -214,21 +207,20 @@ def data_shape(cfg: ModelConfig, samples: Sequence[Any], limit: int = SCAN_SAMPL
     return best
 
 
-def run_shape(train, model: ModelConfig) -> RunShape:
-    """The memory-relevant part of a ``TrainConfig`` (``--deepspeed-config`` bucket settings included)."""
+def run_shape(train, model: ModelConfig, deepspeed_overrides: dict | None = None) -> RunShape:
+    """The memory-relevant part of a ``TrainConfig`` (with the ``--deepspeed-config`` overrides the
+    engine applies: their bucket settings count)."""
     world = train.nproc * train.num_nodes
     zero: dict[str, Any] = {}
-    if train.engine == "deepspeed" and train.deepspeed_config:
-        from .engine.backends import checked_deepspeed_overrides
-
-        zero = checked_deepspeed_overrides(train, world).get("zero_optimization", {}) or {}
+    if train.engine == "deepspeed" and deepspeed_overrides:
+        zero = deepspeed_overrides.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", train.zero_stage)) if train.engine == "deepspeed" else 0
     return RunShape(
         world=world, engine=train.engine, zero_stage=stage, precision=train.precision,
         micro_batch=train.micro_batch, gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
         attn_implementation=getattr(model, "attn_implementation", "sdpa"),
         lora_dropout=model.lora.dropout if model.lora.enabled else 0.0, train_encoder=model.train_encoder,
-        train_decoder=model.train_decoder, pixel_loss=model.vision_loss == "pixel_l1",
+        train_decoder=model.train_decoder, pixel_loss=vision_loss(complete_config(model).vision_loss).uses_decoder,
         cache_features=train.cache_features, reduce_bucket=int(float(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET))),
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
         overlap_comm=bool(zero.get("overlap_comm", stage == 3)))
@@ -237,7 +229,7 @@ def run_shape(train, model: ModelConfig) -> RunShape:
 # ------------------------------------------------------------------------------ the model of memory
 def layer_bytes_per_token(m: ModelShape, run: RunShape, seq_len: int) -> float:
     """Bytes one LLM layer keeps for the backward per token (frozen weights, input needs grad)."""
-    s = DTYPE_BYTES[run.precision]
+    s = precision(run.precision).bytes
     b = 8 * m.hidden + s * (m.q_width + m.hidden + 2 * m.kv_width) + 4 * m.heads + 8 + 3 * s * m.intermediate
     if run.attn_implementation == "eager":
         b += m.heads * seq_len * (4 + (s if s < 4 else 0)) - s * m.hidden
@@ -259,22 +251,22 @@ def _vit_layer_bytes(dim: int, inter: int, s: int) -> int:
 def activation_bytes(m: ModelShape, d: DataShape, run: RunShape, micro_batch: int,
                      checkpointing: bool) -> dict[str, float]:
     """``saved`` (kept for the backward) and ``peak`` (saved + the largest transient) of one micro-batch."""
-    s = DTYPE_BYTES[run.precision]
+    s = precision(run.precision).bytes
     tokens = micro_batch * d.seq_len
     per_layer = layer_bytes_per_token(m, run, d.seq_len) * tokens
     llm = (m.layers * s * m.hidden * tokens) if checkpointing else m.layers * per_layer
     final_norm = 4 * m.hidden * tokens
     text = micro_batch * d.text_loss_tokens * m.vocab * 4  # float32 log-softmax of text-loss positions
     slots = (micro_batch * d.image_slots * m.vision_dim * s  # adapter input
-             + micro_batch * d.target_slots * (m.hidden * s + 8 * m.vision_dim))  # deadapter input, MSE
+             + micro_batch * d.target_slots * (m.hidden * s + 8 * m.head_dim))  # deadapter input, loss
     images = micro_batch * d.images
     inputs = images * 3 * m.image_size ** 2 * 4 + tokens * 7 * 8  # float32 pixels, seven int64 maps per token
     vision = 0.0  # a trained encoder / decoder (or the decoder under a pixel loss) keeps activations too;
     # --gradient-checkpointing recomputes their layers only when they train
     if run.train_encoder and not run.cache_features:
         n = images * m.vision_tokens
-        layer = _vit_layer_bytes(m.vision_dim, m.encoder_intermediate, s) * n
-        vision += m.encoder_layers * s * m.vision_dim * n + layer if checkpointing else m.encoder_layers * layer
+        layer = _vit_layer_bytes(m.encoder_dim, m.encoder_intermediate, s) * n
+        vision += m.encoder_layers * s * m.encoder_dim * n + layer if checkpointing else m.encoder_layers * layer
     if run.pixel_loss or run.train_decoder:
         n = micro_batch * d.target_slots
         layer = _vit_layer_bytes(m.decoder_dim, m.decoder_intermediate, s) * n
@@ -285,7 +277,7 @@ def activation_bytes(m: ModelShape, d: DataShape, run: RunShape, micro_batch: in
     loss = micro_batch * d.text_loss_tokens * m.vocab * (s + 4)
     encode = 0.0
     if not run.cache_features and not run.train_encoder:  # frozen encoder: working set of one layer, no grad
-        encode = images * m.vision_tokens * s * (7 * m.vision_dim + 2 * m.encoder_intermediate)
+        encode = images * m.vision_tokens * s * (7 * m.encoder_dim + 2 * m.encoder_intermediate)
     peak = max(saved + max(backward, loss), encode)
     return {"saved": saved, "peak": peak, "llm_layers": llm, "loss_and_adapters": final_norm + text + slots,
             "vision": vision, "inputs": inputs, "backward_transient": backward, "encoder_forward": encode}
@@ -293,7 +285,7 @@ def activation_bytes(m: ModelShape, d: DataShape, run: RunShape, micro_batch: in
 
 def state_bytes(m: ModelShape, run: RunShape) -> dict[str, float]:
     """Weights, gradients, optimizer states and engine buffers of one rank."""
-    s, w = DTYPE_BYTES[run.precision], run.world
+    s, w = precision(run.precision).bytes, run.world
     frozen, train = sum(m.frozen.values()), sum(m.trainable.values())
     z = run.zero_stage if run.engine == "deepspeed" else 0
     out = {"frozen_weights": frozen * s / (w if z == 3 else 1)}
@@ -349,7 +341,7 @@ def reserve(gpu_memory: float) -> float:
 
 
 def frozen_by_dtype(plan: Plan) -> dict[str, float]:
-    return {DTYPE_NAMES[plan.run.precision]: plan.states["frozen_weights"]}
+    return {precision(plan.run.precision).dtype_name: plan.states["frozen_weights"]}
 
 
 def _total(states: dict[str, float], acts: dict[str, float]) -> float:
@@ -386,18 +378,18 @@ def make_plan(m: ModelShape, d: DataShape, run: RunShape, gpu_memory_gib: float 
 
 
 def plan_training(train, model: ModelConfig, samples: Sequence[Any], gpu_memory_gib: float | None = None,
-                  seq_len: int | None = None) -> Plan:
+                  seq_len: int | None = None, deepspeed_overrides: dict | None = None) -> Plan:
     """The plan of ``lm4lv train`` with ``train`` / ``model`` on ``samples`` (``seq_len`` overrides
-    the longest rendered sample's length)."""
+    the longest rendered sample's length; ``deepspeed_overrides``: the checked ``--deepspeed-config``)."""
     d = data_shape(model, samples)
     if seq_len is not None:
         d.seq_len = seq_len
-    return make_plan(model_shape(model), d, run_shape(train, model), gpu_memory_gib)
+    return make_plan(model_shape(model), d, run_shape(train, model, deepspeed_overrides), gpu_memory_gib)
 
 
 def detected_gpu_memory_gib() -> float | None:
     """Memory of the first CUDA device in GiB, or ``None`` without one."""
-    from .util.dist import has_cuda
+    from ..util.dist import has_cuda
 
     if not has_cuda():
         return None
@@ -419,11 +411,11 @@ def plan_rows(plan: Plan) -> list[tuple[str, float, str]]:
     ds_part = r.engine == "deepspeed" and r.zero_stage > 0
     per = f"1/{r.world} per rank" if r.world > 1 else ""
     frozen_note = ", ".join(f"{k} {_count(v)}" for k, v in plan.model.frozen.items())
-    rows = [(f"frozen weights ({DTYPE_NAMES[r.precision]})", st["frozen_weights"],
+    rows = [(f"frozen weights ({precision(r.precision).dtype_name})", st["frozen_weights"],
              frozen_note + (f"; ZeRO-3, {per}" if r.zero_stage == 3 and r.engine == "deepspeed" else ""))]
     if "zero3_gathered" in st:
         rows.append(("ZeRO-3 gathered parameters", st["zero3_gathered"], "live while layers run"))
-    tdt = "float32" if r.engine == "accelerate" else DTYPE_NAMES[r.precision]
+    tdt = "float32" if r.engine == "accelerate" else precision(r.precision).dtype_name
     rows += [
         (f"trainable weights ({tdt})", st["trainable_weights"],
          ", ".join(f"{k} {_count(v)}" for k, v in plan.model.trainable.items())),
@@ -453,10 +445,13 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"memory plan per rank: {r.world} rank{'s' if r.world > 1 else ''}, {eng}, {r.precision}, "
         f"micro-batch {r.micro_batch}, {ck} gradient checkpointing",
-        f"  LLM {m.layers} layers, width {m.hidden}, MLP {m.intermediate}, vocab {m.vocab}; vision width "
-        f"{m.vision_dim}, {m.visual_tokens} slots per image; longest sample {d.seq_len} tokens "
+        f"  LLM {m.layers} layers, width {m.hidden}, MLP {m.intermediate}, vocab {m.vocab}; vision "
+        f"{'codes of ' + str(m.head_dim) if m.vision_dim == 1 else 'width ' + str(m.vision_dim)}, "
+        f"{m.visual_tokens} slots per image; longest sample {d.seq_len} tokens "
         f"({d.text_loss_tokens} with text loss, {d.samples_scanned} samples rendered)",
     ]
+    if m.approximate:
+        lines.append("  (approximate: a vision part's activations are not modelled, only its weights)")
     rule = "  " + "-" * 44
     for what, nbytes, note in plan_rows(plan):
         if what == "activations kept for backward" or what == "total":

@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 LENGTH_STEP = 64
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledDecode]" = weakref.WeakKeyDictionary()

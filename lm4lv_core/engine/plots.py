@@ -9,8 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .util.fsutil import atomic_path
-from .imageio import save_png
+from ..util.fsutil import atomic_path
+from ..image.io import save_png
 
 LOSS_COLUMNS = ("loss", "text_loss", "vision_loss")
 

@@ -12,14 +12,15 @@ Generation continues each conversation from its last, empty gpt turn:
   - *text*: the next token comes from the LM head (greedy, or temperature / top-k / top-p sampling
     with a per-sample ``torch.Generator``, so a sample's output does not depend on its batch);
     when the text ends with ``<Img>``, the sample switches to *image*;
-  - *image*: ``f_i = deadapter(h_last)`` is visual token ``i`` and ``adapter(f_i)`` is the next input
-    embedding; after N tokens the ids of ``</Img>`` are fed as forced text and text resumes;
+  - *image*: ``f_i = deadapter(h_last)`` predicts visual token ``i``; the token space turns it into
+    the token (the feature itself, or a code chosen from the logits: argmax, or a sample under
+    temperature / top-k / top-p) and ``adapter(token)`` is the next input embedding; after N tokens the ids of ``</Img>`` are fed as forced text and text resumes;
   - *done*: after EOS, after the template's stop string (``###`` for ``default``; it is not part
     of the answer text, nor is the line break before it), after ``max_new_tokens`` sampled tokens,
     or after the first image in image-only mode. Finished samples feed a masked-out position
     until the whole batch ends.
 
-* the MAE decoder turns each image's N features into pixels.
+* the vision decoder turns each image's N tokens into pixels.
 
 ``naive_generate_images`` is the reference algorithm (batch 1, the whole sequence recomputed at
 every step, no cache); tests and ``benchmarks/generate.py`` compare the two.
@@ -34,12 +35,12 @@ from typing import Callable, Sequence
 import torch
 
 from .compiled_decode import compiled_decode, eager_step
-from .data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
-from .data.format import TASK_TOKEN, Sample, parse_sample
-from .data.sequence import IMG_START, SLOT_TEXT
-from .defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
-from .errors import ConfigError
-from .imageio import OUTPUT_SIZES, check_resize, resize_to, restored_size
+from ..data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
+from ..data.format import TASK_TOKEN, Sample, parse_sample
+from ..data.sequence import IMG_START, SLOT_TEXT
+from ..defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
+from ..errors import ConfigError
+from ..image.io import OUTPUT_SIZES, check_resize, resize_to, restored_size
 
 TEXT, IMAGE, DONE = 0, 1, 2
 MODES = ("auto", "image", "text")
@@ -56,7 +57,7 @@ class GenerationConfig:
 
     ``resize``: size policy of the input images (``stretch`` | ``crop``; ``None`` = the model's
     own, recorded at training). ``output_size``: ``input`` writes each generated image at the
-    size of its sample's first input image (see :func:`lm4lv_core.imageio.restored_size`),
+    size of its sample's first input image (see :func:`lm4lv_core.image.io.restored_size`),
     ``model`` at the model's square size; it applies where images are written (``restore``, the
     ``generate`` job), not to the tensors ``generate_samples`` returns.
     """
@@ -207,7 +208,7 @@ class _Decode:
     pos: torch.Tensor                  # [B] position id of each sample's next input
     fixed: int | None                  # the static cache's length (None: the mask grows)
     prompt_len: int
-    cur: torch.Tensor                  # [B, N, d_v] visual tokens of the image in progress
+    cur: torch.Tensor                  # [B, N, d_v] features or [B, N] codes of the image in progress
     pad_emb: torch.Tensor              # [d] the input of finished samples
     outputs: list[SampleOutput] = field(default_factory=list)
     n_steps: int = 0
@@ -271,8 +272,7 @@ def _prefill(model, batch: Batch, cfg: GenerationConfig, image_only: Sequence[bo
                    step=step or functools.partial(eager_step, model.backbone()), cache=out.cache,
                    h=out.last_hidden_state[:, -1], mask=mask, pos=batch.position_ids[:, -1] + 1,
                    fixed=fixed, prompt_len=L, pad_emb=pad_emb,
-                   cur=torch.zeros(B, model.num_visual_tokens, model.encoder.dim, dtype=model.adapter_dtype,
-                                   device=dev),
+                   cur=model.space.empty(B, dev, model.adapter_dtype),
                    outputs=[SampleOutput() for _ in range(B)])
 
 
@@ -295,16 +295,19 @@ def _initial_states(tokenizer, batch: Batch, cfg: GenerationConfig, image_only: 
 
 
 def _image_step(d: _Decode, rows: list[int], next_emb: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Rows emitting a visual token: ``f = deadapter(h)`` joins the image in progress and
-    ``adapter(f)`` is the next input; a finished image goes to the outputs and the sample ends
+    """Rows emitting a visual token: the token of ``deadapter(h)`` joins the image in progress and
+    ``adapter(token)`` is the next input; a finished image goes to the outputs and the sample ends
     (image-only) or feeds ``</Img>`` next. Returns the next inputs."""
     model, dev, n_vis = d.model, d.device, d.model.num_visual_tokens
-    f = model.deadapter(d.h.to(model.adapter_dtype))  # all rows: one matmul, no gather
-    if len(rows) == len(d.states):
-        d.cur[torch.arange(len(rows), device=dev), torch.tensor([st.n_vis for st in d.states], device=dev)] = f
-    else:
-        idx = torch.tensor(rows, device=dev)
-        d.cur[idx, torch.tensor([d.states[b].n_vis for b in rows], device=dev)] = f[idx]
+    every = len(rows) == len(d.states)
+    idx = None if every else torch.tensor(rows, device=dev)
+    head = model.deadapter(d.h.to(model.adapter_dtype))  # all rows: one matmul, no gather
+    gens = [d.generators[b] for b in rows] if d.generators else []
+    pick = lambda logits: next_tokens(logits, d.cfg, gens)  # noqa: E731 - codes: only the image rows draw
+    tok = model.space.next_token(head if every else head[idx], pick)
+    slots = torch.tensor([d.states[b].n_vis for b in rows], device=dev)
+    d.cur[torch.arange(len(rows), device=dev) if every else idx, slots] = tok
+    f = model.space.adapter_input(tok, model.adapter_dtype)
     feed = []
     for b in rows:
         st = d.states[b]
@@ -324,8 +327,9 @@ def _image_step(d: _Decode, rows: list[int], next_emb: torch.Tensor, active: tor
     if len(feed) == len(d.states):
         return model.adapter(f).to(next_emb.dtype)
     if feed:
-        idx = torch.tensor(feed, device=dev)
-        next_emb[idx] = model.adapter(f[idx]).to(next_emb.dtype)
+        pos = {b: i for i, b in enumerate(rows)}
+        next_emb[torch.tensor(feed, device=dev)] = model.adapter(f[torch.tensor([pos[b] for b in feed], device=dev)]
+                                                                 ).to(next_emb.dtype)
     return next_emb
 
 
@@ -430,16 +434,19 @@ def static_length(cache) -> int | None:
 
 
 def check_decodable(model, n_tokens: int) -> None:
-    """One-line error when the vision decoder cannot turn images of ``n_tokens`` visual tokens
-    into pixels."""
-    need = getattr(model.decoder, "num_tokens", n_tokens)
+    """One-line error when the model has no vision decoder, or it cannot turn images of
+    ``n_tokens`` visual tokens into pixels."""
+    if model.decoder is None:
+        raise ConfigError(f"this model has no vision decoder (encoder {model.config.encoder.name}): it answers "
+                          "in text only; use --mode text, or train with --decoder FAMILY:SOURCE")
+    need = model.decoder.num_tokens
     if n_tokens != need:
         raise ConfigError(f"the decoder needs {need} visual tokens per image but the model generates "
                           f"{n_tokens} (num_visual_tokens); images cannot be decoded")
 
 
 def decode_images_of(model, features: torch.Tensor) -> torch.Tensor:
-    """``[M, N, d_v]`` generated features → ``[M, 3, H, W]`` in [0, 1] through the vision decoder."""
+    """Generated tokens ``[M, N(, d_v)]`` → ``[M, 3, H, W]`` in [0, 1] through the vision decoder."""
     check_decodable(model, features.shape[1])
     return model.decode_features(features)
 
@@ -448,7 +455,7 @@ def decode_images_of(model, features: torch.Tensor) -> torch.Tensor:
 def naive_generate_images(model, batch: Batch) -> torch.Tensor:
     """The reference algorithm for one image-only sample: N steps, each recomputing the whole
     sequence without a cache. ``batch`` holds one sample whose prompt ends with ``<Img>``.
-    Returns the generated features ``[N, d_v]``."""
+    Returns the generated tokens: features ``[N, d_v]``, or codes ``[N]`` (argmax)."""
     if batch.size != 1:
         raise ValueError("naive_generate_images takes a batch of one sample")
     emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos,
@@ -458,8 +465,9 @@ def naive_generate_images(model, batch: Batch) -> torch.Tensor:
         L = emb.shape[1]
         h = model.backbone()(inputs_embeds=emb, attention_mask=torch.ones(1, L, dtype=torch.long, device=emb.device),
                              position_ids=torch.arange(L, device=emb.device)[None], use_cache=False).last_hidden_state
-        f = model.deadapter(h[:, -1].to(model.adapter_dtype))
-        out.append(f[0])
+        tok = model.space.next_token(model.deadapter(h[:, -1].to(model.adapter_dtype)), lambda g: g.argmax(-1))
+        out.append(tok[0])
+        f = model.space.adapter_input(tok, model.adapter_dtype)
         emb = torch.cat([emb, model.adapter(f).to(emb.dtype)[:, None]], dim=1)
     return torch.stack(out)
 
@@ -494,8 +502,8 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     dev = model_device(model)
     dtype = model.adapter_dtype
-    if decode_images:
-        check_decodable(model, model.num_visual_tokens)
+    if decode_images and (model.decoder is not None or any(image_only_for(s, cfg.mode) for s in samples)):
+        check_decodable(model, model.num_visual_tokens)  # (a model without a decoder: text answers only)
     results: list[SampleOutput] = []
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start:start + batch_size])
@@ -541,7 +549,7 @@ def restore(model, images, prompt: str = DEFAULT_PROMPT, *, batch_size: int = GE
 def output_image(image: torch.Tensor, input_size: tuple[int, int] | None, cfg: GenerationConfig, model):
     """A generated ``[3, H, W]`` image as PIL, at the size ``cfg.output_size`` asks for:
     ``input_size`` (width, height) of its sample's first input, resized by
-    :func:`lm4lv_core.imageio.restored_size` under the size policy in use; the model's size when
+    :func:`lm4lv_core.image.io.restored_size` under the size policy in use; the model's size when
     ``output_size`` is ``model`` or there is no input image."""
     from PIL import Image
 

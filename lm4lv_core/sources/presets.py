@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, ModuleSpec
-from .errors import ConfigError
+from ..config import ModelConfig, ModuleSpec
+from ..errors import ConfigError
 
 PRESET_VERSION = 2
 
@@ -169,15 +169,21 @@ def preset_config(name: str, **overrides) -> ModelConfig:
 
 def resolve_model_config(*, preset: str | None = None, llm: str | None = None, mae: str | None = None,
                          mae_decoder: str | None = None, vision_config: str | None = None,
+                         encoder: str | None = None, decoder: str | None = None,
                          **overrides) -> ModelConfig:
-    """The model config from either ``preset`` or real models (``llm`` + ``mae`` or a vision YAML).
+    """The model config from either ``preset`` or real models (``llm`` + vision parts).
 
     ``llm``, ``mae`` and ``mae_decoder`` are folders or Hugging Face ids (``org/name[@revision]``),
     resolved now (fetched when needed) to snapshot folders recorded in ``ModelConfig.hub``.
-    A vision YAML may hold ``encoder``, ``decoder``, ``adapter`` and ``deadapter`` entries, each
-    ``{name: ..., kwargs: {...}}``. ``overrides`` with value ``None`` are ignored.
+    ``encoder`` / ``decoder`` are ``FAMILY:SOURCE`` (``--mae X`` is ``--encoder mae:X --decoder
+    mae:X``); an encoder whose family also decodes brings that decoder unless ``decoder`` is given
+    (``none``: no decoder). A vision YAML may hold ``encoder``, ``decoder``, ``adapter`` and
+    ``deadapter`` entries, each ``{name: ..., kwargs: {...}}``. ``adapter`` / ``deadapter``
+    overrides may be plain names. ``overrides`` with value ``None`` are ignored.
     """
-    from .config import load_yaml
+    from ..vision import has_decoder, parse_part
+
+    from ..config import load_yaml
     from .hub import resolve_model
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -202,17 +208,30 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
         if unknown:
             raise ConfigError(f"{vision_config}: unknown key(s) {', '.join(sorted(unknown))}; "
                               "valid: encoder, decoder, adapter, deadapter")
+    if encoder:
+        if mae:
+            raise ConfigError("use either --mae or --encoder, not both")
+        base["encoder"] = parse_part(encoder, "encoder")
+        if has_decoder(base["encoder"].name):
+            base["decoder"] = ModuleSpec(base["encoder"].name, dict(base["encoder"].kwargs))
+        else:
+            base.pop("decoder", None)
+    if decoder:
+        base["decoder"] = parse_part(decoder, "decoder")
     if mae_decoder:
         base["decoder"] = ModuleSpec("mae", {"path": str(mae_decoder)})
-    if "encoder" not in base or "decoder" not in base:
-        raise ConfigError("vision parts are needed: --mae PATH|ID or --vision-config FILE")
+    if "encoder" not in base:
+        raise ConfigError("vision parts are needed: --encoder FAMILY:SOURCE, --mae PATH|ID or --vision-config FILE")
+    for key in ("adapter", "deadapter"):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = ModuleSpec(overrides[key])
     base.update(overrides)
     return resolve_model(ModelConfig(**base))
 
 
 def mae_path(mae: str | None, preset: str | None, record: dict | None = None) -> tuple[str, dict | None]:
     """The MAE folder of ``--mae`` (a folder or a Hugging Face id, fetched when needed) or ``--preset``,
-    and the hub record of an id (see :func:`lm4lv_core.hub.local_path`)."""
+    and the hub record of an id (see :func:`lm4lv_core.sources.hub.local_path`)."""
     from .hub import local_path
 
     if bool(mae) == bool(preset):

@@ -15,17 +15,9 @@ import importlib.util
 import torch
 from torch import nn
 
-from .defaults import PRECISIONS
-from .errors import ConfigError
+from ..defaults import ATTN_IMPLEMENTATIONS
+from ..errors import ConfigError
 
-PRECISION_DTYPES = {name: getattr(torch, dtype) for name, dtype in PRECISIONS.items()}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    if precision not in PRECISION_DTYPES:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
-    return PRECISION_DTYPES[precision]
 
 
 def check_attn_implementation(name: str, *, dtype: torch.dtype | None = None, cuda: bool | None = None) -> None:
@@ -38,7 +30,7 @@ def check_attn_implementation(name: str, *, dtype: torch.dtype | None = None, cu
         raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package "
                           "(pip install flash-attn), which is not installed; use sdpa")
     if cuda is None:
-        from .util.dist import has_cuda
+        from ..util.dist import has_cuda
 
         cuda = has_cuda()
     if not cuda:
@@ -50,23 +42,3 @@ def check_attn_implementation(name: str, *, dtype: torch.dtype | None = None, cu
                           f"capability >= 8.0), this one is {major}.{minor}; use sdpa")
     if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError("--attn-implementation flash_attention_2 needs --precision bf16 or fp16")
-
-
-def cast_by_trainability(module: nn.Module, frozen: torch.dtype, trainable: torch.dtype) -> None:
-    """Floating parameters that train become ``trainable`` (the master copy), the others ``frozen``.
-    Buffers keep their dtype (e.g. rotary frequencies, pixel statistics stay float32)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            want = trainable if p.requires_grad else frozen
-            if p.is_floating_point() and p.dtype != want:
-                p.data = p.data.to(want)
-
-
-def dtype_counts(module: nn.Module) -> dict[str, dict[str, int]]:
-    """Parameter elements by dtype, split into frozen and trainable (for reports and checks)."""
-    out: dict[str, dict[str, int]] = {"frozen": {}, "trainable": {}}
-    for p in module.parameters():
-        part = out["trainable" if p.requires_grad else "frozen"]
-        key = str(p.dtype).replace("torch.", "")
-        part[key] = part.get(key, 0) + p.numel()
-    return out

@@ -16,17 +16,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .config import ModelConfig, from_dict, load_yaml, save_yaml
-from .data.dataset import Batch
-from .data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
-from .defaults import MODEL_CONFIG, WEIGHTS_FILE
-from .errors import ConfigError
-from .util.fsutil import atomic_path
+from ..config import ModelConfig, from_dict, load_yaml, save_yaml
+from ..data.dataset import Batch
+from ..data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
+from ..defaults import MODEL_CONFIG, WEIGHTS_FILE
+from ..errors import ConfigError
+from ..util.fsutil import atomic_path
 from .logits import check_output_logits, output_logits
-from .loading import cast_by_trainability, check_attn_implementation
+from .loading import check_attn_implementation
 from .losses import text_cross_entropy, zero_touching
-from .registry import VISION_LOSSES
-from .vision import build_adapter, build_decoder, build_encoder
+from ..precision import cast_by_trainability
+from ..vision import build_adapter, build_decoder, build_encoder, complete_config, vision_loss
 
 CONFIG_FILE = MODEL_CONFIG
 LORA_DIR = "lora"
@@ -39,7 +39,7 @@ class LM4LVOutput(ModelOutput):
     loss: torch.Tensor | None = None
     text_loss: torch.Tensor | None = None
     vision_loss: torch.Tensor | None = None
-    vision_pred: torch.Tensor | None = None    # [T, N, d_v] predicted features of target images
+    vision_pred: torch.Tensor | None = None    # [T, N, head_dim] predictions (features or code logits)
     target_images: torch.Tensor | None = None  # [T] indices into batch.pixels
 
 
@@ -71,18 +71,19 @@ class LM4LV(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         d_llm = llm.get_input_embeddings().embedding_dim
-        d_v = encoder.dim
-        if decoder.dim != d_v:
-            raise ConfigError(f"encoder width {d_v} and decoder width {decoder.dim} differ")
-        self.num_visual_tokens = min(config.num_visual_tokens or encoder.num_tokens, encoder.num_tokens)
-        self.adapter = build_adapter(config.adapter, d_v, d_llm)
-        self.deadapter = build_adapter(config.deadapter, d_llm, d_v)
+        complete_config(config, encoder.tokens)
+        _check_decoder_fits(encoder, decoder)
+        self.space = encoder.tokens.truncated(config.num_visual_tokens)  # what the LLM sees of an image
+        self.num_visual_tokens = self.space.num_tokens
+        self.adapter = build_adapter(config.adapter, self.space.in_dim, d_llm)
+        self.deadapter = build_adapter(config.deadapter, d_llm, self.space.head_dim, partner=self.adapter)
         emb_w = llm.get_input_embeddings().weight
         std = 1.0 if emb_w.is_meta else float(emb_w.detach().float().std())  # meta: memory planning
         self.task_tokens = nn.Parameter(torch.randn(config.num_task_tokens, d_llm) * std)
-        self.vision_loss_fn = VISION_LOSSES.get(config.vision_loss)
-        if config.vision_loss == "pixel_l1" and self.num_visual_tokens != decoder.num_tokens:
-            raise ConfigError("vision_loss 'pixel_l1' needs all visual tokens the decoder expects")
+        self.vision_loss_fn = vision_loss(config.vision_loss)
+        if self.vision_loss_fn.uses_decoder and self.num_visual_tokens != decoder.num_tokens:
+            raise ConfigError(f"vision_loss {config.vision_loss!r} needs all {decoder.num_tokens} visual tokens "
+                              f"the decoder expects (num_visual_tokens is {self.num_visual_tokens})")
         self.builder = SequenceBuilder(tokenizer, template=config.template,
                                        num_task_tokens=config.num_task_tokens,
                                        num_visual_tokens=self.num_visual_tokens,
@@ -98,7 +99,7 @@ class LM4LV(nn.Module):
         master weights when training in bf16/fp16)."""
         dtype = dtype or torch.float32
         trainable_dtype = trainable_dtype or dtype
-        from .hub import resolve_model
+        from ..sources.hub import resolve_model
 
         resolve_model(config)  # hub ids -> snapshot folders in the Hugging Face cache
         llm, tokenizer = load_llm(config.llm, dtype, config.attn_implementation)
@@ -193,7 +194,7 @@ class LM4LV(nn.Module):
         self.task_tokens.requires_grad_(True)
         for module, flag in ((self.adapter, cfg.train_adapter), (self.deadapter, cfg.train_deadapter),
                              (self.encoder, cfg.train_encoder), (self.decoder, cfg.train_decoder)):
-            for p in module.parameters():
+            for p in module.parameters() if module is not None else ():
                 p.requires_grad_(flag)
 
     def train(self, mode: bool = True) -> "LM4LV":
@@ -209,7 +210,7 @@ class LM4LV(nn.Module):
                     module.train(mode)
         if not cfg.train_encoder:
             self.encoder.eval()
-        if not cfg.train_decoder:
+        if not cfg.train_decoder and self.decoder is not None:
             self.decoder.eval()
         return self
 
@@ -265,7 +266,7 @@ class LM4LV(nn.Module):
         return output_logits(self.llm, hidden, self.lm_head())
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[M, 3, H, W]`` in [0, 1] → ``[M, N, d_v]`` (first N visual tokens)."""
+        """``[M, 3, H, W]`` in [0, 1] → tokens ``[M, N, d_v]`` or codes ``[M, N]`` (first N)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_encoder):
             return self.encoder(pixels)[:, : self.num_visual_tokens]
 
@@ -283,7 +284,7 @@ class LM4LV(nn.Module):
         img = slot_type == SLOT_IMAGE
         task = slot_type == SLOT_TASK
         if img.any():
-            vis = self.adapter(features[slot_image[img], slot_pos[img]].to(self.adapter_dtype))
+            vis = self.adapter(self.space.adapter_input(features[slot_image[img], slot_pos[img]], self.adapter_dtype))
             emb = emb.masked_scatter(img.unsqueeze(-1), vis.to(emb.dtype))
         if task.any():
             emb = emb.masked_scatter(task.unsqueeze(-1), self.task_tokens[slot_pos[task]].to(emb.dtype))
@@ -291,7 +292,9 @@ class LM4LV(nn.Module):
 
     @property
     def adapter_dtype(self) -> torch.dtype:
-        return next(self.adapter.parameters()).dtype
+        """The dtype the adapters compute in (their weights'; the task tokens' for weightless ones)."""
+        p = next(self.adapter.parameters(), None)
+        return p.dtype if p is not None else self.task_tokens.dtype
 
     def hidden_states(self, batch: Batch, features: torch.Tensor | None) -> torch.Tensor:
         emb = self.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos, features)
@@ -315,14 +318,14 @@ class LM4LV(nn.Module):
         tmask = batch.target_mask[:, 1:]
         if tmask.any():
             n = self.num_visual_tokens
-            pred = self.deadapter(h_prev[tmask].to(self.adapter_dtype)).view(-1, n, feats.shape[-1])
+            pred = self.deadapter(h_prev[tmask].to(self.adapter_dtype)).view(-1, n, self.space.head_dim)
             img_ids = batch.slot_image[:, 1:][tmask].view(-1, n)[:, 0]
             target = feats[img_ids]
             vision_loss = self.vision_loss_fn(pred, target, batch.pixels[img_ids], self.decoder)
         else:
             pred = img_ids = None
             vision_loss = self._touch(self.deadapter, h.shape[-1], h.device)
-        text_loss = text_loss + self._touch(self.adapter, self.encoder.dim, h.device) + self.task_tokens.sum() * 0.0
+        text_loss = text_loss + self._touch(self.adapter, self.space.in_dim, h.device) + self.task_tokens.sum() * 0.0
         loss = self.config.text_loss_weight * text_loss + self.config.vision_loss_weight * vision_loss
         return LM4LVOutput(loss, text_loss.detach(), vision_loss.detach(), pred, img_ids)
 
@@ -330,12 +333,33 @@ class LM4LV(nn.Module):
         """A zero reaching every trainable parameter of ``module`` through its forward, so data
         parallel wrappers see a gradient for each and ZeRO-3 gathers partitioned parameters."""
         x = torch.zeros(1, in_dim, device=device, dtype=self.adapter_dtype)
+        if module is self.adapter:
+            x = self.space.adapter_input(x[:, 0], self.adapter_dtype) if self.space.codebook_size else x
         return module(x).float().sum() * 0.0
 
     @torch.no_grad()
     def decode_features(self, features: torch.Tensor) -> torch.Tensor:
-        """``[M, N, d_v]`` → images ``[M, 3, H, W]`` in [0, 1]."""
-        return self.decoder(features.to(next(self.decoder.parameters()).dtype)).float()
+        """Tokens (features ``[M, N, d_v]`` or codes ``[M, N]``) → images ``[M, 3, H, W]`` in [0, 1]."""
+        if self.decoder is None:
+            raise ConfigError(f"encoder {self.config.encoder.name} has no vision decoder in this model: "
+                              "it answers in text only (give --decoder FAMILY:SOURCE to paint images)")
+        if features.is_floating_point():
+            p = next(self.decoder.parameters(), None)
+            features = features.to(p.dtype if p is not None else torch.float32)
+        return self.decoder(features).float()
+
+
+def _check_decoder_fits(encoder, decoder) -> None:
+    """One-line error when the decoder does not read the encoder's tokens."""
+    if decoder is None:
+        return
+    enc, dec = encoder.tokens, decoder.tokens
+    if enc.kind != dec.kind or enc.codebook_size != dec.codebook_size:
+        raise ConfigError(f"the decoder reads {dec.kind}"
+                          f"{f' of {dec.codebook_size}' if dec.codebook_size else ''} but the encoder gives "
+                          f"{enc.kind}{f' of {enc.codebook_size}' if enc.codebook_size else ''}")
+    if not enc.codebook_size and enc.dim != dec.dim:
+        raise ConfigError(f"encoder width {enc.dim} and decoder width {dec.dim} differ")
 
 
 def _wrap_lora(llm: nn.Module, config: ModelConfig) -> nn.Module:

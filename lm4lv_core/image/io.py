@@ -12,8 +12,9 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ConfigError, LM4LVError
-from .util.fsutil import atomic_path
+from ..defaults import RESIZE_MODES
+from ..errors import ConfigError, LM4LVError
+from ..util.fsutil import atomic_path
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -145,7 +146,6 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
 
 
 # --------------------------------------------------------------------------- size policy
-RESIZE_MODES = ("stretch", "crop")
 RESIZE_POLICIES = {
     "stretch": "resized to SIZE x SIZE whatever its aspect ratio (bicubic, antialiased), as the reference",
     "crop": "shorter side resized to SIZE (bicubic, antialiased), then centre-cropped to SIZE x SIZE",

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .defaults import CROP_BORDER
-from .errors import ConfigError, LM4LVError
-from .util.fsutil import write_json_atomic, write_text_atomic
-from .imageio import load_rgb, pair_images
-from .registry import Registry
+from ..defaults import CROP_BORDER
+from ..errors import ConfigError, LM4LVError
+from ..util.fsutil import write_json_atomic, write_text_atomic
+from .io import load_rgb, pair_images
+from ..registry import Registry
 
 PSNR_IDENTICAL = 100.0
 LPIPS_NETS = ("alex", "vgg")
@@ -314,7 +314,7 @@ def validate_metrics(metrics: Sequence[str] | str) -> list[str]:
 def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: str | os.PathLike,
                    **kwargs: Any) -> EvalReport:
     """Score two files, or two folders paired by relative path / stem (see
-    :func:`lm4lv_core.imageio.pair_images`). Keyword arguments go to :func:`score_pairs`."""
+    :func:`lm4lv_core.image.io.pair_images`). Keyword arguments go to :func:`score_pairs`."""
     metrics = validate_metrics(metrics)
     gt, pred = Path(gt), Path(pred)
     for p in (gt, pred):

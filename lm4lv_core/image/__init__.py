@@ -1,0 +1,1 @@
+"""Images: file I/O and resizing, degradations, metrics and labelled grids."""

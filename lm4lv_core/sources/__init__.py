@@ -1,0 +1,1 @@
+"""Where models come from: Hugging Face ids and named offline presets."""
