@@ -22,7 +22,7 @@ def train(
     data: Optional[Path] = O(None, "--data", help="Training data file (JSON list of samples)."),
     out: Optional[Path] = O(None, "--out", help="Run directory."),
     config: Optional[Path] = opt.CONFIG,
-    preset: Optional[str] = O(None, "--preset", help="Tiny offline model preset (tiny, tiny-gpt2, tiny-224)."),
+    preset: Optional[str] = O(None, "--preset", help="Tiny offline model preset (tiny, tiny-gpt2, tiny-64, tiny-224; tiny-vq: VQGAN codes; tiny-sdvae: latent VAE)."),
     llm: Optional[str] = O(None, "--llm", help="Causal LM: a folder or a Hugging Face id org/name[@revision] (fetched into the HF cache)."),
     mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining): a folder or a Hugging Face id org/name[@revision]."),
     mae_decoder: Optional[str] = O(None, "--mae-decoder", help="MAE folder or Hugging Face id for the decoder (default: --mae)."),

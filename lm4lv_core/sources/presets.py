@@ -54,6 +54,8 @@ class TinySpec:
     dec_hidden: int
     dec_layers: int
     num_task_tokens: int = 10
+    vision: str = "mae"  # the vision family: mae | vqgan-codes | sd-vae (a diffusers model, random init)
+    vision_levels: int = 0  # diffusers models: resolution levels (downsampling 2^(levels-1))
 
 
 PRESETS: dict[str, TinySpec] = {
@@ -65,6 +67,10 @@ PRESETS: dict[str, TinySpec] = {
     "tiny-64": TinySpec("llama", 128, 2, 4, 64, 8, 64, 2, 4, 64, 2),
     # the real MAE geometry (224 px, 16 px patches → 197 visual tokens) with small widths
     "tiny-224": TinySpec("llama", 128, 2, 4, 224, 16, 64, 2, 4, 64, 1),
+    # discrete codes: a VQGAN (diffusers VQModel) at 32 px, 8× down → 16 codes of a codebook of 64
+    "tiny-vq": TinySpec("llama", 64, 2, 4, 32, 0, 32, 0, 0, 0, 0, vision="vqgan-codes", vision_levels=4),
+    # a latent VAE (diffusers AutoencoderKL) at 32 px, 4× down, 2×2 tokens → 16 tokens of width 16
+    "tiny-sdvae": TinySpec("llama", 64, 2, 4, 32, 0, 32, 0, 0, 0, 0, vision="sd-vae", vision_levels=3),
 }
 
 
@@ -118,8 +124,30 @@ def _build_mae(spec: TinySpec, out_dir: Path) -> None:
     ViTMAEForPreTraining(cfg).save_pretrained(str(out_dir))
 
 
+def _build_diffusers_vision(spec: TinySpec, out_dir: Path) -> None:
+    """A random-init diffusers ``VQModel`` (``vqgan-codes``) or ``AutoencoderKL`` (``sd-vae``)."""
+    from ..vision.base import require
+
+    diffusers = require("diffusers", "diffusers", spec.vision)
+    common = dict(in_channels=3, out_channels=3, block_out_channels=(spec.mae_hidden,) * spec.vision_levels,
+                  down_block_types=("DownEncoderBlock2D",) * spec.vision_levels,
+                  up_block_types=("UpDecoderBlock2D",) * spec.vision_levels, layers_per_block=1,
+                  latent_channels=4, norm_num_groups=min(32, spec.mae_hidden), sample_size=spec.image_size)
+    if spec.vision == "vqgan-codes":
+        model = diffusers.VQModel(num_vq_embeddings=64, vq_embed_dim=4, **common)
+    else:
+        model = diffusers.AutoencoderKL(**common)
+    model.save_pretrained(str(out_dir))
+
+
+def vision_folder(spec: TinySpec) -> str:
+    """The preset's vision model folder name."""
+    return "mae" if spec.vision == "mae" else "vision"
+
+
 def build_preset_folders(name: str, out_dir: Path, seed: int = 0) -> None:
-    """Write ``out_dir/llm`` (model + tokenizer) and ``out_dir/mae`` for a tiny preset."""
+    """Write ``out_dir/llm`` (model + tokenizer) and the vision model (``out_dir/mae`` or
+    ``out_dir/vision``) for a tiny preset."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars between lm4lv's lines
@@ -127,7 +155,10 @@ def build_preset_folders(name: str, out_dir: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     tok = build_tokenizer(out_dir / "llm")
     _build_llm(spec, len(tok), tok, out_dir / "llm")
-    _build_mae(spec, out_dir / "mae")
+    if spec.vision == "mae":
+        _build_mae(spec, out_dir / "mae")
+    else:
+        _build_diffusers_vision(spec, out_dir / vision_folder(spec))
 
 
 def _spec(name: str) -> TinySpec:
@@ -140,7 +171,8 @@ def preset_dir(name: str) -> Path:
     """The built folders of preset ``name`` (built now if this machine has not built them yet)."""
     _spec(name)
     target = preset_home() / f"{name}-v{PRESET_VERSION}"
-    if (target / "mae" / "config.json").is_file():
+    done = target / vision_folder(_spec(name)) / "config.json"
+    if done.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -149,7 +181,7 @@ def preset_dir(name: str) -> Path:
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: use its folders
-            if not (target / "mae" / "config.json").is_file():
+            if not done.is_file():
                 raise
     finally:
         if tmp.exists():
@@ -159,10 +191,10 @@ def preset_dir(name: str) -> Path:
 
 def preset_config(name: str, **overrides) -> ModelConfig:
     """A ``ModelConfig`` pointing at the preset's folders; keyword overrides replace fields."""
-    d = preset_dir(name)
-    mae = str(d / "mae")
-    cfg = dict(llm=str(d / "llm"), encoder=ModuleSpec("mae", {"path": mae}),
-               decoder=ModuleSpec("mae", {"path": mae}), num_task_tokens=_spec(name).num_task_tokens)
+    d, spec = preset_dir(name), _spec(name)
+    vision = str(d / vision_folder(spec))
+    cfg = dict(llm=str(d / "llm"), encoder=ModuleSpec(spec.vision, {"path": vision}),
+               decoder=ModuleSpec(spec.vision, {"path": vision}), num_task_tokens=spec.num_task_tokens)
     cfg.update(overrides)
     return ModelConfig(**cfg)
 

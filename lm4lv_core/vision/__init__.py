@@ -10,7 +10,7 @@ import torch
 from ..config import ModelConfig, ModuleSpec
 from ..errors import ConfigError
 from ..registry import ADAPTERS, DECODERS, ENCODERS
-from . import adapters, losses, mae  # noqa: F401  (registers the built-in parts)
+from . import adapters, losses, mae, sdvae, understanding, vqgan  # noqa: F401  (registers the built-in parts)
 from .base import CODES, FEATURES, PlanShape, TokenSpace, VisionDecoder, VisionEncoder
 from .losses import VisionLoss, vision_loss
 

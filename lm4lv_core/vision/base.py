@@ -24,6 +24,19 @@ from torch import nn
 FEATURES, CODES = "features", "codes"
 
 
+def require(module: str, extra: str, family: str):
+    """Import ``module`` for ``family``; a missing one is one line naming the extra to install."""
+    import importlib
+
+    from ..errors import ConfigError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"the {family} vision family needs the {module} package: "
+                          f"pip install 'lm4lv[{extra}]'") from None
+
+
 @dataclass(frozen=True)
 class TokenSpace:
     """The visual tokens of one image.

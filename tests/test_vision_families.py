@@ -1,0 +1,149 @@
+"""Vision families through the whole model: each trains (finite loss, adapter gradient), generates
+with the KV cache exactly as the no-cache reference algorithm, and saves / reloads; codes stay in
+their codebook; understanding encoders answer in text and refuse image answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lm4lv_core.config import ModuleSpec
+from lm4lv_core.data.dataset import collate
+from lm4lv_core.data.format import parse_sample
+from lm4lv_core.errors import ConfigError
+from lm4lv_core.model.generate import GenerationConfig, build_items, generate_samples, naive_generate_images
+from lm4lv_core.model.lm4lv import LM4LV
+from lm4lv_core.sources.presets import preset_config, preset_dir
+from lm4lv_core.vision import CODES, FEATURES, complete_config
+
+
+def _vq_continuous():
+    d = str(preset_dir("tiny-vq") / "vision")
+    return preset_config("tiny-vq", encoder=ModuleSpec("vqgan", {"path": d}), decoder=ModuleSpec("vqgan", {"path": d}))
+
+
+FAMILIES = {  # name → (config builder, token kind); a new family is one line
+    "mae": (lambda: preset_config("tiny"), FEATURES),
+    "vqgan": (_vq_continuous, FEATURES),
+    "vqgan-codes": (lambda: preset_config("tiny-vq"), CODES),
+    "sd-vae": (lambda: preset_config("tiny-sdvae"), FEATURES),
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from conftest import write_pairs
+
+    root = tmp_path_factory.mktemp("fam")
+    data = write_pairs(root, n=2)
+    return root, json.loads(data.read_text())
+
+
+def _train_batch(model, root, raw):
+    from lm4lv_core.data.dataset import LM4LVDataset
+
+    samples = [parse_sample({**s, "image": [str(root / p) for p in s["image"]]}, i, source="t")
+               for i, s in enumerate(raw)]
+    ds = LM4LVDataset(samples, model.builder, model.encoder.image_size)
+    return collate([ds[i] for i in range(len(ds))], pad_id=model.builder.pad_id)
+
+
+def _gen_samples(root, prompts):
+    return [parse_sample({"image": [str(root / "lq" / f"{i % 2}.png")],
+                          "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": ""}]}, i)
+            for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_generates_and_round_trips(family, pairs, tmp_path):
+    build, kind = FAMILIES[family]
+    torch.manual_seed(0)
+    cfg = build()
+    model = LM4LV.from_config(cfg)
+    assert model.space.kind == kind
+    assert cfg.vision_loss == ("code_ce" if kind == CODES else "feature_mse")  # the family's defaults, recorded
+    assert cfg.adapter.name == ("embedding" if kind == CODES else "linear")
+    root, raw = pairs
+    # train 2 steps: finite loss, the adapters get gradients, the loss moves
+    model.train()
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    batch = _train_batch(model, root, raw)
+    losses = []
+    for _ in range(2):
+        out = model(batch)
+        assert torch.isfinite(out.loss)
+        opt.zero_grad()
+        out.loss.backward()
+        grads = [p.grad for p in model.adapter.parameters()]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+        opt.step()
+        losses.append(float(out.vision_loss))
+    assert losses[1] != losses[0]
+    if kind == CODES:
+        feats = model.encode_images(batch.pixels)
+        assert feats.dtype == torch.long and 0 <= int(feats.min()) and int(feats.max()) < model.space.codebook_size
+    # cached batched generation == the no-cache reference algorithm, per sample
+    model.eval()
+    samples = _gen_samples(root, ["<image> <task>", "Restore the image <image> <task> please, remove the noise"])
+    cfg_gen = GenerationConfig(mode="image")
+    outs = generate_samples(model, samples, cfg_gen, batch_size=2)
+    for s, o in zip(samples, outs):
+        items, _ = build_items(model, [s], "image")
+        ref = naive_generate_images(model, collate(items, pad_id=model.builder.pad_id, padding_side="left"))
+        got = o.features[0]
+        if kind == CODES:
+            assert got.dtype == torch.long and torch.equal(got, ref)
+            assert 0 <= int(got.min()) and int(got.max()) < model.space.codebook_size
+        else:
+            assert (got - ref).abs().max().item() <= 1e-4
+        assert o.images[0].shape == (3, model.decoder.image_size, model.decoder.image_size)
+    # save / load round trip: same trainables, same generation
+    model.save_pretrained(tmp_path / "m")
+    back = LM4LV.from_pretrained(tmp_path / "m").eval()
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    again = generate_samples(back, samples[:1], cfg_gen, batch_size=1)[0]
+    assert torch.equal(again.features[0], outs[0].features[0]) if kind == CODES else \
+        (again.features[0] - outs[0].features[0]).abs().max().item() <= 1e-5
+
+
+def test_sampled_codes_follow_temperature_and_top_k(pairs):
+    torch.manual_seed(0)
+    model = LM4LV.from_config(preset_config("tiny-vq")).eval()
+    root, _ = pairs
+    s = _gen_samples(root, ["<image> <task>"])
+    top1 = generate_samples(model, s, GenerationConfig(mode="image", temperature=1.0, top_k=1))[0].features[0]
+    greedy = generate_samples(model, s, GenerationConfig(mode="image"))[0].features[0]
+    assert torch.equal(top1, greedy)  # top-k 1 is argmax whatever the temperature
+    hot = [generate_samples(model, s, GenerationConfig(mode="image", temperature=5.0, seed=k))[0].features[0]
+           for k in range(2)]
+    assert not torch.equal(hot[0], hot[1])  # sampling draws different codes under different seeds
+    assert all(0 <= int(h.min()) and int(h.max()) < 64 for h in hot)
+
+
+def test_loss_and_adapter_must_fit_the_token_kind():
+    cfg = preset_config("tiny-vq", vision_loss="feature_mse")
+    with pytest.raises(ConfigError, match="feature_mse compares features but encoder vqgan-codes gives codes"):
+        complete_config(cfg)
+    cfg = preset_config("tiny", adapter=ModuleSpec("embedding"))
+    with pytest.raises(ConfigError, match="does not take features"):
+        complete_config(cfg)
+
+
+def test_understanding_encoder_answers_in_text_and_refuses_image_answers(tmp_path, pairs):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "clip")
+    cfg = preset_config("tiny", encoder=ModuleSpec("clip", {"path": str(tmp_path / "clip")}), decoder=None)
+    torch.manual_seed(0)
+    model = LM4LV.from_config(cfg).eval()
+    assert model.decoder is None and model.num_visual_tokens == 17
+    root, _ = pairs
+    caption = _gen_samples(root, ["Describe <image>"])
+    out = generate_samples(model, caption, GenerationConfig(mode="text", max_new_tokens=4))[0]
+    assert out.images == [] and len(out.token_ids) >= 1
+    with pytest.raises(ConfigError, match="no vision decoder"):
+        generate_samples(model, _gen_samples(root, ["<image> <task>"]), GenerationConfig(mode="image"))
