@@ -19,16 +19,33 @@ from lm4lv_core.sources.presets import preset_config, preset_dir
 from lm4lv_core.vision import CODES, FEATURES, complete_config
 
 
-def _vq_continuous():
+def _vq_continuous(tmp):
     d = str(preset_dir("tiny-vq") / "vision")
     return preset_config("tiny-vq", encoder=ModuleSpec("vqgan", {"path": d}), decoder=ModuleSpec("vqgan", {"path": d}))
 
 
-FAMILIES = {  # name → (config builder, token kind); a new family is one line
-    "mae": (lambda: preset_config("tiny"), FEATURES),
+def _beit_dvae(tmp):
+    """A tiny BEiT (visual vocabulary 32) and a tiny DALL-E dVAE decoder of the same vocabulary."""
+    from transformers import BeitConfig, BeitForMaskedImageModeling
+
+    from lm4lv_core.vision.dalle_dvae import DalleDecoder, save_dalle_decoder
+
+    if not (tmp / "beit").is_dir():
+        torch.manual_seed(0)
+        BeitForMaskedImageModeling(BeitConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=64, image_size=32, patch_size=8,
+                                              use_mean_pooling=True)).save_pretrained(tmp / "beit")
+        save_dalle_decoder(DalleDecoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=32), tmp / "dvae")
+    return preset_config("tiny", encoder=ModuleSpec("beit", {"path": str(tmp / "beit")}),
+                         decoder=ModuleSpec("beit-dvae", {"path": str(tmp / "beit"), "dvae": str(tmp / "dvae")}))
+
+
+FAMILIES = {  # name → (config builder taking a scratch folder, token kind); a new family is one line
+    "mae": (lambda tmp: preset_config("tiny"), FEATURES),
     "vqgan": (_vq_continuous, FEATURES),
-    "vqgan-codes": (lambda: preset_config("tiny-vq"), CODES),
-    "sd-vae": (lambda: preset_config("tiny-sdvae"), FEATURES),
+    "vqgan-codes": (lambda tmp: preset_config("tiny-vq"), CODES),
+    "sd-vae": (lambda tmp: preset_config("tiny-sdvae"), FEATURES),
+    "beit+dvae": (_beit_dvae, FEATURES),
 }
 
 
@@ -59,8 +76,8 @@ def _gen_samples(root, prompts):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_generates_and_round_trips(family, pairs, tmp_path):
     build, kind = FAMILIES[family]
+    cfg = build(pairs[0])
     torch.manual_seed(0)
-    cfg = build()
     model = LM4LV.from_config(cfg)
     assert model.space.kind == kind
     assert cfg.vision_loss == ("code_ce" if kind == CODES else "feature_mse")  # the family's defaults, recorded
@@ -147,3 +164,26 @@ def test_understanding_encoder_answers_in_text_and_refuses_image_answers(tmp_pat
     assert out.images == [] and len(out.token_ids) >= 1
     with pytest.raises(ConfigError, match="no vision decoder"):
         generate_samples(model, _gen_samples(root, ["<image> <task>"]), GenerationConfig(mode="image"))
+
+
+def test_beit_dvae_decoder_paints_the_mim_heads_codes(pairs):
+    """beit encoder → beit-dvae decoder == BEiT's own MIM prediction → argmax → the dVAE decoder."""
+    from transformers import BeitForMaskedImageModeling
+
+    from lm4lv_core.vision import build_decoder, build_encoder
+    from lm4lv_core.vision.dalle_dvae import load_dalle_decoder
+
+    cfg = _beit_dvae(pairs[0])
+    enc, dec = build_encoder(cfg.encoder), build_decoder(cfg.decoder)
+    x = torch.rand(2, 3, 32, 32)
+    mim = BeitForMaskedImageModeling.from_pretrained(cfg.encoder.kwargs["path"]).eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        codes = mim(pixel_values=(x - mean) / std).logits.argmax(-1).view(2, 4, 4)
+        want = load_dalle_decoder(cfg.decoder.kwargs["dvae"]).decode_codes(codes)
+        got = dec(enc(x))
+    assert got.shape == (2, 3, 32, 32)
+    assert (got - want).abs().max().item() <= 1e-5
+    with pytest.raises(ConfigError, match="passes no gradient"):
+        complete_config(_beit_dvae(pairs[0]).__class__(**{**vars(cfg), "vision_loss": "pixel_l1"}))

@@ -10,7 +10,7 @@ import torch
 from ..config import ModelConfig, ModuleSpec
 from ..errors import ConfigError
 from ..registry import ADAPTERS, DECODERS, ENCODERS
-from . import adapters, losses, mae, sdvae, understanding, vqgan  # noqa: F401  (registers the built-in parts)
+from . import adapters, beit, losses, mae, sdvae, understanding, vqgan  # noqa: F401  (registers the built-in parts)
 from .base import CODES, FEATURES, PlanShape, TokenSpace, VisionDecoder, VisionEncoder
 from .losses import VisionLoss, vision_loss
 
@@ -89,6 +89,9 @@ def complete_config(cfg: ModelConfig, space: TokenSpace | None = None) -> ModelC
                           f"{cfg.encoder.name}; use {want}")
     if loss.uses_decoder and cfg.decoder is None:
         raise ConfigError(f"--vision-loss {loss.name} decodes predictions but the model has no decoder")
+    if loss.uses_decoder and not DECODERS.get(cfg.decoder.name).differentiable:
+        raise ConfigError(f"--vision-loss {loss.name} trains through the decoder, but decoder {cfg.decoder.name} "
+                          "passes no gradient; use feature_mse")
     if cfg.train_decoder and cfg.decoder is None:
         raise ConfigError("--train-decoder needs a decoder (--decoder FAMILY:SOURCE)")
     return cfg

@@ -157,7 +157,10 @@ class VisionEncoder(VisionPart):
 class VisionDecoder(VisionPart):
     """Tokens (features ``[B, N, dim]`` or codes ``[B, N]``) → images ``[B, 3, H', W']`` in [0, 1].
 
-    ``clamp=False`` keeps gradients for pixels outside [0, 1] (pixel losses)."""
+    ``clamp=False`` keeps gradients for pixels outside [0, 1] (pixel losses); a decoder that
+    passes no gradient (``differentiable = False``, e.g. through an argmax) cannot serve them."""
+
+    differentiable = True
 
     def forward(self, tokens: torch.Tensor, clamp: bool = True) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
