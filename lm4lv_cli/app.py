@@ -27,6 +27,7 @@ COMMANDS = {
     "make-data": cmd_data.make_data,
     "ft-mae": cmd_mae.ft_mae,
     "recon-mae": cmd_mae.recon_mae,
+    "recon": cmd_mae.recon_mae,
     "quickstart": cmd_quickstart.quickstart,
 }
 for _name, _fn in COMMANDS.items():

@@ -49,7 +49,9 @@ def recon_mae(
     images: Path = typer.Argument(..., help="Folder of images to reconstruct (recursive)."),
     out: Path = O(..., "--out", help="Output folder (same relative names, .png)."),
     mae: Optional[str] = O(None, "--mae", help="MAE folder (e.g. RUN/final of ft-mae) or Hugging Face id org/name[@revision]."),
-    preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose MAE to use."),
+    preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose vision parts to use."),
+    encoder: Optional[str] = O(None, "--encoder", help="Vision encoder FAMILY:SOURCE (any family with a decoder), e.g. vqgan-codes:./vq-f16."),
+    decoder: Optional[str] = O(None, "--decoder", help="Vision decoder FAMILY:SOURCE [the encoder's family]."),
     batch_size: int = O(RECON_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass."),
     nproc: int = O(1, "--nproc", min=1, help="Workers on this node."),
     engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
@@ -58,14 +60,15 @@ def recon_mae(
     verbose: bool = opt.VERBOSE,
     precision: str = O(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
 ) -> None:
-    """Reconstruct a folder with an MAE and print PSNR / SSIM against the inputs."""
+    """Reconstruct a folder through a vision encoder and decoder (an MAE by default) and print
+    PSNR / SSIM against the inputs: the ceiling a vision family gives."""
     from lm4lv_core.engine.launch import Workers
     from lm4lv_core.jobs.recon_mae import mean_rows, reconstruct
 
-    rows = reconstruct(images, out, mae=mae, preset=preset, batch_size=batch_size, crop_border=crop_border,
+    rows = reconstruct(images, out, mae=mae, preset=preset, encoder=encoder, decoder=decoder, batch_size=batch_size, crop_border=crop_border,
                        precision=precision, workers=Workers(nproc=nproc, engine=engine), overwrite=overwrite,
                        verbose=verbose)
-    table = Table(title=f"MAE reconstruction of {images}")
+    table = Table(title=f"{'MAE' if mae else encoder or preset} reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")
     m = mean_rows(rows)

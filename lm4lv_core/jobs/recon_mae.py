@@ -1,5 +1,6 @@
-"""``lm4lv recon-mae``: reconstruct a folder with an MAE (every worker its share) and score the
-reconstructions against their inputs."""
+"""``lm4lv recon`` / ``recon-mae``: reconstruct a folder through a vision family's encoder and
+decoder (every worker its share) and score the reconstructions against their inputs: the
+ceiling a family gives before any LLM is trained."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, LM4LVError
 from ..precision import FP32
 from ..image.io import load_rgb, require_images, save_png
+from ..config import ModuleSpec
 from ..sources.presets import mae_path
 from ..util.progress import rank0_progress
 
@@ -27,7 +29,8 @@ RESULTS = "recon.json"
 class ReconJob:
     """What every ``recon-mae`` worker receives."""
 
-    mae: str
+    encoder: ModuleSpec
+    decoder: ModuleSpec
     images: str
     out: str
     batch_size: int = RECON_BATCH_SIZE
@@ -35,33 +38,37 @@ class ReconJob:
     precision: str = FP32
 
 
-def reconstruct_folder(mae: str, images_dir: str | Path, out_dir: str | Path, *,
+def reconstruct_folder(encoder: ModuleSpec, decoder: ModuleSpec, images_dir: str | Path, out_dir: str | Path, *,
                        batch_size: int = RECON_BATCH_SIZE, rank: int = 0, world_size: int = 1,
                        crop_border: int = CROP_BORDER, progress=None, precision: str = FP32,
                        device=None) -> list[dict[str, Any]]:
     """Reconstruct every image under ``images_dir`` (this rank's share) into ``out_dir`` under the
-    same relative names (``.png``); return per-image PSNR/SSIM rows against the (resized) input."""
+    same relative names (``.png``); return per-image PSNR/SSIM rows against the input resized to
+    the decoder's output size."""
     import torch
 
     from ..data.dataset import image_to_tensor, tensor_to_uint8
     from ..precision import compute_dtype
     from ..image.metrics import psnr, ssim
-    from ..vision.mae import MAEAutoencoder
+    from ..vision import build_decoder, build_encoder
 
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     files = require_images(images_dir)
     device = device or torch.device("cpu")
-    model = MAEAutoencoder(mae, dtype=compute_dtype(precision), train=False).to(device).eval()
+    dtype = compute_dtype(precision)
+    enc = build_encoder(encoder, dtype).to(device).eval()
+    dec = build_decoder(decoder, dtype).to(device).eval()
     mine = files[rank::world_size]
     rows: list[dict[str, Any]] = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
-        x = torch.stack([image_to_tensor(load_rgb(f), model.image_size) for f in chunk])
+        images = [load_rgb(f) for f in chunk]
+        x = torch.stack([image_to_tensor(im, enc.image_size) for im in images])
         with torch.inference_mode():
-            y = model(x.to(device)).float().cpu()
-        for f, xi, yi in zip(chunk, x, y):
+            y = dec(enc(x.to(device))).float().cpu()
+        for f, im, yi in zip(chunk, images, y):
             rel = f.relative_to(images_dir).with_suffix(".png")
-            src, rec = tensor_to_uint8(xi), tensor_to_uint8(yi)
+            src, rec = tensor_to_uint8(image_to_tensor(im, yi.shape[-1])), tensor_to_uint8(yi)
             save_png(rec, out_dir / rel)
             rows.append({"name": rel.as_posix(), "psnr": psnr(src, rec, crop_border),
                          "ssim": ssim(src, rec, crop_border)})
@@ -83,7 +90,7 @@ def recon_mae_job(job: ReconJob) -> list[dict[str, Any]] | None:
     dist.init_distributed()
     n_mine = len(require_images(job.images)[dist.rank()::dist.world_size()])
     with rank0_progress("reconstruct", n_mine, show=dist.is_main()) as advance:
-        rows = reconstruct_folder(job.mae, job.images, job.out, batch_size=job.batch_size,
+        rows = reconstruct_folder(job.encoder, job.decoder, job.images, job.out, batch_size=job.batch_size,
                                   rank=dist.rank(), world_size=dist.world_size(), crop_border=job.crop_border,
                                   progress=advance, precision=job.precision, device=dist.device())
     gathered = dist.all_gather_objects(rows)
@@ -94,17 +101,50 @@ def recon_mae_job(job: ReconJob) -> list[dict[str, Any]] | None:
     return merged
 
 
+def recon_parts(mae: str | None = None, preset: str | None = None, encoder: str | None = None,
+                decoder: str | None = None) -> tuple[ModuleSpec, ModuleSpec]:
+    """The encoder and decoder to reconstruct with: ``--encoder/--decoder FAMILY:SOURCE`` (the
+    decoder defaults to the encoder's family), ``--mae`` (both MAE) or a preset's vision parts;
+    hub ids resolved to local folders."""
+    from ..sources.hub import local_path
+    from ..sources.presets import preset_config
+    from ..vision import has_decoder, parse_part
+
+    if sum(bool(x) for x in (mae, preset, encoder)) != 1:
+        raise ConfigError("give exactly one of --encoder FAMILY:SOURCE, --mae PATH|ID or --preset NAME")
+    if mae or (preset and not encoder and not decoder and preset_config(preset).encoder.name == "mae"):
+        path, _ = mae_path(mae, preset)
+        return ModuleSpec("mae", {"path": path}), ModuleSpec("mae", {"path": path})
+    if preset:
+        cfg = preset_config(preset)
+        return cfg.encoder, cfg.decoder
+    enc = parse_part(encoder, "encoder")
+    if decoder:
+        dec = parse_part(decoder, "decoder")
+    elif has_decoder(enc.name):
+        dec = ModuleSpec(enc.name, dict(enc.kwargs))
+    else:
+        dec = None
+    if dec is None:
+        raise ConfigError(f"--encoder {enc.name} has no decoder to reconstruct with; give --decoder FAMILY:SOURCE")
+    for spec, option in ((enc, "--encoder"), (dec, "--decoder")):
+        if isinstance(spec.kwargs.get("path"), str):
+            spec.kwargs["path"] = local_path(spec.kwargs["path"], option)[0]
+    return enc, dec
+
+
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
+                encoder: str | None = None, decoder: str | None = None,
                 batch_size: int = RECON_BATCH_SIZE, crop_border: int = CROP_BORDER, precision: str = FP32,
                 workers: Workers | None = None, overwrite: bool = False,
                 verbose: bool = False) -> list[dict[str, Any]]:
-    """Parent side of ``lm4lv recon-mae``: check, then run the reconstruction workers (third-party
-    output goes to ``out/recon-mae.log``)."""
+    """Parent side of ``lm4lv recon`` / ``recon-mae``: check, then run the reconstruction workers
+    (third-party output goes to ``out/recon-mae.log``)."""
     from ..precision import compute_dtype
 
     compute_dtype(precision)
     launch.require_gpu_for(precision)
-    path, _ = mae_path(mae, preset)
+    enc, dec = recon_parts(mae, preset, encoder, decoder)
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise LM4LVError(f"{images}: folder not found")
@@ -113,7 +153,7 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
         raise ConfigError(f"--out {out}: must not be the input folder or inside it")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
-    job = ReconJob(mae=path, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
+    job = ReconJob(encoder=enc, decoder=dec, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
                    crop_border=crop_border, precision=precision)
     with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
         return launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers or Workers(),

@@ -142,7 +142,7 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     """Check everything a run would, render the first sample and plan the memory per rank
     (against ``gpu_memory`` GiB, default the detected GPU's)."""
     from ..model.memplan import detected_gpu_memory_gib, format_plan, plan_training
-    from ..model.prompt import render_first_prompt
+    from ..model.prompt import render_first_prompt, vision_summary
 
     if gpu_memory is not None and gpu_memory <= 0:
         raise ConfigError(f"--gpu-memory must be > 0 (GiB), got {gpu_memory}")
@@ -153,4 +153,4 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
 
     overrides = checked_deepspeed_overrides(cfg, cfg.nproc * cfg.num_nodes) if cfg.deepspeed_config else None
     plan = plan_training(cfg, model, samples, gpu, deepspeed_overrides=overrides)
-    return DryRun(len(samples), cfg.data, text, tokens, counts, format_plan(plan))
+    return DryRun(len(samples), cfg.data, text, tokens, counts, vision_summary(model) + "\n" + format_plan(plan))

@@ -42,6 +42,19 @@ def token_view(enc: Encoded, tokenizer) -> str:
     return " ".join(out)
 
 
+def vision_summary(cfg: ModelConfig) -> str:
+    """One line on what the LLM sees of an image: family, token count and kind, adapters, loss."""
+    from ..vision import token_space
+
+    space = token_space(cfg.encoder).truncated(cfg.num_visual_tokens)
+    kind = f"codes of a codebook of {space.codebook_size}" if space.codebook_size else f"features of width {space.dim}"
+    decoder = cfg.decoder.name if cfg.decoder is not None else "none (text answers only)"
+    return (f"vision: encoder {cfg.encoder.name}, {space.num_tokens} tokens per image at {space.image_size} px "
+            f"({kind}); decoder {decoder}; adapter {cfg.adapter.name if cfg.adapter else space.default_adapter}, "
+            f"deadapter {cfg.deadapter.name if cfg.deadapter else 'linear'}, "
+            f"loss {cfg.vision_loss or space.default_loss}")
+
+
 def render_first_prompt(cfg: ModelConfig, sample: Sample) -> tuple[str, str, dict[str, int]]:
     """The sample's rendered text (the exact string the template tokenises), its ``token_view``,
     and counts of tokens, slots and trained positions."""
