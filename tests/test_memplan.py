@@ -103,3 +103,25 @@ def test_dry_run_prints_the_plan_and_whether_it_fits(pairs_file, tmp_path):
     assert not (tmp_path / "run").exists()
     res = runner.invoke(app, base + ["--gpu-memory", "-1"])
     assert res.exit_code != 0 and "--gpu-memory must be > 0" in str(res.exception)
+
+
+@pytest.mark.parametrize("preset", ["tiny-vq", "tiny-sdvae"])
+def test_plan_agrees_with_measured_step_for_other_vision_families(tmp_path, monkeypatch, preset):
+    """The plan of a discrete-code (VQGAN) and a latent-VAE family, within ±25 % of a measured step."""
+    import torch
+
+    from conftest import write_pairs
+    from lm4lv_core.jobs.train import train
+    from lm4lv_core.sources.presets import preset_config
+
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
+    data = write_pairs(tmp_path / "data", n=8, size=32)
+    model = preset_config(preset)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), micro_batch=4, max_steps=2, save_every=100,
+                      preview_every=100)
+    monkeypatch.setenv("LM4LV_MEMORY_REPORT", str(tmp_path / "mem"))
+    train(cfg, model)
+    measured = json.loads((tmp_path / "mem" / "train-rank0.json").read_text())
+    plan = plan_training(cfg, model, load_samples(data))
+    for key, got in (("saved", measured["step"]["activation_bytes"]), ("peak", measured["step"]["peak_bytes"])):
+        assert 0.75 <= plan.activations[key] / got <= 1.25, (key, plan.activations[key], got)

@@ -1,16 +1,11 @@
-"""Training figures: the loss curves (``loss.png``) and preview grids of images."""
+"""Training figures: the loss curves (``loss.png``; preview grids: ``image/grids.py``)."""
 
 from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
-from typing import Sequence
-
-import numpy as np
 
 from ..util.fsutil import atomic_path
-from ..image.io import save_png
 
 LOSS_COLUMNS = ("loss", "text_loss", "vision_loss")
 
@@ -47,28 +42,3 @@ def plot_metrics(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> 
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
-
-def image_grid(rows: Sequence[Sequence[np.ndarray | None]], pad: int = 2) -> np.ndarray:
-    """HxWx3 uint8 tiles (``None`` = grey) → one uint8 image, rows × columns, ``pad`` px apart."""
-    tiles = [t for r in rows for t in r if t is not None]
-    if not tiles:
-        raise ValueError("no tiles to draw")
-    h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
-    ncol = max(len(r) for r in rows)
-    out = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, r in enumerate(rows):
-        for j, t in enumerate(r):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            if t is None:
-                out[y:y + h, x:x + w] = 128
-            else:
-                out[y:y + t.shape[0], x:x + t.shape[1]] = t
-    return out
-
-
-def save_grid(rows: Sequence[Sequence[np.ndarray | None]], path: str | os.PathLike, scale: int = 1) -> None:
-    grid = image_grid(rows)
-    if scale > 1:
-        grid = grid.repeat(scale, 0).repeat(scale, 1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_png(grid, path)

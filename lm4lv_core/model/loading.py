@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from torch import nn
 
 from ..defaults import ATTN_IMPLEMENTATIONS
 from ..errors import ConfigError

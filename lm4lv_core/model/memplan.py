@@ -72,6 +72,7 @@ class ModelShape:
     head_dim: int = 0          # width of the deadapter's prediction (a feature, or logits over K)
     vision_tokens: int = 0
     encoder_dim: int = 0
+    encoder_forward_elements: int = 0  # a convolutional encoder's no-grad working set per image
     encoder_layers: int = 0
     encoder_intermediate: int = 0
     decoder_dim: int = 0
@@ -174,11 +175,12 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
                        image_size=model.encoder.image_size)
     enc = model.encoder.plan_shape()
     shape.encoder_dim, shape.encoder_layers, shape.encoder_intermediate = enc.dim, enc.layers, enc.intermediate
-    shape.approximate = not enc.layers
+    shape.encoder_forward_elements = enc.forward_elements
+    shape.approximate = not (enc.layers or enc.forward_elements)
     if model.decoder is not None:
         dec = model.decoder.plan_shape()
         shape.decoder_dim, shape.decoder_layers, shape.decoder_intermediate = dec.dim, dec.layers, dec.intermediate
-        shape.approximate = shape.approximate or not dec.layers
+        shape.approximate = shape.approximate or not (dec.layers or dec.forward_elements)
     return shape
 
 
@@ -277,7 +279,8 @@ def activation_bytes(m: ModelShape, d: DataShape, run: RunShape, micro_batch: in
     loss = micro_batch * d.text_loss_tokens * m.vocab * (s + 4)
     encode = 0.0
     if not run.cache_features and not run.train_encoder:  # frozen encoder: working set of one layer, no grad
-        encode = images * m.vision_tokens * s * (7 * m.encoder_dim + 2 * m.encoder_intermediate)
+        encode = images * s * (m.vision_tokens * (7 * m.encoder_dim + 2 * m.encoder_intermediate)
+                               + m.encoder_forward_elements)
     peak = max(saved + max(backward, loss), encode)
     return {"saved": saved, "peak": peak, "llm_layers": llm, "loss_and_adapters": final_norm + text + slots,
             "vision": vision, "inputs": inputs, "backward_transient": backward, "encoder_forward": encode}

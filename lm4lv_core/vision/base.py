@@ -112,6 +112,14 @@ class PlanShape:
     layers: int = 0
     intermediate: int = 0
     tokens: int = 0
+    forward_elements: int = 0  # convolutional parts: elements live at once in a no-grad forward, per image
+
+
+def conv_plan_shape(cfg: dict, image_size: int) -> PlanShape:
+    """The plan shape of a diffusers convolutional autoencoder half: its no-grad forward peaks at
+    the full-resolution level, about five maps of the first level's width live at once (block
+    input and output, GroupNorm and SiLU temporaries) — measured within 25 % at tiny width."""
+    return PlanShape(forward_elements=5 * int(cfg["block_out_channels"][0]) * image_size ** 2)
 
 
 class VisionPart(nn.Module):

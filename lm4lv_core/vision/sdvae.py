@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
-from .base import TokenSpace, VisionDecoder, VisionEncoder, VisionPart, require
+from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, VisionPart, conv_plan_shape, require
 
 FAMILY = "sd-vae"
 PATCH = 2  # latent pixels per token side
@@ -76,6 +76,7 @@ class _VAEPart(VisionPart):
         self.path = path
         vae = vae if vae is not None else load_vae(path, dtype)
         cfg = dict(vae.config)
+        object.__setattr__(self, "_cfg", cfg)
         self.image_size, self.grid = _geometry(cfg, image_size)
         self.num_tokens = self.grid ** 2
         self.dim = cfg["latent_channels"] * PATCH * PATCH
@@ -85,6 +86,9 @@ class _VAEPart(VisionPart):
 
     def _keep(self, vae) -> None:  # pragma: no cover - set by subclasses
         raise NotImplementedError
+
+    def plan_shape(self) -> PlanShape:
+        return conv_plan_shape(self._cfg, self.image_size)
 
     @classmethod
     def token_space(cls, path: str | None = None, image_size: int | None = None, **_) -> TokenSpace:

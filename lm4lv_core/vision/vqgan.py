@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
-from .base import TokenSpace, VisionDecoder, VisionEncoder, VisionPart, require
+from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, VisionPart, conv_plan_shape, require
 from .ldm_checkpoint import CONFIG_FILE, is_ldm_vq_folder, ldm_vq_config, load_ldm_vqmodel
 
 FAMILY = "vqgan"
@@ -94,6 +94,9 @@ class _VQPart(VisionPart):
 
     def _keep(self, vq) -> None:  # pragma: no cover - set by subclasses
         raise NotImplementedError
+
+    def plan_shape(self) -> PlanShape:
+        return conv_plan_shape(self._cfg, self.image_size)
 
     @classmethod
     def token_space(cls, path: str | None = None, image_size: int | None = None, **_) -> TokenSpace:
