@@ -358,3 +358,27 @@ def test_pickled_code_never_runs(tmp_path, kind):
     with pytest.raises(ConfigError, match=r"b\.ckpt: state_dict entries that are not tensors: 'x'"):
         read_ckpt_state_dict(tmp_path / "b.ckpt")
     assert not marker.exists()
+
+
+def test_vqgan_families_read_the_checkpoint_folder(reference, folder):
+    """``--encoder vqgan-codes:FOLDER`` / ``vqgan:FOLDER`` on a latent-diffusion checkpoint: the
+    family's tokens and decodes are the taming model's (pixels in [0, 1] ↔ its [-1, 1])."""
+    from lm4lv_core.vision import build_decoder, build_encoder, parse_part, token_space
+
+    ref, x = reference
+    pixels = (x + 1) / 2
+    with torch.no_grad():
+        h_ref = ref.encode(x)
+        q_ref, idx_ref = ref.quantize(h_ref)
+        for family in ("vqgan", "vqgan-codes"):
+            enc = build_encoder(parse_part(f"{family}:{folder}", "encoder"))
+            dec = build_decoder(parse_part(f"{family}:{folder}", "decoder"))
+            tokens = enc(pixels)
+            assert token_space(parse_part(f"{family}:{folder}", "encoder")) == enc.tokens
+            if family == "vqgan":
+                assert (tokens - h_ref.flatten(2).transpose(1, 2)).abs().max() < 1e-4
+                want = (ref.decode(h_ref) + 1) / 2  # continuous latents, not snapped to the codebook
+            else:
+                assert torch.equal(tokens.reshape(-1), idx_ref) and enc.tokens.codebook_size == N_EMBED
+                want = (ref.decode(q_ref) + 1) / 2
+            assert (dec(tokens, clamp=False) - want).abs().max() < 1e-4

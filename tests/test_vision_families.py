@@ -187,3 +187,30 @@ def test_beit_dvae_decoder_paints_the_mim_heads_codes(pairs):
     assert (got - want).abs().max().item() <= 1e-5
     with pytest.raises(ConfigError, match="passes no gradient"):
         complete_config(_beit_dvae(pairs[0]).__class__(**{**vars(cfg), "vision_loss": "pixel_l1"}))
+
+
+def test_recon_command_scores_any_family_with_a_decoder(tmp_path):
+    """``lm4lv recon`` through the installed script: a latent-VAE preset reconstructs a folder;
+    an encoder without a decoder is one error line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for i, name in enumerate(("astronaut", "coffee")):
+        import skimage.data
+
+        Image.fromarray(getattr(skimage.data, name)()).resize((40, 30)).save(tmp_path / "imgs" / ("sub" if i else "") / f"{name}.png")
+    lm4lv = str(Path(sys.executable).parent / "lm4lv")
+    ok = subprocess.run([lm4lv, "recon", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--preset", "tiny-sdvae"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    rec = json.loads((tmp_path / "out" / "recon.json").read_text())
+    assert rec["count"] == 2 and {r["name"] for r in rec["images"]} == {"astronaut.png", "sub/coffee.png"}
+    assert Image.open(tmp_path / "out" / "sub" / "coffee.png").size == (32, 32)
+    bad = subprocess.run([lm4lv, "recon", str(tmp_path / "imgs"), "--out", str(tmp_path / "out2"), "--encoder",
+                          "clip:openai/clip-vit-base-patch32"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --encoder clip has no decoder to reconstruct with; give --decoder FAMILY:SOURCE"]
