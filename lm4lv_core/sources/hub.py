@@ -29,7 +29,7 @@ IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tfl
 PICKLED_WEIGHTS = ["*.bin"]  # skipped when the model has safetensors
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # ModelConfig part -> the command-line option that names it (for messages)
-OPTIONS = {"llm": "--llm", "encoder": "--mae", "decoder": "--mae-decoder", "adapter": "adapter",
+OPTIONS = {"llm": "--llm", "encoder": "--encoder/--mae", "decoder": "--decoder/--mae-decoder", "adapter": "adapter",
            "deadapter": "deadapter", "mae": "--mae"}
 
 
