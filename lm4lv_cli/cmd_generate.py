@@ -54,10 +54,6 @@ def generate(
 ) -> None:
     """Generate images (and text) for a data file with a trained model, or restore image files and
     folders (--input); re-runs skip finished samples and images."""
-    from lm4lv_core.engine.launch import Workers
-    from lm4lv_core.model.generate import GenerationConfig
-    from lm4lv_core.jobs.generate import generate as run_generate, restore_inputs
-
     paths = [*(inputs or []), *(more_inputs or [])]
     if more_inputs and not inputs:
         raise ConfigError(f"unexpected argument {more_inputs[0]}: images to restore go after --input")
@@ -69,17 +65,18 @@ def generate(
         raise ConfigError("--image-root applies to --data only (--input takes image paths as given)")
     if data is not None and prompt is not None:
         raise ConfigError("--prompt applies to --input only (a data file holds its own prompts)")
+    from lm4lv_core.engine.launch import Workers
+    from lm4lv_core.model.generate import GenerationConfig
+    from lm4lv_core.jobs.generate import generate as run_generate, restore_inputs
+
     workers = Workers(nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes, hostfile=hostfile,
                       master_port=master_port)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size)
     if paths:
-        done = restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
-                              generation=gen, workers=workers, overwrite=overwrite, compile=compile,
-                              attn_implementation=attn_implementation, verbose=verbose)
-        skipped = f", {done.before} already done" if done.before else ""
-        console.print(f"{done.after}/{done.total} images restored ({done.after - done.before} now{skipped}); "
-                      f"wrote {done.out}", soft_wrap=True)
+        show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
+                                     generation=gen, workers=workers, overwrite=overwrite, compile=compile,
+                                     attn_implementation=attn_implementation, verbose=verbose))
         return
     res = run_generate(run, data, out, image_root=image_root, batch_size=batch_size, precision=precision,
                        generation=gen, workers=workers, overwrite=overwrite, compile=compile,
@@ -96,3 +93,9 @@ def show_generated(res) -> None:
     skipped = f", {res.before} already done" if res.before else ""
     console.print(f"{res.after}/{res.total} samples finished ({res.after - res.before} generated{skipped}); "
                   f"wrote {res.results}", soft_wrap=True)
+
+
+def show_restored(res) -> None:
+    skipped = f", {res.before} already done" if res.before else ""
+    console.print(f"{res.after}/{res.total} images restored ({res.after - res.before} now{skipped}); "
+                  f"wrote {res.out}", soft_wrap=True)
