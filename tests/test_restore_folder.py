@@ -194,6 +194,12 @@ def test_several_inputs_and_out_inside_the_input_folder(setup, tmp_path, monkeyp
     code, log = lm4lv(monkeypatch, capsys, "generate", "--run", setup / "run", "-i", inp, "-o", tmp_path / "clash")
     assert code == 2 and "a.png" in log and "a.tif" in log and "both" in log, log
     assert not (tmp_path / "clash").exists()
+    # an unreadable image stops the run before anything is written
+    (inp / "a.tif").unlink()
+    (inp / "sub" / "broken.jpg").write_text("not a jpeg")
+    code, log = lm4lv(monkeypatch, capsys, "generate", "--run", setup / "run", "-i", inp, "-o", tmp_path / "bad")
+    assert code == 2 and "broken.jpg" in log and "unreadable" in log, log
+    assert not (tmp_path / "bad").exists()
 
 
 def test_restoration_prompt_is_the_first_restoration_samples_human_turn():

@@ -272,7 +272,8 @@ def plan_restore(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             if p == out:
                 raise ConfigError(f"--out {out}: is the input folder {given}; choose another --out")
             inner = out.is_relative_to(p)  # OUT inside this folder: earlier outputs are no inputs
-            files = [f for f in list_images(p) if not _hidden(f.relative_to(p)) and not (inner and f.is_relative_to(out))]
+            files = [f for f in list_images(p)
+                     if not _hidden(f.relative_to(p)) and not (inner and f.is_relative_to(out))]
             if not files:
                 exts = "/".join(e.lstrip(".") for e in IMAGE_EXTS)
                 raise ConfigError(f"--input {given}: no images found (looked for {exts}, recursively)")

@@ -265,9 +265,10 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
                      attn_implementation=attn_implementation)
     _check_device(job)
     items = plan_restore(inputs, out)
-    problems = find_image_problems(restore_samples(items, job.prompt))
-    if problems:
-        raise ConfigError(f"--input: {len(problems)} unreadable image(s): "
+    problems = find_image_problems(restore_samples(items, job.prompt), limit=10)
+    if problems:  # "sample K: PATH: cause" -> "PATH: cause"
+        more = " (the first 10)" if len(problems) >= 10 else ""
+        raise ConfigError(f"--input: {len(problems)} unreadable image(s){more}: "
                           + "; ".join(p.split(": ", 1)[1] for p in problems))
     with hold(out, "generate"):
         new = restore_manifest(job.model, job.precision, to_dict(gen), job.prompt, [str(p) for p in inputs])
