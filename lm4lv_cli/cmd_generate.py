@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from lm4lv_core.defaults import GENERATE_BATCH_SIZE
+from lm4lv_core.errors import ConfigError
 from lm4lv_core.precision import FP32
 
 console = Console()
@@ -16,9 +17,16 @@ console = Console()
 
 def generate(
     run: Path = typer.Option(..., "--run", help="Training run folder (uses its final/) or a saved model folder."),
-    data: Path = typer.Option(..., "--data", help="Data file: prompts ending with an empty gpt turn, or training "
-                              "samples (their last answer is dropped and generated)."),
-    out: Path = typer.Option(..., "--out", help="Output folder: images/, results.jsonl, generate.json."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data file: prompts ending with an empty gpt turn, or training "
+                                        "samples (their last answer is dropped and generated)."),
+    inputs: Optional[list[Path]] = typer.Option(None, "--input", "-i", metavar="PATH", help="Instead of --data: images or folders "
+                                                "(searched recursively) to restore, --input PATH [PATH ...]; "
+                                                "outputs mirror their paths under --out."),
+    more_inputs: Optional[list[Path]] = typer.Argument(None, hidden=True, metavar="PATH"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="With --input: the restoration prompt, <image> = the "
+                                         "image [the one recorded by training]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/, results.jsonl, generate.json (with --input: "
+                             "the restored images at their inputs' relative paths, and generate.json)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Base of relative image paths (default: the data file's folder)."),
     batch_size: int = typer.Option(GENERATE_BATCH_SIZE, "--batch-size", help="Samples per batch and worker."),
     nproc: int = typer.Option(1, "--nproc", help="Workers (processes); each sample is generated exactly once."),
@@ -35,7 +43,8 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of text sampling (per sample, independent of batching)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs; "
+                                   "with --input: restores every image again)."),
     resize: Optional[str] = typer.Option(None, "--resize", help="How inputs reach the model's size: stretch | crop [the run's, recorded at training]."),
     output_size: str = typer.Option("input", "--output-size", help="input: images at the input image's size (crop: its centre "
                                     "square's); model: at the model's square size."),
@@ -43,15 +52,32 @@ def generate(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step of image-only batches (static KV cache); pays off on a GPU."),
     attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [the model's]."),
 ) -> None:
-    """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
+    """Generate images (and text) for a data file with a trained model, or restore image files and
+    folders (--input); re-runs skip finished samples and images."""
+    paths = [*(inputs or []), *(more_inputs or [])]
+    if more_inputs and not inputs:
+        raise ConfigError(f"unexpected argument {more_inputs[0]}: images to restore go after --input")
+    if data is not None and paths:
+        raise ConfigError("give either --data (a data file) or --input (images or folders to restore), not both")
+    if data is None and not paths:
+        raise ConfigError("give --data FILE (prompts to generate for) or --input PATH (images or folders to restore)")
+    if paths and image_root is not None:
+        raise ConfigError("--image-root applies to --data only (--input takes image paths as given)")
+    if data is not None and prompt is not None:
+        raise ConfigError("--prompt applies to --input only (a data file holds its own prompts)")
     from lm4lv_core.engine.launch import Workers
     from lm4lv_core.model.generate import GenerationConfig
-    from lm4lv_core.jobs.generate import generate as run_generate
+    from lm4lv_core.jobs.generate import generate as run_generate, restore_inputs
 
     workers = Workers(nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes, hostfile=hostfile,
                       master_port=master_port)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size)
+    if paths:
+        show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
+                                     generation=gen, workers=workers, overwrite=overwrite, compile=compile,
+                                     attn_implementation=attn_implementation, verbose=verbose))
+        return
     res = run_generate(run, data, out, image_root=image_root, batch_size=batch_size, precision=precision,
                        generation=gen, workers=workers, overwrite=overwrite, compile=compile,
                        attn_implementation=attn_implementation, verbose=verbose,
@@ -67,3 +93,9 @@ def show_generated(res) -> None:
     skipped = f", {res.before} already done" if res.before else ""
     console.print(f"{res.after}/{res.total} samples finished ({res.after - res.before} generated{skipped}); "
                   f"wrote {res.results}", soft_wrap=True)
+
+
+def show_restored(res) -> None:
+    skipped = f", {res.before} already done" if res.before else ""
+    console.print(f"{res.after}/{res.total} images restored ({res.after - res.before} now{skipped}); "
+                  f"wrote {res.out}", soft_wrap=True)

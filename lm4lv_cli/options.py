@@ -43,7 +43,7 @@ RESUME = O(False, "--resume", help="Continue the run in --out from its newest in
 OVERWRITE = O(False, "--overwrite", help="Reuse --out, replacing lm4lv's files in it.")
 LR_SCHEDULE = O(None, "--lr-schedule", help="reference (DeepSpeed WarmupDecayLR: log warmup, linear decay to 0) | "
                 "cosine (linear warmup, cosine decay) | constant (linear warmup) [reference].")
-REPORT_TO = O(None, "--report-to", help="Also log to: tensorboard (event files in RUN/tensorboard) | none [none].")
+REPORT_TO = O(None, "--report-to", help="Also log to: tensorboard (event files in RUN/tensorboard) | wandb (Weights & Biases; local files in RUN/wandb) | a comma list | none [none].")
 VERBOSE = O(False, "--verbose", help="Show third-party warnings and logs on the console too (RUN/train.log has them always).")
 GRADIENT_CHECKPOINTING = O(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                            help="Recompute transformer layers in the backward pass: less activation memory, one more forward [off].")

@@ -52,6 +52,10 @@ class ModelConfig:
     ``llm`` is a Hugging Face causal-LM folder or hub id (``org/name[@revision]``). ``encoder`` /
     ``decoder`` / ``adapter`` / ``deadapter`` are registry specs (MAE folders or hub ids for the
     default ``mae`` encoder/decoder).
+
+    ``restore_prompt`` is the human turn that asks this model to restore an image, recorded by
+    training from its data (see :func:`lm4lv_core.tasks.lm4lv.restoration_prompt`); ``lm4lv
+    generate --input`` uses it. ``None``: the training data held no restoration sample.
     """
 
     llm: str
@@ -76,6 +80,7 @@ class ModelConfig:
     # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.sources.hub)
     hub: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | eager | flash_attention_2
+    restore_prompt: str | None = None  # recorded by training (the data's restoration prompt)
 
     def __post_init__(self) -> None:
         for part in ("encoder", "decoder", "adapter", "deadapter"):

@@ -25,7 +25,8 @@ import json
 import os
 import re
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 from ..errors import ConfigError, LM4LVError
@@ -213,3 +214,130 @@ def _remove_previous(out: Path) -> None:
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
     (out / MANIFEST).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- restoring images
+# ``lm4lv generate --input PATH ...`` mirrors its inputs under OUT instead (no images/ folder, no
+# records): ``PATH/a/b.jpg`` → ``OUT/a/b.jpg``, ``PATH/c.tif`` → ``OUT/c.png`` (JPEG inputs keep
+# their format, every other input is written as PNG). An output that exists is finished: images
+# are written atomically. ``OUT/generate.json`` (format ``lm4lv-restore``) records the model, the
+# options, the prompt and the inputs, and a re-run with others is refused.
+RESTORE_FORMAT = "lm4lv-restore"
+_RESTORE_IDENTITY = ("model", "model_fingerprint", "precision", "generation", "prompt", "inputs")
+
+
+@dataclass(frozen=True)
+class RestoreItem:
+    """One image to restore: ``src`` (an absolute path) is written to ``OUT/dst``; ``key`` (its
+    position among all inputs) seeds its sampling, whichever worker restores it."""
+
+    key: int
+    src: str
+    dst: str
+
+
+def restored_name(rel: str) -> str:
+    """The output path (relative to OUT) of an input at ``rel`` relative to the input root."""
+    from ..image.io import JPEG_EXTS
+
+    p = PurePosixPath(rel)
+    return str(p if p.suffix.lower() in JPEG_EXTS else p.with_suffix(".png"))
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def plan_restore(inputs: Sequence[str | os.PathLike], out: str | os.PathLike) -> list[RestoreItem]:
+    """The images of ``inputs`` (image files, or folders searched recursively; hidden entries and
+    anything inside ``out`` skipped) and their output paths under ``out``, sorted by output path.
+
+    Output paths are relative to the common folder of the inputs (a folder input: the folder
+    itself), so ``--input photos`` writes ``OUT/<path inside photos>``. One-line errors: a missing
+    input, a folder without images, two inputs with one output path, an output that is an input.
+    """
+    from ..image.io import IMAGE_EXTS, list_images
+
+    out = Path(out).resolve()
+    if not inputs:
+        raise ConfigError("--input: give at least one image or folder")
+    found: dict[Path, None] = {}
+    bases = []
+    for given in inputs:
+        p = Path(given)
+        if not p.exists():
+            raise ConfigError(f"--input {given}: no such file or folder")
+        p = p.resolve()
+        if p.is_dir():
+            if p == out:
+                raise ConfigError(f"--out {out}: is the input folder {given}; choose another --out")
+            inner = out.is_relative_to(p)  # OUT inside this folder: earlier outputs are no inputs
+            files = [f for f in list_images(p)
+                     if not _hidden(f.relative_to(p)) and not (inner and f.is_relative_to(out))]
+            if not files:
+                exts = "/".join(e.lstrip(".") for e in IMAGE_EXTS)
+                raise ConfigError(f"--input {given}: no images found (looked for {exts}, recursively)")
+            bases.append(p)
+        elif p.suffix.lower() in IMAGE_EXTS:
+            files = [p]
+            bases.append(p.parent)
+        else:
+            raise ConfigError(f"--input {given}: not an image ({', '.join(IMAGE_EXTS)}) nor a folder")
+        found.update(dict.fromkeys(files))
+    root = Path(os.path.commonpath([str(b) for b in bases]))
+    by_dst: dict[str, Path] = {}
+    for f in found:
+        dst = restored_name(f.relative_to(root).as_posix())
+        if dst in by_dst:
+            raise ConfigError(f"--input: {by_dst[dst]} and {f} would both be restored to {out / dst}; "
+                              "rename one or restore them into different --out folders")
+        if (out / dst).resolve() == f.resolve():
+            raise ConfigError(f"--out {out}: restoring {f} would overwrite it; choose an --out outside the inputs")
+        by_dst[dst] = f
+    return [RestoreItem(k, str(by_dst[d]), d) for k, d in enumerate(sorted(by_dst))]
+
+
+def restore_manifest(model: str, precision: str, generation: dict[str, Any], prompt: str,
+                     inputs: Sequence[str]) -> dict[str, Any]:
+    """What produced a folder of restored images (``inputs``: the resolved ``--input`` paths)."""
+    return {"format": RESTORE_FORMAT, "version": 1, "model": model, "model_fingerprint": model_fingerprint(Path(model)),
+            "precision": precision, "generation": generation, "prompt": prompt,
+            "inputs": sorted(str(Path(p).resolve()) for p in inputs)}
+
+
+def prepare_restore_out(out: Path, new: dict[str, Any], items: Sequence[RestoreItem], overwrite: bool,
+                        own: Sequence[str]) -> list[RestoreItem]:
+    """Check and set up the output folder of a restoration before any worker starts; returns the
+    items still to restore.
+
+    A folder restored before with the same model, options, prompt and inputs resumes: its
+    existing outputs are kept. Refused without ``overwrite``: another setup's outputs, or a
+    non-empty folder that is not such an output. ``overwrite`` deletes the outputs of ``items``
+    that exist (only those) and restores every item; other files stay. ``own``: names of the
+    job's bookkeeping entries (job folder, log), which do not make a folder non-empty.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    old_path = out / MANIFEST
+    if old_path.is_file() and not overwrite:
+        try:
+            old = json.loads(old_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+        if not isinstance(old, dict) or old.get("format") != RESTORE_FORMAT:
+            raise ConfigError(f"--out {out}: holds the outputs of lm4lv generate --data, not restored images; "
+                              "choose another --out (or pass --overwrite to write beside them)")
+        changed = [k for k in _RESTORE_IDENTITY if old.get(k) != new[k]]
+        if changed:
+            raise ConfigError(f"--out {out}: holds images restored with another {'/'.join(changed)}; "
+                              "pass --overwrite to restore them again, or choose another --out")
+    elif not old_path.is_file() and out.is_dir() and not overwrite and any(
+            p.name not in own for p in user_entries(out)):
+        raise ConfigError(f"--out {out}: not empty and not a folder of lm4lv restored images; choose an empty "
+                          "or new folder (or pass --overwrite to write beside its files)")
+    if overwrite:
+        for it in items:
+            (out / it.dst).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(old_path, new)
+    return [it for it in items if not (out / it.dst).is_file()]

@@ -58,7 +58,7 @@ class TrainConfig:
     num_workers: int = 0
     record_order: bool = False  # write data_order.csv (sample indices of every step and rank)
     lr_schedule: str = "reference"  # reference | cosine | constant (engine/schedule.py)
-    report_to: str = "none"  # trackers besides metrics.csv: none | tensorboard
+    report_to: str = "none"  # trackers besides metrics.csv: none | tensorboard | wandb (a comma list)
     verbose: bool = False  # show third-party warnings and logs on the console (train.log has them always)
     gradient_checkpointing: bool = False  # recompute transformer layers in the backward pass
 

@@ -59,6 +59,24 @@ def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike) -> None:
         image.save(tmp, format="PNG")
 
 
+JPEG_EXTS = (".jpg", ".jpeg")  # lossy inputs whose restored images keep their format (the rest: PNG)
+JPEG_QUALITY = 95
+
+
+def save_image(image: Image.Image, path: str | os.PathLike) -> None:
+    """Write an RGB image atomically in the format its suffix names: JPEG (quality 95) for
+    ``.jpg`` / ``.jpeg``, PNG for ``.png``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (*JPEG_EXTS, ".png"):
+        raise ValueError(f"save_image writes .png, .jpg or .jpeg files, not {path.name}")
+    with atomic_path(path) as tmp:
+        if suffix in JPEG_EXTS:
+            image.convert("RGB").save(tmp, format="JPEG", quality=JPEG_QUALITY)
+        else:
+            image.save(tmp, format="PNG")
+
+
 def list_images(root: str | os.PathLike) -> list[Path]:
     """All supported images under ``root`` (recursive), sorted by relative path."""
     root = Path(root)

@@ -205,3 +205,120 @@ def generate_job(job: GenerateJob) -> dict[str, int]:
         raise Interrupted(f"interrupted: {finished} of {len(samples)} samples finished and kept; "
                           "run the same command again to generate the rest")
     return {"generated": len(mine), "skipped": skipped, "finished": finished, "total": len(samples)}
+
+
+# ---------------------------------------------------------------------------- restoring image files
+@dataclass(kw_only=True)
+class RestoreJob:
+    """What every worker of ``lm4lv generate --input`` receives: the images still to restore
+    (``items``: ``RestoreItem`` fields), written under ``out`` (paths absolute)."""
+
+    model: str
+    out: str
+    prompt: str
+    items: list[dict] = field(default_factory=list)
+    total: int = 0  # images of the whole run, finished ones included
+    batch_size: int = GENERATE_BATCH_SIZE
+    precision: str = FP32
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    compile: bool = False
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        precision(self.precision)
+
+
+@dataclass
+class RestoreSummary:
+    """Images finished before and after a ``generate --input`` run, of ``total``, under ``out``."""
+
+    before: int
+    after: int
+    total: int
+    out: Path
+
+
+def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike, *,
+                   prompt: str | None = None, batch_size: int = GENERATE_BATCH_SIZE, precision: str = FP32,
+                   generation: GenerationConfig | None = None, workers: Workers | None = None,
+                   overwrite: bool = False, compile: bool = False, attn_implementation: str | None = None,
+                   verbose: bool = False) -> RestoreSummary:
+    """Parent side of ``lm4lv generate --input``: restore image files and folders into ``out``
+    (mirrored paths, see :func:`lm4lv_core.data.outputs.plan_restore`) with the run's recorded
+    restoration prompt (or ``prompt``); re-runs skip restored images, ``overwrite`` redoes them."""
+    from ..config import ModelConfig, from_dict, load_yaml
+    from ..data.format import find_image_problems
+    from ..data.outputs import prepare_restore_out, plan_restore, restore_manifest
+    from ..model.restore import image_config, restore_prompt, restore_samples
+    from ..util.runlock import hold
+
+    gen = image_config(generation)
+    model_dir = resolve_model_dir(run)
+    path = model_dir / MODEL_CONFIG
+    saved = from_dict(ModelConfig, load_yaml(path), source=str(path))
+    gen.resize = gen.resize or saved.resize
+    out = Path(out).resolve()
+    job = RestoreJob(model=str(model_dir), out=str(out), prompt=restore_prompt(saved.restore_prompt, prompt),
+                     batch_size=batch_size, precision=precision, generation=gen, compile=compile,
+                     attn_implementation=attn_implementation)
+    _check_device(job)
+    items = plan_restore(inputs, out)
+    problems = find_image_problems(restore_samples(items, job.prompt), limit=10)
+    if problems:  # "sample K: PATH: cause" -> "PATH: cause"
+        more = " (the first 10)" if len(problems) >= 10 else ""
+        raise ConfigError(f"--input: {len(problems)} unreadable image(s){more}: "
+                          + "; ".join(p.split(": ", 1)[1] for p in problems))
+    with hold(out, "generate"):
+        new = restore_manifest(job.model, job.precision, to_dict(gen), job.prompt, [str(p) for p in inputs])
+        todo = prepare_restore_out(out, new, items, overwrite, (JOB_DIR, LOG_FILE))
+        job.items, job.total = [vars(it) for it in todo], len(items)
+        if todo:
+            launch.run_job("restore", job, job_dir=out / JOB_DIR, workers=workers or Workers(),
+                           log_file=out / LOG_FILE, verbose=verbose)
+    after = sum((out / it.dst).is_file() for it in items)
+    return RestoreSummary(len(items) - len(todo), after, len(items), out)
+
+
+@register_job("restore", RestoreJob)
+def restore_job(job: RestoreJob) -> dict[str, int]:
+    """Worker entry: restore this rank's share of ``job.items`` (round-robin); returns this
+    rank's count ``{"restored"}``."""
+    from ..data.outputs import RestoreItem
+    from ..model.lm4lv import LM4LV
+    from ..model.restore import restore_items
+    from ..precision import compute_dtype
+    from ..util import dist, memreport, signals
+
+    dist.init_distributed()
+    rank, world = dist.rank(), dist.world_size()
+    items = [RestoreItem(**d) for d in job.items]
+    mine = items[rank::world]
+    stopped = bool(mine) and signals.requested()
+    if mine and not stopped:
+        dtype = compute_dtype(job.precision)
+        load = memreport.LoadMeter()
+        model = LM4LV.from_pretrained(job.model, dtype=dtype, attn_implementation=job.attn_implementation)
+        load.done("generate", model, dtype)
+        model = model.to(dist.device()).eval()
+        label = "restore" + (f" (rank 0 of {world})" if world > 1 else "")
+        with rank0_progress(label, len(mine), show=rank == 0) as advance:
+            def after_batch(n: int) -> None:
+                advance(n)
+                if signals.requested():
+                    raise _StopAfterBatch
+
+            try:
+                restore_items(model, mine, job.out, job.prompt, cfg=job.generation, batch_size=job.batch_size,
+                              compile=job.compile, on_batch=after_batch)
+            except _StopAfterBatch:
+                stopped = True
+    dist.barrier()
+    stopped = any(dist.all_gather_objects(stopped))
+    if stopped and rank == 0:
+        out = Path(job.out)
+        done = job.total - len(items) + sum((out / it.dst).is_file() for it in items)
+        raise Interrupted(f"interrupted: {done} of {job.total} images restored and kept; "
+                          "run the same command again to restore the rest")
+    return {"restored": len(mine)}

@@ -3,6 +3,9 @@ learn the text and vision losses of ``LM4LV.forward``.
 
 With ``cache_features`` the frozen encoder runs once per distinct image before training and the
 batches carry the features (``Batch.features``) instead of re-encoding pixels every step.
+
+The run records its data's restoration prompt (:func:`restoration_prompt`) in the model config,
+so the saved model (``final/lm4lv.yaml``) knows how to ask for a restored image.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.dataset import Batch, Item, LM4LVDataset, collate, tensor_to_uint8
-from ..data.format import load_checked
+from ..data.format import IMAGE_TOKEN, TASK_TOKEN, Sample, load_checked
 from ..engine.config import TrainConfig
 from ..engine.task import Gather, TrainTask, no_gather
 from ..errors import ConfigError
@@ -48,6 +51,7 @@ class LM4LVTask(TrainTask):
     def dataset(self) -> Sequence[Any]:
         c = self.train_config
         samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
+        self.model_config.restore_prompt = restoration_prompt(samples)  # saved with the model
         return _TrainDataset(samples, self.model.builder, self.model.encoder.image_size,
                              resize=self.model_config.resize)
 
@@ -127,6 +131,20 @@ class LM4LVTask(TrainTask):
 
     def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)
+
+
+def restoration_prompt(samples: Sequence[Sample]) -> str | None:
+    """The human turn of the first restoration sample: a ``conversation`` sample that opens with
+    a human turn holding ``<task>`` and exactly one ``<image>`` (the degraded input), answered by
+    a ``gpt`` turn holding an ``<image>``. ``None`` when no sample is one."""
+    for s in samples:
+        if s.task_type != "conversation" or len(s.turns) < 2:
+            continue
+        ask, answer = s.turns[0], s.turns[1]
+        if (ask.role == "human" and TASK_TOKEN in ask.value and ask.value.count(IMAGE_TOKEN) == 1
+                and answer.role == "gpt" and IMAGE_TOKEN in answer.value):
+            return ask.value
+    return None
 
 
 def check_cache_allowed(cfg: ModelConfig) -> None:
