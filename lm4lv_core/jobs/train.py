@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ class TrainJob(TrainingJob):
     """One LM4LV training run: written as the run's ``config.yaml`` and handed to every worker."""
 
     TASK = "lm4lv"
+    OPTION_LABELS = {**{f"model.lora.{field}": f"--{option.replace('_', '-')}" for option, field in LORA.items()},
+                     "model.hub": "the model's hub snapshots"}
     task: str = TASK
     model: ModelConfig
 
@@ -120,10 +123,17 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
     return samples
 
 
+def data_fingerprint(samples: list[Sample]) -> str:
+    """The content of a data file as a run trains on it: every sample with its image paths."""
+    from ..engine.resume import fingerprint
+
+    return fingerprint("samples", [{**s.to_json(), "image": [os.path.abspath(p) for p in s.images]} for s in samples])
+
+
 def train(cfg: TrainConfig, model: ModelConfig) -> Any:
     """Train LM4LV: check data, images and config, then run the workers."""
-    check(cfg, model)
-    return run_training("train", TrainJob(train=cfg, model=model))
+    samples = check(cfg, model)
+    return run_training("train", TrainJob(train=cfg, model=model, data_fingerprint=data_fingerprint(samples)))
 
 
 @dataclass
