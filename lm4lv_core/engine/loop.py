@@ -142,9 +142,7 @@ class Trainer:
             if diff:
                 raise ConfigError(f"--resume from {last}: the run differs from the checkpoint in "
                                   + ", ".join(f"{k} (checkpoint {a}, now {b})" for k, (a, b) in diff.items()))
-        if int(state["step"]) > self.total_steps:
-            raise ConfigError(f"--resume from {last}: the checkpoint is at step {state['step']}, after this run's "
-                              f"last step {self.total_steps}; give --max-steps (or --epochs) reaching at least it")
+        resume.check_length(int(state["step"]), self.total_steps, str(last))
         return last, state
 
     def _schedule_segments(self, state: dict[str, Any] | None) -> list[tuple[int, int]]:

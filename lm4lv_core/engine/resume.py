@@ -93,3 +93,10 @@ def check(saved: Mapping[str, Any] | None, now: Mapping[str, Any], where: str,
         raise ConfigError(f"--resume from {where}: the run differs from the checkpoint in {shown}; "
                           "resume with the run's own options (they are in its config.yaml) or start a new run "
                           "(another --out, or --overwrite)")
+
+
+def check_length(step: int, total_steps: int | None, where: str) -> None:
+    """Refuse a run that would end before the step of the checkpoint it resumes from."""
+    if total_steps is not None and step > total_steps:
+        raise ConfigError(f"--resume from {where}: the checkpoint is at step {step}, after this run's last step "
+                          f"{total_steps}; give --max-steps (or --epochs) reaching at least it")

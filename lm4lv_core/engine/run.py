@@ -65,10 +65,11 @@ def check_resume(job: TrainingJob) -> None:
     if last is None:
         return
     try:
-        saved = ckpt.read_state(last).get("identity")
+        state = ckpt.read_state(last)
     except (OSError, ValueError):
         return  # damaged: the workers fall back to an intact one and check it
-    resume.check(saved, resume.identity(job, None), str(last), job.OPTION_LABELS)
+    resume.check(state.get("identity"), resume.identity(job, None), str(last), job.OPTION_LABELS)
+    resume.check_length(int(state.get("step", 0)), job.train.max_steps, str(last))
 
 
 def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
