@@ -343,6 +343,23 @@ def test_generate_refuses_an_out_of_other_data_or_files_it_did_not_write(stopped
     assert (mine / "images" / "0.png").read_bytes() == b"my image"
 
 
+def test_recon_mae_overwrite_replaces_only_its_own_reconstructions(data, tmp_path):
+    out = tmp_path / "recon"
+    out.mkdir()
+    (out / "0.png").write_bytes(b"my picture")
+    (out / "notes.txt").write_text("mine")
+    recon = ["recon-mae", data / "hq", "--out", out, "--preset", "tiny"]
+    code, err, log = lm4lv(*recon, "--overwrite")
+    assert code == 2 and err == [f"error: --out {out}: 0.png was not written by lm4lv recon-mae; --overwrite "
+                                 "replaces only lm4lv's outputs: choose another --out"], log
+    assert (out / "0.png").read_bytes() == b"my picture"
+    (out / "0.png").unlink()
+    assert lm4lv(*recon, "--overwrite")[0] == 0  # beside the user's other files
+    assert lm4lv(*recon)[0] == 2  # not empty
+    assert lm4lv(*recon, "--overwrite")[0] == 0  # its own reconstructions
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.glob("*.png"))) == 4
+
+
 def test_generate_from_a_checkpoint_equals_the_final_model(data, tmp_path):
     """A LoRA run of 2 steps: its checkpoint step-2 and final/ generate the same images."""
     out = tmp_path / "run"

@@ -94,6 +94,24 @@ def recon_mae_job(job: ReconJob) -> list[dict[str, Any]] | None:
     return merged
 
 
+def _check_overwrite(out: Path, names: list[str]) -> None:
+    """``--overwrite`` replaces only what an earlier ``recon-mae`` wrote (listed in its ``recon.json``)."""
+    import json
+
+    ours: set[str] = set()
+    record = out / RESULTS
+    if record.is_file():
+        try:
+            ours = {r["name"] for r in json.loads(record.read_text(encoding="utf-8"))["images"]}
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"--out {out}: {RESULTS} was not written by lm4lv recon-mae; --overwrite replaces "
+                              "only lm4lv's outputs: choose another --out") from None
+    theirs = [n for n in names if (out / n).exists() and n not in ours]
+    if theirs:
+        raise ConfigError(f"--out {out}: {', '.join(theirs[:3])} {'were' if len(theirs) > 1 else 'was'} not written by "
+                          "lm4lv recon-mae; --overwrite replaces only lm4lv's outputs: choose another --out")
+
+
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
                 batch_size: int = RECON_BATCH_SIZE, crop_border: int = CROP_BORDER, precision: str = FP32,
                 workers: Workers | None = None, overwrite: bool = False,
@@ -108,11 +126,13 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise LM4LVError(f"{images}: folder not found")
-    require_images(images)
+    files = require_images(images)
     if out.resolve() == images.resolve() or images.resolve() in out.resolve().parents:
         raise ConfigError(f"--out {out}: must not be the input folder or inside it")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
+        _check_overwrite(out, [f.relative_to(images).with_suffix(".png").as_posix() for f in files])
     job = ReconJob(mae=path, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
                    crop_border=crop_border, precision=precision)
     with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
