@@ -124,10 +124,12 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
 
 
 def data_fingerprint(samples: list[Sample]) -> str:
-    """The content of a data file as a run trains on it: every sample with its image paths."""
+    """The content of a data file as a run trains on it: every sample's turns and task type with its
+    image paths (other keys of a sample do not train)."""
     from ..engine.resume import fingerprint
 
-    return fingerprint("samples", [{**s.to_json(), "image": [os.path.abspath(p) for p in s.images]} for s in samples])
+    return fingerprint("samples", [{"conversations": s.to_json()["conversations"], "task_type": s.task_type,
+                                    "image": [os.path.abspath(p) for p in s.images]} for s in samples])
 
 
 def train(cfg: TrainConfig, model: ModelConfig) -> Any:
