@@ -156,8 +156,8 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     from ..model.memplan import detected_gpu_memory_gib, format_plan, plan_training
     from ..model.prompt import render_first_prompt
 
-    if gpu_memory is not None and gpu_memory <= 0:
-        raise ConfigError(f"--gpu-memory must be > 0 (GiB), got {gpu_memory}")
+    if gpu_memory is not None and not (0 < gpu_memory < float("inf")):
+        raise ConfigError(f"--gpu-memory must be a finite number > 0 (GiB), got {gpu_memory}")
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
