@@ -4,6 +4,11 @@ Launchers (``deepspeed``, ``accelerate launch``, ``torchrun``) start this module
 process; it reads the typed job the parent command wrote (``lm4lv_core.engine.launch.run_job``)
 and runs the function registered for ``KIND``. A single worker runs that function in-process,
 without a launcher or this module.
+
+Failures: an lm4lv error is left beside the job file for the parent to report as one line; an
+unexpected one is marked there too (``crash_file``) and its traceback shown. A worker whose own
+failure follows another worker's report (typically its process group losing that peer) keeps
+its traceback in the job's log, so the user sees the cause, not its echoes.
 """
 
 from __future__ import annotations
@@ -50,14 +55,11 @@ def main(argv: list[str] | None = None) -> None:
             # leave together: a worker exiting while another still uses the process group aborts it
             dist.barrier()
             dist.destroy()
-        except (LM4LVError, OSError) as e:
-            if isinstance(e, OSError) and write_failure(e) is None:
-                _show_traceback(rank)
-                raise
-            msg = str(e) if isinstance(e, LM4LVError) else f"cannot write {e.filename or ''}: {write_failure(e)}"
-            _report(job, rank, msg)
-            sys.exit(2)
         except Exception as e:
+            if isinstance(e, LM4LVError) or (isinstance(e, OSError) and write_failure(e) is not None):
+                msg = str(e) if isinstance(e, LM4LVError) else f"cannot write {e.filename or ''}: {write_failure(e)}"
+                _report(job, rank, msg)
+                sys.exit(2)
             if _peer_failed_first(job, rank):
                 # most likely this rank's share of another worker's failure (its process group
                 # connection closed): that worker's report is the one the user gets
