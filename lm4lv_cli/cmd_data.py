@@ -113,6 +113,8 @@ def evaluate(
                                             "and best by PSNR gain of the last PRED over the first)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names of the PRED folders "
                                          "(default: their shortest distinct paths)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --json/--csv/--grid files an earlier "
+                                   "lm4lv eval wrote (other existing files are never replaced)."),
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""
@@ -121,7 +123,7 @@ def evaluate(
     names = [s.strip() for s in labels.split(",")] if labels else None
     with progress_bar("eval") as bar:
         cmp = score(metric, gt, pred, labels=names, json_file=json_file, csv_file=csv_file, grid=grid,
-                    grid_rows=grid_rows, crop_border=crop_border, y_channel=y_channel,
+                    grid_rows=grid_rows, overwrite=overwrite, crop_border=crop_border, y_channel=y_channel,
                     resize_to_smaller=resize_to_smaller, lpips_net=lpips_net, lpips_weights=lpips_weights,
                     progress=bar.update)
     show_eval(cmp, crop_border=crop_border, y_channel=y_channel, grid=grid)

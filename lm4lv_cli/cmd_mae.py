@@ -56,7 +56,7 @@ def recon_mae(
     nproc: int = O(1, "--nproc", min=1, help="Workers on this node."),
     engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
     crop_border: int = O(CROP_BORDER, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
-    overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out."),
+    overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out (replacing only an earlier recon-mae's reconstructions)."),
     verbose: bool = opt.VERBOSE,
     precision: str = O(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
 ) -> None:

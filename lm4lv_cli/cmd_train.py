@@ -72,7 +72,9 @@ def train(
 
 
 def show_trained(cfg, summary) -> None:
-    console.print(f"[green]done[/green]: {cfg.out}" + (f" (step {summary['step']})" if summary else ""))
+    skipped = (summary or {}).get("skipped_steps")
+    skipped = f"; {skipped} step(s) skipped for a non-finite loss or gradient, see metrics.csv" if skipped else ""
+    console.print(f"[green]done[/green]: {cfg.out}" + (f" (step {summary['step']}{skipped})" if summary else ""))
 
 
 def _show_dry_run(d) -> None:

@@ -45,6 +45,8 @@ LR_SCHEDULE = O(None, "--lr-schedule", help="reference (DeepSpeed WarmupDecayLR:
                 "cosine (linear warmup, cosine decay) | constant (linear warmup) [reference].")
 REPORT_TO = O(None, "--report-to", help="Also log to: tensorboard (event files in RUN/tensorboard) | wandb (Weights & Biases; local files in RUN/wandb) | a comma list | none [none].")
 VERBOSE = O(False, "--verbose", help="Show third-party warnings and logs on the console too (RUN/train.log has them always).")
+MAX_SKIPPED_STEPS = O(None, "--max-skipped-steps", help="Stop (exit 2) after this many steps in a row skipped for a "
+                      "non-finite loss or gradient [3].")
 GRADIENT_CHECKPOINTING = O(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                            help="Recompute transformer layers in the backward pass: less activation memory, one more forward [off].")
 
@@ -65,6 +67,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "num_workers": (Optional[int], NUM_WORKERS), "resume": (bool, RESUME), "overwrite": (bool, OVERWRITE),
     "report_to": (Optional[str], REPORT_TO), "verbose": (bool, VERBOSE),
     "gradient_checkpointing": (Optional[bool], GRADIENT_CHECKPOINTING),
+    "max_skipped_steps": (Optional[int], MAX_SKIPPED_STEPS),
 }
 
 

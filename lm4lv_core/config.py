@@ -12,6 +12,7 @@ import yaml
 
 from .defaults import ATTN_IMPLEMENTATIONS, RESIZE_MODES
 from .errors import ConfigError
+from .util.finite import require_finite
 from .util.fsutil import write_text_atomic
 
 C = TypeVar("C")
@@ -98,6 +99,7 @@ class ModelConfig:
         if self.num_visual_tokens is not None and self.num_visual_tokens <= 0:
             raise ConfigError(f"num_visual_tokens must be > 0, got {self.num_visual_tokens}")
         # registry names (encoder, adapters, loss) are checked by vision.complete_config
+        require_finite(self, ("vision_loss_weight", "text_loss_weight"))
         if self.vision_loss_weight < 0 or self.text_loss_weight < 0:
             raise ConfigError("loss weights must be >= 0")
         if self.resize not in RESIZE_MODES:

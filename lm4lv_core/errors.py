@@ -26,6 +26,11 @@ class OutputError(LM4LVError):
         return (type(self), (str(self), self.cause))
 
 
+class Diverged(LM4LVError):
+    """Training stopped because its loss or gradients stayed non-finite (NaN / inf); the message
+    names the step, the loss parts and the newest finite checkpoint. Exit code 2."""
+
+
 class Interrupted(Exception):
     """A run stopped early on request (SIGTERM / Ctrl-C) after saving its progress; the message
     says where it stopped and how to continue. Not an error: the CLI exits with code 75."""

@@ -17,6 +17,7 @@ class Precision:
     bytes: int              # bytes per element
     deepspeed: dict | None  # DeepSpeed config section enabling it (None: fp32)
     accelerate: str         # accelerate's mixed_precision value
+    loss_scaled: bool = False  # a dynamic loss scaler skips steps whose gradients overflow
 
     @property
     def dtype(self):
@@ -34,7 +35,8 @@ FP32 = "fp32"
 PRECISIONS: dict[str, Precision] = {
     FP32: Precision(FP32, "float32", 4, None, "no"),
     "bf16": Precision("bf16", "bfloat16", 2, {"bf16": {"enabled": True}}, "bf16"),
-    "fp16": Precision("fp16", "float16", 2, {"fp16": {"enabled": True, "initial_scale_power": 16}}, "fp16"),
+    "fp16": Precision("fp16", "float16", 2, {"fp16": {"enabled": True, "initial_scale_power": 16}}, "fp16",
+                      loss_scaled=True),
 }
 
 

@@ -4,6 +4,11 @@ Launchers (``deepspeed``, ``accelerate launch``, ``torchrun``) start this module
 process; it reads the typed job the parent command wrote (``lm4lv_core.engine.launch.run_job``)
 and runs the function registered for ``KIND``. A single worker runs that function in-process,
 without a launcher or this module.
+
+Failures: an lm4lv error is left beside the job file for the parent to report as one line; an
+unexpected one is marked there too (``crash_file``) and its traceback shown. A worker whose own
+failure follows another worker's report (typically its process group losing that peer) keeps
+its traceback in the job's log, so the user sees the cause, not its echoes.
 """
 
 from __future__ import annotations
@@ -50,16 +55,59 @@ def main(argv: list[str] | None = None) -> None:
             # leave together: a worker exiting while another still uses the process group aborts it
             dist.barrier()
             dist.destroy()
-        except (LM4LVError, OSError) as e:
-            if isinstance(e, OSError) and write_failure(e) is None:
-                _show_traceback(rank)
-                raise
-            msg = str(e) if isinstance(e, LM4LVError) else f"cannot write {e.filename or ''}: {write_failure(e)}"
-            _report(job, rank, msg)
-            sys.exit(2)
-        except Exception:
+        except Exception as e:
+            if isinstance(e, LM4LVError) or (isinstance(e, OSError) and write_failure(e) is not None):
+                msg = str(e) if isinstance(e, LM4LVError) else f"cannot write {e.filename or ''}: {write_failure(e)}"
+                _report(job, rank, msg)
+                sys.exit(2)
+            if _peer_failed_first(job, rank):
+                # most likely this rank's share of another worker's failure (its process group
+                # connection closed): that worker's report is the one the user gets
+                _log_traceback(rank)
+                sys.exit(2)
+            _mark_crash(job, rank, e)
             _show_traceback(rank)
             raise
+
+
+PEER_WAIT_S = 5.0  # how long a failing worker looks for another worker's earlier report
+
+
+def _peer_failed_first(job, rank: int) -> bool:
+    """Whether another worker has reported an error or a crash (beside the job file)."""
+    import time
+
+    from .engine.launch import crash_file, error_file
+    from .util import dist
+
+    world = dist.world_size()
+    if world <= 1:
+        return False
+    deadline = time.monotonic() + PEER_WAIT_S
+    while True:
+        if any(f(job, r).exists() for r in range(world) if r != rank for f in (error_file, crash_file)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def _mark_crash(job, rank: int, e: BaseException) -> None:
+    """Tell the other workers (and the parent) that this rank failed first, unexpectedly."""
+    from .engine.launch import crash_file
+
+    try:
+        crash_file(job, rank).write_text(f"{type(e).__name__}: {e}".splitlines()[0], encoding="utf-8")
+    except OSError:
+        pass
+
+
+def _log_traceback(rank: int) -> None:
+    """A failure that follows another worker's: its traceback goes to the job's log only."""
+    import traceback
+
+    print(f"worker rank {rank} stopped after another worker failed:\n{traceback.format_exc()}",
+          file=sys.stderr, flush=True)
 
 
 def _show_traceback(rank: int) -> None:

@@ -102,7 +102,7 @@ def test_dry_run_prints_the_plan_and_whether_it_fits(pairs_file, tmp_path):
     assert res.exit_code == 0 and "DOES NOT FIT in 0.01 GiB" in res.output
     assert not (tmp_path / "run").exists()
     res = runner.invoke(app, base + ["--gpu-memory", "-1"])
-    assert res.exit_code != 0 and "--gpu-memory must be > 0" in str(res.exception)
+    assert res.exit_code != 0 and "--gpu-memory must be a finite number > 0" in str(res.exception)
 
 
 @pytest.mark.parametrize("preset", ["tiny-vq", "tiny-sdvae"])

@@ -33,9 +33,10 @@ def test_train_and_ft_mae_write_tensorboard_scalars_and_previews(pairs_file, tmp
     assert res.exit_code == 0, res.output
     acc = _events(run)
     metrics = (run / "metrics.csv").read_text().splitlines()
-    assert metrics[0] == "step,loss,text_loss,vision_loss,lr,samples/s"
+    assert metrics[0] == "step,loss,text_loss,vision_loss,lr,samples/s,skipped_steps"
     first = dict(zip(metrics[0].split(","), metrics[1].split(",")))
-    assert {"train/loss", "train/text_loss", "train/vision_loss", "train/lr", "train/samples_per_s"} <= \
+    assert {"train/loss", "train/text_loss", "train/vision_loss", "train/lr", "train/samples_per_s",
+            "train/skipped_steps"} <= \
         set(acc.Tags()["scalars"])
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2] and loss[0].value == pytest.approx(float(first["loss"]), rel=1e-4)

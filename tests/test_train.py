@@ -46,14 +46,14 @@ def test_run_outputs_and_exact_resume(tiny_config, pairs_file, tmp_path):
 
     straight = tmp_path / "straight"
     summary = run(tiny_config, pairs_file, straight)
-    assert summary == {"step": 4, "total_steps": 4, "finished": True, "world_size": 1}
+    assert summary == {"step": 4, "total_steps": 4, "finished": True, "world_size": 1, "skipped_steps": 0}
     for name in ("config.yaml", "metrics.csv", "loss.png", "run.json", "previews/step-2.png",
                  "previews/step-4.png", "checkpoints/step-2/state.json", "checkpoints/step-4/trainable.safetensors",
                  "checkpoints/step-2/rng-rank0.safetensors", "final/lm4lv.yaml"):
         assert (straight / name).is_file(), name
     rows = metrics(straight)
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
-    assert set(rows[0]) == {"step", "loss", "text_loss", "vision_loss", "lr", "samples/s"}
+    assert set(rows[0]) == {"step", "loss", "text_loss", "vision_loss", "lr", "samples/s", "skipped_steps"}
     from test_lr_schedule import reference_lrs
 
     assert [float(r["lr"]) for r in rows] == pytest.approx(reference_lrs(4, 0.1), rel=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError, LM4LVError
 from ..image.io import check_resize, load_rgb, to_square
 from .format import Sample
 from .sequence import IGNORE_INDEX, SLOT_IMAGE, SLOT_TEXT, Encoded, SequenceBuilder
@@ -58,10 +60,61 @@ class LM4LVDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         enc = self.builder.encode(s, generation=self.generation, image_only=self.image_only)
         if s.images:
-            pixels = torch.stack([image_to_tensor(self.loader(p), self.image_size, self.resize) for p in s.images])
+            pixels = torch.stack([image_to_tensor(self.load(s, p), self.image_size, self.resize) for p in s.images])
         else:
             pixels = torch.zeros(0, 3, self.image_size, self.image_size)
         return Item(s, enc, pixels)
+
+    def load(self, s: Sample, path: str) -> Image.Image:
+        """One image of sample ``s``; an unreadable one is a ``DataError`` naming the sample too."""
+        try:
+            return self.loader(path)
+        except DataError:
+            raise
+        except LM4LVError as e:
+            raise DataError(f"sample {s.index}: {e}") from None
+
+
+class _Carried:
+    """An lm4lv error raised in a data-loader process, handed back as the batch."""
+
+    def __init__(self, error: LM4LVError) -> None:
+        self.error = error
+
+
+class CarryErrors(torch.utils.data.Dataset):
+    """``dataset`` whose items are lm4lv errors instead of raising them: a loader process would
+    wrap one in its own multi-line report. With :func:`carrying_errors` and :func:`raise_carried`
+    the training process raises the original error (one line naming the file and sample)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except LM4LVError as e:
+            return _Carried(e)
+
+
+def carrying_errors(collate: Callable) -> Callable:
+    """``collate`` that passes a carried error on instead of a batch."""
+    return functools.partial(_collate_carrying, collate)
+
+
+def _collate_carrying(collate: Callable, items: list):
+    failed = next((it for it in items if isinstance(it, _Carried)), None)
+    return failed if failed is not None else collate(items)
+
+
+def raise_carried(batch):
+    """``batch``, or the error a loader process carried instead of it, raised."""
+    if isinstance(batch, _Carried):
+        raise batch.error
+    return batch
 
 
 @dataclass

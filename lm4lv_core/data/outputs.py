@@ -38,8 +38,8 @@ RESULTS = "results.jsonl"
 PARTS = "parts"
 IMAGES = "images"
 FORMAT = "lm4lv-generate"
-# options whose change makes existing outputs stale
-_IDENTITY_KEYS = ("model", "model_fingerprint", "precision", "generation")
+# what an output folder holds results of: another model, data file or options is refused
+_IDENTITY_KEYS = ("model", "model_fingerprint", "data", "precision", "generation")
 
 
 # ---------------------------------------------------------------------------- naming
@@ -168,8 +168,9 @@ def prepare_out(out: Path, new: dict[str, Any], overwrite: bool, job_dir: str) -
     """Check and set up the output folder before any worker starts.
 
     Returns ``"new"``, ``"resume"`` or ``"overwrite"``. Refuses a non-empty folder that is not an
-    lm4lv generate output (unless ``overwrite``) and a previous output made with another model or
-    other options (unless ``overwrite``, which deletes the previous outputs' files only).
+    lm4lv generate output (unless ``overwrite``, and never when it holds entries by the names of
+    generate's own outputs) and a previous output made with another model, data file or other
+    options (unless ``overwrite``, which deletes the previous outputs' files only).
     """
     state = "new"
     if out.exists() and not out.is_dir():
@@ -188,11 +189,17 @@ def prepare_out(out: Path, new: dict[str, Any], overwrite: bool, job_dir: str) -
             state = "resume"
         else:
             changed = [k for k in _IDENTITY_KEYS if old.get(k) != new[k]]
-            raise ConfigError(f"--out {out}: holds outputs of another {'/'.join(changed) or 'setup'}; "
+            was = f" (data {old.get('data')}, now {new['data']})" if "data" in changed else ""
+            raise ConfigError(f"--out {out}: holds outputs of another {'/'.join(changed) or 'setup'}{was}; "
                               "pass --overwrite to regenerate, or choose another --out")
-    elif out.is_dir() and any(p.name != job_dir for p in user_entries(out)) and not overwrite:
-        raise ConfigError(f"--out {out}: not empty and not an lm4lv generate output; choose an empty "
-                          "or new folder (or pass --overwrite to write beside its files)")
+    elif out.is_dir() and any(p.name != job_dir for p in user_entries(out)):
+        if not overwrite:
+            raise ConfigError(f"--out {out}: not empty and not an lm4lv generate output; choose an empty "
+                              "or new folder (or pass --overwrite to write beside its files)")
+        taken = [name for name in (IMAGES, RESULTS, PARTS) if (out / name).exists()]
+        if taken:
+            raise ConfigError(f"--out {out}: its {', '.join(taken)} were not written by lm4lv generate (no "
+                              f"{MANIFEST}); --overwrite replaces only lm4lv's outputs: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(old_path, new)
     return state

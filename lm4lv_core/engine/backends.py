@@ -5,6 +5,14 @@ Both expose the same small surface to ``loop.Trainer``: ``wrap`` (model + torch 
 ``gathered`` (full parameters under ZeRO-3), ``full_trainable_state_dict``, ``save`` / ``load``
 of the optimizer, scheduler and weights into a checkpoint folder.
 
+Non-finite steps: at an accumulation boundary the loop says whether the step's loss was finite on
+every rank; the optimizer (:class:`GuardedAdamW`, the innermost one on both engines) refuses the
+update when it was not, or when a gradient is non-finite on any rank, leaving weights and
+optimizer state as they were. DeepSpeed's own optimizers (ZeRO 1–3, bf16, fp16) already skip a
+step whose gradient norm is non-finite; ``step`` reports either skip as a :class:`StepOutcome`,
+telling a skip of fp16's dynamic loss scaler (normal while it finds its scale) apart. A skipped
+step still advances the learning-rate schedule, which stays a function of the step.
+
 DeepSpeed never builds JIT ops here: the optimizer is a torch ``AdamW`` and the shared-memory
 comm op is switched off before ``deepspeed.initialize``. Its checkpoint files are read back with
 ``torch.load(weights_only=True)``, allowing only DeepSpeed's three checkpoint types.
@@ -15,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable
 
@@ -35,9 +44,45 @@ from .config import TrainConfig
 DS_TAG = "ckpt"
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                             foreach=False)
+class GuardedAdamW(torch.optim.AdamW):
+    """torch's AdamW that refuses a step whose loss the loop reported non-finite (``skip_next``)
+    or whose gradients hold a NaN / inf on any rank (a collective: every rank calls ``step``
+    alike). ``overflow`` says the last step was refused; DeepSpeed reads it where this optimizer
+    is its own (ZeRO-0 in fp32) and then skips the step like an fp16 overflow."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_next = False
+        self.overflow = False
+
+    def step(self, closure=None):  # type: ignore[override]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = self.skip_next
+        if grads and not bad:
+            with torch.no_grad():
+                bad = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        self.overflow = dist.any_rank(bad)
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What became of one optimizer step: ``applied`` to the weights, or skipped; a skip of
+    fp16's dynamic loss scaler (``loss_scale_skip``) is normal and not a sign of divergence."""
+
+    applied: bool
+    loss_scale_skip: bool = False
+
+    @property
+    def nonfinite(self) -> bool:
+        return not self.applied and not self.loss_scale_skip
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> GuardedAdamW:
+    return GuardedAdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                        foreach=False)
 
 
 class Backend:
@@ -159,8 +204,22 @@ class DeepSpeedBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scaled by 1 / grad_accum inside
 
-    def step(self, boundary: bool) -> None:
+    def step(self, boundary: bool, skip: bool = False) -> StepOutcome | None:
+        """One micro-step; at the boundary the optimizer step (refused when ``skip``: the loss
+        was non-finite) and its outcome."""
+        if boundary:
+            self._torch_optimizer.skip_next, self._torch_optimizer.overflow = skip, False
         self.engine.step()  # steps optimizer + scheduler only at the boundary
+        if not boundary:
+            return None
+        engine_applied = self.engine.was_step_applied()  # False: DeepSpeed skipped it (non-finite norm)
+        refused = self._torch_optimizer.overflow and engine_applied  # refused inside a DeepSpeed optimizer
+        if not engine_applied:
+            self.scheduler.step()  # DeepSpeed does not advance the schedule over a step it skips
+        applied = engine_applied and not refused
+        scaler = not applied and not skip and not self._torch_optimizer.overflow \
+            and precision(self.cfg.precision).loss_scaled
+        return StepOutcome(applied, loss_scale_skip=scaler)
 
     def gathered(self, params: Iterable[nn.Parameter]) -> ContextManager:
         if self.cfg.zero_stage == 3:
@@ -246,14 +305,20 @@ class AccelerateBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss / self.cfg.grad_accum)
 
-    def step(self, boundary: bool) -> None:
+    def step(self, boundary: bool, skip: bool = False) -> StepOutcome | None:
+        """At the boundary: clip, the optimizer step (refused when ``skip``: the loss was
+        non-finite) and its outcome."""
         if not boundary:
-            return
+            return None
         if self.cfg.grad_clip:
             self.accelerator.clip_grad_norm_([p for _, p in self.trainable], self.cfg.grad_clip)
+        self._torch_optimizer.skip_next, self._torch_optimizer.overflow = skip, False
         self.optimizer.step()
+        scaler = bool(self.optimizer.step_was_skipped)  # fp16's GradScaler found an inf/NaN gradient
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        applied = not scaler and not self._torch_optimizer.overflow
+        return StepOutcome(applied, loss_scale_skip=scaler and not skip)
 
     def save(self, ckpt: Path, weights: dict[str, torch.Tensor]) -> None:
         if not dist.is_main():

@@ -8,8 +8,10 @@ a worker killed at any moment leaves the previous checkpoints and at most a temp
 back to the newest intact one; pruning (``keep``) never removes the newest intact checkpoint.
 
 Contents (besides what the backend writes, e.g. ``deepspeed/`` or ``optimizer.pt``):
-``trainable.safetensors`` (full trainable weights), ``state.json`` (step, data position,
-batch geometry), ``checksums.json`` and ``rng-rankR.safetensors`` (torch, CUDA, numpy and Python RNG of rank R).
+``trainable.safetensors`` (full trainable weights, always finite: the loop never saves others),
+``state.json`` (step, data position, batch geometry, the schedule's segments, the count of skipped
+steps and the run's *identity*, the options a resume must keep: ``resume.py``), ``checksums.json``
+and ``rng-rankR.safetensors`` (torch, CUDA, numpy and Python RNG of rank R).
 Everything loads with ``torch.load(weights_only=True)`` or safetensors.
 """
 

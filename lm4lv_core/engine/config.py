@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..precision import FP32, PRECISIONS
 from ..errors import ConfigError
+from ..util.finite import require_finite
 from .schedule import SCHEDULES
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class TrainConfig:
     report_to: str = "none"  # trackers besides metrics.csv: none | tensorboard | wandb (a comma list)
     verbose: bool = False  # show third-party warnings and logs on the console (train.log has them always)
     gradient_checkpointing: bool = False  # recompute transformer layers in the backward pass
+    max_skipped_steps: int = 3  # stop after this many steps in a row skipped for a non-finite loss or gradient
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -68,12 +70,13 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         self.workers()  # engine, launcher, nproc, num_nodes
+        require_finite(self, ("lr", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_ratio"))
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         need(self.engine == "deepspeed" or self.zero_stage == 0,
              "--zero-stage needs --engine deepspeed (accelerate runs plain data parallel here)")
         for name in ("micro_batch", "grad_accum", "epochs", "save_every",
-                     "preview_every"):
+                     "preview_every", "max_skipped_steps"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         need(self.preview_samples >= 0, f"preview_samples must be >= 0, got {self.preview_samples}")

@@ -108,6 +108,11 @@ def error_file(job_path: Path, rank: int) -> Path:
     return job_path.with_name(f"{job_path.stem}.error.rank{rank}")
 
 
+def crash_file(job_path: Path, rank: int) -> Path:
+    """Where worker ``rank`` notes an unexpected failure (other workers then keep theirs quiet)."""
+    return job_path.with_name(f"{job_path.stem}.crash.rank{rank}")
+
+
 def require_gpu_for(precision: str) -> None:
     """fp16 runs only on a GPU (no fp16 matrix kernels or loss scaling on the CPU)."""
     if precision == "fp16" and not has_cuda():
@@ -283,7 +288,9 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
         raise Interrupted(stopped[0])
     if rc != 0:
         where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
-        raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}); {where}")
+        crash = _worker_errors(job_path, "crash")
+        raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}"
+                         + (f"; first: {crash[0]}" if crash else "") + f"); {where}")
     result = result_file(job_path)
     return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
 

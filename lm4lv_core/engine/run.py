@@ -2,8 +2,10 @@
 side shared by every training command (``lm4lv train``, ``lm4lv ft-mae``).
 
 A training job is a typed object with a ``train`` field (:class:`TrainConfig`) and the task's own
-config beside it (see ``lm4lv_core.jobs``). It is written once as the run's ``config.yaml`` (the
-record that ``--config`` and ``--resume`` read back) and handed to the workers of ``kind``.
+config beside it (see ``lm4lv_core.jobs``), and the fingerprint of its data's content. It is
+written once as the run's ``config.yaml`` (the record that ``--config`` and ``--resume`` read
+back) and handed to the workers of ``kind``. With ``--resume`` it must match the newest
+checkpoint (:mod:`.resume`) before anything is written.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..config import save_yaml
 from ..defaults import JOB_DIR, RUN_CONFIG
 from ..errors import ConfigError
 from ..util.fsutil import remove_entries, user_entries
-from . import launch
+from . import launch, resume
 from .config import TrainConfig
 
 LOG_FILE = "train.log"  # third-party output of every run (the console shows lm4lv's own lines)
@@ -32,8 +34,11 @@ class TrainingJob:
     adds the task's own config (the next key of ``config.yaml``) and builds the task."""
 
     TASK: ClassVar[str]
+    # names of the task's options in --resume refusals (keys of resume.identity) beyond "--field"
+    OPTION_LABELS: ClassVar[dict[str, str]] = {}
     task: str
     train: TrainConfig
+    data_fingerprint: str | None = None  # resume.fingerprint of the data's content, set by the parent
 
     def __post_init__(self) -> None:
         if self.task != self.TASK:
@@ -47,7 +52,24 @@ def train_in_worker(job: TrainingJob) -> dict[str, Any]:
     """What every worker of a training job runs: the engine's loop on the job's task."""
     from .loop import Trainer
 
-    return Trainer(job.build_task(), job.train, job.train.out).train()
+    return Trainer(job.build_task(), job.train, job.train.out, identity=resume.identity(job, None),
+                   labels=job.OPTION_LABELS).train()
+
+
+def check_resume(job: TrainingJob) -> None:
+    """With ``--resume``: refuse a job whose options or data differ from the newest checkpoint's
+    (each worker checks again the checkpoint it loads, with the number of workers)."""
+    from . import checkpoint as ckpt
+
+    last = ckpt.latest(Path(job.train.out) / "checkpoints") if job.train.resume else None
+    if last is None:
+        return
+    try:
+        state = ckpt.read_state(last)
+    except (OSError, ValueError):
+        return  # damaged: the workers fall back to an intact one and check it
+    resume.check(state.get("identity"), resume.identity(job, None), str(last), job.OPTION_LABELS)
+    resume.check_length(int(state.get("step", 0)), job.train.max_steps, str(last))
 
 
 def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -75,6 +97,7 @@ def run_training(kind: str, job: TrainingJob) -> Any:
     check_available(parse_report_to(cfg.report_to))
     with hold(cfg.out, kind):  # one run per folder; removes killed runs' temp files
         out = prepare_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+        check_resume(job)
         save_yaml(job, out / RUN_CONFIG)
         sent = copy.copy(job)
         sent.train = copy.copy(cfg)

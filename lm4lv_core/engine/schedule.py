@@ -15,6 +15,14 @@ Both engines (DeepSpeed and accelerate) and every task (``train``, ``ft-mae``) u
     cosine from 1 down to 0 at step ``T``.
 ``constant``
     The same linear warmup, then the peak rate until the end (``--warmup-ratio 0``: flat).
+
+A run resumed with another length (``--max-steps`` / ``--epochs``) keeps its schedule up to the
+checkpoint and continues from the rate it had there, without a jump: :func:`chained_lambda` over
+the run's *segments* ``[(0, T0), (s1, T1), ...]`` (segment ``k`` starts at step ``s_k`` and ends
+the run at ``T_k``). From ``s = max(s_k, end of warmup)`` the factor ``m = f_prev(s)`` decays to 0
+at ``T_k`` along the schedule's own shape, ``m · (1 − x)`` for ``reference``, ``m · ½(1 + cos πx)``
+for ``cosine`` (``x = (step − s) / (T_k − s)``), and stays ``m`` for ``constant``; the warmup keeps
+the length of the first segment. A run that is never resumed with another length has one segment.
 """
 
 from __future__ import annotations
@@ -50,6 +58,39 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def warmup_end(schedule: str, warmup_steps: int) -> int:
+    """The first scheduler step whose factor is the peak (1) after the warmup."""
+    return max(2, warmup_steps) + 1 if schedule == "reference" else warmup_steps
+
+
+def chained_lambda(schedule: str, segments: list[tuple[int, int]], warmup_ratio: float) -> Callable[[int], float]:
+    """The factor of a run extended or shortened on resume (see the module docstring);
+    ``segments[0]`` is ``(0, T0)``, one segment gives exactly :func:`lr_lambda`."""
+    first_total = segments[0][1]
+    warmup = warmup_steps_for(schedule, first_total, warmup_ratio)
+    f = lr_lambda(schedule, first_total, warmup)
+    for start, total in segments[1:]:
+        f = _continued(f, schedule, max(start, warmup_end(schedule, warmup)), total)
+    return f
+
+
+def _continued(prev: Callable[[int], float], schedule: str, start: int, total: int) -> Callable[[int], float]:
+    peak = prev(start)
+    span = max(1, total - start)
+
+    def f(step: int) -> float:
+        if step < start:
+            return prev(step)
+        x = min(1.0, (step - start) / span)
+        if schedule == "constant":
+            return peak
+        if schedule == "cosine":
+            return peak * 0.5 * (1.0 + math.cos(math.pi * x))
+        return peak * (1.0 - x)
 
     return f
 

@@ -19,6 +19,7 @@ from ..util.fsutil import write_json_atomic, write_text_atomic
 from ..image.metrics import METRICS, EvalReport, build_lpips, evaluate_paths, validate_metrics
 
 GRID_TILE_MAX = 256  # larger images are shown reduced in grids
+GRID_SOFTWARE = "lm4lv eval"  # the PNG text chunk "Software" of a grid: tells --overwrite it is ours
 
 
 def default_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -176,19 +177,70 @@ def write_grid(cmp: Comparison, path: str | os.PathLike, rows: int | None = None
     size = max(max(t.shape[:2]) for r in tiles for t in r)
     grid = comparison_grid(tiles, [*cmp.labels, "ground truth"], [lab for _, lab in picks], captions,
                            scale=grid_scale(size))
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", GRID_SOFTWARE)
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
-        grid.save(tmp, format="PNG")
+        grid.save(tmp, format="PNG", pnginfo=info)
     return path
+
+
+def _written_by_eval(path: Path, kind: str) -> bool:
+    """Whether ``path`` is a file ``lm4lv eval`` wrote as ``kind`` (json | csv | grid)."""
+    try:
+        if kind == "grid":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return im.format == "PNG" and getattr(im, "text", {}).get("Software") == GRID_SOFTWARE
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    if kind == "json":
+        import json
+
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(data, dict) and "settings" in data and ("images" in data or "predictions" in data)
+    header = text.split("\n", 1)[0].split(",")
+    return header[:3] == ["name", "gt", "pred"] or header[:4] == ["label", "name", "gt", "pred"]
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None], overwrite: bool = False) -> None:
+    """Before anything is scored: the files ``--json`` / ``--csv`` / ``--grid`` name (``outputs``:
+    option → path) must be new, or earlier outputs of ``lm4lv eval`` with ``overwrite``."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p in seen:
+            raise ConfigError(f"{option} {path}: the same file as {seen[p]}")
+        seen[p] = option
+        if p.is_dir():
+            raise ConfigError(f"{option} {path}: is a folder; give a file name")
+        if not p.exists():
+            continue
+        if not overwrite:
+            raise ConfigError(f"{option} {path}: exists; pass --overwrite to replace it, or choose another file")
+        if not _written_by_eval(p, option.lstrip("-")):
+            raise ConfigError(f"{option} {path}: exists and was not written by lm4lv eval; --overwrite replaces "
+                              "only lm4lv's own outputs: choose another file")
 
 
 def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequence[str | os.PathLike], *,
              labels: Sequence[str] | None = None, json_file: str | os.PathLike | None = None,
              csv_file: str | os.PathLike | None = None, grid: str | os.PathLike | None = None,
-             grid_rows: int | None = None, **scoring: Any) -> Comparison:
+             grid_rows: int | None = None, overwrite: bool = False, **scoring: Any) -> Comparison:
     """``lm4lv eval``: score ``preds`` against ``gt`` (``scoring``: the keyword options of
-    :func:`compare_paths`) and write the requested files. One prediction folder is written as its
-    own report, several as the comparison."""
+    :func:`compare_paths`) and write the requested files, which must not exist (``overwrite``:
+    earlier outputs of ``lm4lv eval`` are replaced). One prediction folder is written as its own
+    report, several as the comparison."""
+    check_outputs({"--json": json_file, "--csv": csv_file, "--grid": grid}, overwrite)
     cmp = compare_paths(metrics, gt, preds, labels=labels, **scoring)
     out = cmp.reports[0] if len(cmp.reports) == 1 else cmp
     if json_file:

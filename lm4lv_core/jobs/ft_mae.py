@@ -13,6 +13,7 @@ from ..defaults import RUN_CONFIG
 from ..engine.config import TrainConfig, train_config_keys
 from ..engine.launch import register_job, require_gpu_for
 from ..engine.options import layer_options
+from ..engine.resume import fingerprint
 from ..engine.run import TrainingJob, prepare_run_dir, run_training, train_in_worker
 from ..image.io import require_images
 from ..sources.presets import mae_path
@@ -32,6 +33,7 @@ class FtMaeJob(TrainingJob):
     """One MAE decoder fine-tuning run: written as the run's ``config.yaml`` and handed to every worker."""
 
     TASK = "mae"
+    OPTION_LABELS = {"mae.hub": "the MAE's hub snapshot"}
     task: str = TASK
     mae: MAEFinetuneConfig
 
@@ -74,11 +76,12 @@ def finetune(train_cfg: TrainConfig, mae_cfg: MAEFinetuneConfig) -> Any:
 
     mae_cfg.mae, record = local_path(mae_cfg.mae, "--mae", mae_cfg.hub.get("mae"))
     mae_cfg.hub = {"mae": record} if record else {}
-    require_images(train_cfg.data)
+    images = require_images(train_cfg.data)
     require_gpu_for(train_cfg.precision)
     train_cfg.data = str(Path(train_cfg.data).resolve())
     mae_cfg.mae = str(Path(mae_cfg.mae).resolve())
-    job = FtMaeJob(train=train_cfg, mae=mae_cfg)
+    job = FtMaeJob(train=train_cfg, mae=mae_cfg,
+                   data_fingerprint=fingerprint("images", [os.path.abspath(p) for p in images]))
     if train_cfg.max_steps == 0:
         return _write_start_model(job)
     mae_cfg.build_lpips()  # fail now, not in the workers, when LPIPS weights are missing

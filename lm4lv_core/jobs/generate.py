@@ -19,16 +19,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import to_dict
+from ..config import ModelConfig, from_dict, load_yaml, to_dict
 from ..data.format import Sample, load_checked
 from ..data.outputs import (PARTS, RESULTS, append_line, finished_records, image_names, manifest, merge_results,
                             output_stems, prepare_out, sample_hash)
-from ..defaults import GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG
+from ..defaults import GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, RUN_CONFIG, WEIGHTS_FILE
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, Interrupted
 from ..precision import FP32, precision
 from ..model.generate import GenerationConfig
+from ..util.finite import nonfinite_in_file, require_finite
 from ..util.progress import rank0_progress
 
 LOG_FILE = "generate.log"
@@ -52,11 +53,15 @@ class GenerateJob:
     attempt: str = field(default_factory=new_attempt)  # names this run's part files
     compile: bool = False
     attn_implementation: str | None = None
+    model_config: ModelConfig | None = None  # a training checkpoint's model (its run's config.yaml)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         precision(self.precision)  # an unknown name is a one-line error
+        require_finite(self.generation, ("temperature", "top_p"))
+        if isinstance(self.model_config, dict):
+            self.model_config = from_dict(ModelConfig, self.model_config, source="generate job: model_config")
 
 
 class _StopAfterBatch(Exception):
@@ -65,23 +70,75 @@ class _StopAfterBatch(Exception):
 
 
 # ---------------------------------------------------------------------------- model folder
-def resolve_model_dir(run: str | os.PathLike) -> Path:
-    """A training run folder (its ``final/``) or a saved model folder itself."""
+@dataclass
+class ModelSource:
+    """What ``--run`` names: a saved model folder (``config`` None: its own ``lm4lv.yaml``) or a
+    training checkpoint (``config``: the model config of its run); ``note`` for the user."""
+
+    path: Path
+    config: ModelConfig | None = None
+    note: str | None = None
+
+    @property
+    def resize(self) -> str:
+        """The size policy the model was trained with."""
+        if self.config is not None:
+            return self.config.resize
+        path = self.path / MODEL_CONFIG
+        return from_dict(ModelConfig, load_yaml(path), source=str(path)).resize
+
+
+def resolve_model(run: str | os.PathLike) -> ModelSource:
+    """A training run folder (its ``final/``, else its newest intact checkpoint), a checkpoint
+    ``RUN/checkpoints/step-N`` or a saved model folder; its weights must be finite."""
+    from ..engine import checkpoint as ckpt
+
     run = Path(run)
     for cand in (run / "final", run):
         if (cand / MODEL_CONFIG).is_file():
-            return cand.resolve()
-    if not run.exists():
-        raise ConfigError(f"--run {run}: folder not found")
-    raise ConfigError(f"--run {run}: neither a saved model folder nor a run with final/{MODEL_CONFIG}")
+            source = ModelSource(cand.resolve())
+            break
+    else:
+        if not run.exists():
+            raise ConfigError(f"--run {run}: folder not found")
+        if (run / ckpt.STATE_FILE).is_file():
+            source = _checkpoint(run)
+        elif ckpt.step_dirs(run / "checkpoints"):
+            newest, problems = ckpt.newest_intact(run / "checkpoints")
+            if newest is None:
+                raise ConfigError(f"--run {run}: no final/ and no intact checkpoint ({'; '.join(problems)})")
+            source = _checkpoint(newest)
+            source.note = f"note: {run} has no final/ (yet): generating with its newest checkpoint {newest}"
+        else:
+            raise ConfigError(f"--run {run}: neither a saved model folder, a checkpoint, nor a run with "
+                              f"final/{MODEL_CONFIG} or checkpoints")
+    files = [source.path / WEIGHTS_FILE, source.path / "lora" / "adapter_model.safetensors"]
+    for f in (f for f in files if f.is_file()):
+        bad = nonfinite_in_file(f)
+        if bad:
+            raise ConfigError(f"--run {run}: non-finite weights (NaN or inf) in {f} ({', '.join(bad[:3])}): the "
+                              "training run that wrote them diverged; use an earlier checkpoint (RUN/checkpoints/step-N)")
+    return source
 
 
-def model_resize(model_dir: Path) -> str:
-    """The size policy a saved model was trained with (its ``lm4lv.yaml``)."""
-    from ..config import ModelConfig, from_dict, load_yaml
+def _checkpoint(step_dir: Path) -> ModelSource:
+    """A training checkpoint: verified, with the model config of its run (``RUN/config.yaml``)."""
+    from ..util.checksums import verify
 
-    path = Path(model_dir) / MODEL_CONFIG
-    return from_dict(ModelConfig, load_yaml(path), source=str(path)).resize
+    problem = verify(step_dir)
+    if problem:
+        raise ConfigError(f"--run {step_dir}: damaged or incomplete checkpoint ({problem})")
+    record = step_dir.parent.parent / RUN_CONFIG
+    saved = load_yaml(record) if record.is_file() else {}
+    if not isinstance(saved.get("model"), dict):
+        raise ConfigError(f"--run {step_dir}: a checkpoint without its run's {RUN_CONFIG} (an lm4lv train run) "
+                          f"at {record}")
+    return ModelSource(step_dir.resolve(), from_dict(ModelConfig, saved["model"], source=str(record)))
+
+
+def resolve_model_dir(run: str | os.PathLike) -> Path:
+    """The folder of :func:`resolve_model`."""
+    return resolve_model(run).path
 
 
 # ---------------------------------------------------------------------------- the job
@@ -108,11 +165,14 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     from ..util.runlock import hold
 
     gen = generation or GenerationConfig()
-    model_dir = resolve_model_dir(run)
-    gen.resize = gen.resize or model_resize(model_dir)
-    job = GenerateJob(model=str(model_dir), data=str(Path(data).resolve()), out=str(Path(out).resolve()),
+    source = resolve_model(run)
+    if source.note and on_note:
+        on_note(source.note)
+    gen.resize = gen.resize or source.resize
+    job = GenerateJob(model=str(source.path), data=str(Path(data).resolve()), out=str(Path(out).resolve()),
                       image_root=str(Path(image_root).resolve()) if image_root else None, batch_size=batch_size,
-                      precision=precision, generation=gen, compile=compile, attn_implementation=attn_implementation)
+                      precision=precision, generation=gen, compile=compile, attn_implementation=attn_implementation,
+                      model_config=source.config)
     workers = workers or Workers()
     _check_device(job)
     samples = load_checked(job.data, image_root=job.image_root, mode="generate")
@@ -171,7 +231,8 @@ def generate_job(job: GenerateJob) -> dict[str, int]:
     if mine and not stopped:
         dtype = compute_dtype(job.precision)
         load = memreport.LoadMeter()  # measures only with LM4LV_MEMORY_REPORT set
-        model = LM4LV.from_pretrained(job.model, dtype=dtype, attn_implementation=job.attn_implementation)
+        model = LM4LV.from_pretrained(job.model, dtype=dtype, attn_implementation=job.attn_implementation,
+                                      config=job.model_config)
         load.done("generate", model, dtype)
         model = model.to(dist.device()).eval()
         part = out / PARTS / f"rank-{rank}-{job.attempt}.jsonl"

@@ -101,36 +101,22 @@ def recon_mae_job(job: ReconJob) -> list[dict[str, Any]] | None:
     return merged
 
 
-def recon_parts(mae: str | None = None, preset: str | None = None, encoder: str | None = None,
-                decoder: str | None = None) -> tuple[ModuleSpec, ModuleSpec]:
-    """The encoder and decoder to reconstruct with: ``--encoder/--decoder FAMILY:SOURCE`` (the
-    decoder defaults to the encoder's family), ``--mae`` (both MAE) or a preset's vision parts;
-    hub ids resolved to local folders."""
-    from ..sources.hub import local_path
-    from ..sources.presets import preset_config
-    from ..vision import has_decoder, parse_part
+def _check_overwrite(out: Path, names: list[str]) -> None:
+    """``--overwrite`` replaces only what an earlier ``recon-mae`` wrote (listed in its ``recon.json``)."""
+    import json
 
-    if sum(bool(x) for x in (mae, preset, encoder)) != 1:
-        raise ConfigError("give exactly one of --encoder FAMILY:SOURCE, --mae PATH|ID or --preset NAME")
-    if mae or (preset and not encoder and not decoder and preset_config(preset).encoder.name == "mae"):
-        path, _ = mae_path(mae, preset)
-        return ModuleSpec("mae", {"path": path}), ModuleSpec("mae", {"path": path})
-    if preset:
-        cfg = preset_config(preset)
-        return cfg.encoder, cfg.decoder
-    enc = parse_part(encoder, "encoder")
-    if decoder:
-        dec = parse_part(decoder, "decoder")
-    elif has_decoder(enc.name):
-        dec = ModuleSpec(enc.name, dict(enc.kwargs))
-    else:
-        dec = None
-    if dec is None:
-        raise ConfigError(f"--encoder {enc.name} has no decoder to reconstruct with; give --decoder FAMILY:SOURCE")
-    for spec, option in ((enc, "--encoder"), (dec, "--decoder")):
-        if isinstance(spec.kwargs.get("path"), str):
-            spec.kwargs["path"] = local_path(spec.kwargs["path"], option)[0]
-    return enc, dec
+    ours: set[str] = set()
+    record = out / RESULTS
+    if record.is_file():
+        try:
+            ours = {r["name"] for r in json.loads(record.read_text(encoding="utf-8"))["images"]}
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"--out {out}: {RESULTS} was not written by lm4lv recon; --overwrite replaces "
+                              "only lm4lv's outputs: choose another --out") from None
+    theirs = [n for n in names if (out / n).exists() and n not in ours]
+    if theirs:
+        raise ConfigError(f"--out {out}: {', '.join(theirs[:3])} {'were' if len(theirs) > 1 else 'was'} not written by "
+                          "lm4lv recon; --overwrite replaces only lm4lv's outputs: choose another --out")
 
 
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
@@ -148,11 +134,13 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise LM4LVError(f"{images}: folder not found")
-    require_images(images)
+    files = require_images(images)
     if out.resolve() == images.resolve() or images.resolve() in out.resolve().parents:
         raise ConfigError(f"--out {out}: must not be the input folder or inside it")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
+        _check_overwrite(out, [f.relative_to(images).with_suffix(".png").as_posix() for f in files])
     job = ReconJob(encoder=enc, decoder=dec, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
                    crop_border=crop_border, precision=precision)
     with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ class TrainJob(TrainingJob):
     """One LM4LV training run: written as the run's ``config.yaml`` and handed to every worker."""
 
     TASK = "lm4lv"
+    OPTION_LABELS = {**{f"model.lora.{field}": f"--{option.replace('_', '-')}" for option, field in LORA.items()},
+                     "model.hub": "the model's hub snapshots"}
     task: str = TASK
     model: ModelConfig
 
@@ -120,10 +123,19 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
     return samples
 
 
+def data_fingerprint(samples: list[Sample]) -> str:
+    """The content of a data file as a run trains on it: every sample's turns and task type with its
+    image paths (other keys of a sample do not train)."""
+    from ..engine.resume import fingerprint
+
+    return fingerprint("samples", [{"conversations": s.to_json()["conversations"], "task_type": s.task_type,
+                                    "image": [os.path.abspath(p) for p in s.images]} for s in samples])
+
+
 def train(cfg: TrainConfig, model: ModelConfig) -> Any:
     """Train LM4LV: check data, images and config, then run the workers."""
-    check(cfg, model)
-    return run_training("train", TrainJob(train=cfg, model=model))
+    samples = check(cfg, model)
+    return run_training("train", TrainJob(train=cfg, model=model, data_fingerprint=data_fingerprint(samples)))
 
 
 @dataclass
@@ -144,8 +156,8 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     from ..model.memplan import detected_gpu_memory_gib, format_plan, plan_training
     from ..model.prompt import render_first_prompt, vision_summary
 
-    if gpu_memory is not None and gpu_memory <= 0:
-        raise ConfigError(f"--gpu-memory must be > 0 (GiB), got {gpu_memory}")
+    if gpu_memory is not None and not (0 < gpu_memory < float("inf")):
+        raise ConfigError(f"--gpu-memory must be a finite number > 0 (GiB), got {gpu_memory}")
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()

@@ -8,6 +8,7 @@ state *before* each target image slot).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..data.dataset import Batch
 from ..data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
 from ..defaults import MODEL_CONFIG, WEIGHTS_FILE
 from ..errors import ConfigError
+from ..util.finite import nonfinite_names
 from ..util.fsutil import atomic_path
 from .logits import check_output_logits, output_logits
 from .loading import check_attn_implementation
@@ -117,17 +119,25 @@ class LM4LV(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         trainable_dtype: torch.dtype | None = None,
-                        attn_implementation: str | None = None) -> "LM4LV":
+                        attn_implementation: str | None = None, config: ModelConfig | None = None) -> "LM4LV":
         """Rebuild a model saved by ``save_pretrained``: frozen parts from their recorded folders,
-        read directly in ``dtype`` (default float32); ``attn_implementation`` overrides the saved one."""
+        read directly in ``dtype`` (default float32); ``attn_implementation`` overrides the saved one.
+
+        ``config`` given: ``path`` is a training checkpoint (its ``trainable.safetensors`` holds every
+        trained weight, LoRA's included, under the model's names) and ``config`` its run's model.
+        Weights holding a NaN or an infinity are refused."""
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
+        checkpoint = config is not None
+        if checkpoint:
+            config = copy.deepcopy(config)
+        elif not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"{path}: not an lm4lv model folder (no {CONFIG_FILE})")
-        config = from_dict(ModelConfig, load_yaml(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+        else:
+            config = from_dict(ModelConfig, load_yaml(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
         if attn_implementation:
             config.attn_implementation = attn_implementation
-        lora = config.lora.enabled
-        config.lora.enabled = False  # the saved adapter is loaded below instead of a fresh one
+        lora = config.lora.enabled and not checkpoint
+        config.lora.enabled = config.lora.enabled and checkpoint  # a saved adapter is loaded below instead
         model = cls.from_config(config, dtype, trainable_dtype)
         if lora:
             from peft import PeftModel
@@ -135,7 +145,18 @@ class LM4LV(nn.Module):
             config.lora.enabled = True
             model.llm = PeftModel.from_pretrained(model.llm, str(path / LORA_DIR), is_trainable=True)
             model._apply_trainability()
-        model.load_trainable_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False)
+        weights = load_file(str(path / WEIGHTS_FILE))
+        model.load_trainable_state_dict(weights, strict=False)
+        saved = set(model.saved_parameter_names())
+        if checkpoint:
+            missing = sorted(saved - set(weights))
+            if missing:
+                raise ConfigError(f"{path}: a checkpoint holds the trained weights only, not {', '.join(missing[:3])}; "
+                                  "generate with the run's final/ model")
+        bad = nonfinite_names({n: p for n, p in model.named_parameters() if n in saved})
+        if bad:
+            raise ConfigError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}: the training run "
+                              "that wrote them diverged; use an earlier checkpoint")
         cast_by_trainability(model, dtype or torch.float32, trainable_dtype or dtype or torch.float32)
         return model
 

@@ -18,6 +18,7 @@ from ..engine.config import TrainConfig
 from ..engine.task import TrainTask
 from ..errors import ConfigError
 from ..image.io import load_rgb, require_images
+from ..util.finite import require_finite
 from ..vision.mae import MAEAutoencoder
 
 
@@ -63,6 +64,7 @@ class MAEFinetuneConfig:
     hub: dict[str, Any] = field(default_factory=dict)  # {"mae": {id, revision, commit, path}} for a hub id
 
     def __post_init__(self) -> None:
+        require_finite(self, ("lpips_weight",))
         if self.lpips_weight < 0:
             raise ConfigError(f"--lpips-weight must be >= 0, got {self.lpips_weight}")
 
