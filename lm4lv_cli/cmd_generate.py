@@ -41,7 +41,7 @@ def generate(
                                     "square's); model: at the model's square size."),
     verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step of image-only batches (static KV cache); pays off on a GPU."),
-    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [the model's]."),
+    attn_implementation: str = typer.Option("auto", "--attn-implementation", help="The LLM's attention: auto (sdpa where the LLM's family has it, else eager) | sdpa | eager | flash_attention_2."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model; re-runs skip finished samples."""
     from lm4lv_core.engine.launch import Workers

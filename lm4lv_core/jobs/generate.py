@@ -23,7 +23,7 @@ from ..config import to_dict
 from ..data.format import Sample, load_checked
 from ..data.outputs import (PARTS, RESULTS, append_line, finished_records, image_names, manifest, merge_results,
                             output_stems, prepare_out, sample_hash)
-from ..defaults import GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG
+from ..defaults import ATTN_AUTO, GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, Interrupted
@@ -51,7 +51,7 @@ class GenerateJob:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     attempt: str = field(default_factory=new_attempt)  # names this run's part files
     compile: bool = False
-    attn_implementation: str | None = None
+    attn_implementation: str = ATTN_AUTO  # auto: what transformers picks for the LLM's family
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -101,7 +101,7 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
              image_root: str | os.PathLike | None = None, batch_size: int = GENERATE_BATCH_SIZE,
              precision: str = FP32, generation: GenerationConfig | None = None,
              workers: Workers | None = None, overwrite: bool = False, compile: bool = False,
-             attn_implementation: str | None = None, verbose: bool = False, on_note=None) -> GenerateSummary:
+             attn_implementation: str = ATTN_AUTO, verbose: bool = False, on_note=None) -> GenerateSummary:
     """Parent side of ``lm4lv generate``: check the options, the model and the data, set up the
     output folder, run the workers and count what is finished. ``on_note(text)`` receives notes
     for the user (e.g. answers dropped from training samples)."""
