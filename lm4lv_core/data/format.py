@@ -119,7 +119,8 @@ def parse_sample(obj: Any, index: int, *, image_root: str | os.PathLike | None =
         raise fail("'image' must be a path or a list of paths")
     n_placeholders = sum(image_count(t.value) for t in turns)
     if n_placeholders != len(images):
-        raise fail(f"{n_placeholders} {IMAGE_TOKEN}/{QUERY_TOKEN} placeholder(s) but {len(images)} image path(s)")
+        what = f"{IMAGE_TOKEN}/{QUERY_TOKEN}" if any(QUERY_TOKEN in t.value for t in turns) else IMAGE_TOKEN
+        raise fail(f"{n_placeholders} {what} placeholder(s) but {len(images)} image path(s)")
     root = Path(image_root) if image_root is not None else None
     resolved = tuple(str(root / p) if root is not None and not os.path.isabs(p) else p for p in images)
     extra = tuple((k, v) for k, v in obj.items()
