@@ -76,12 +76,12 @@ def resolve_model_dir(run: str | os.PathLike) -> Path:
     raise ConfigError(f"--run {run}: neither a saved model folder nor a run with final/{MODEL_CONFIG}")
 
 
-def model_resize(model_dir: Path) -> str:
-    """The size policy a saved model was trained with (its ``lm4lv.yaml``)."""
+def saved_model_config(model_dir: Path):
+    """The ``ModelConfig`` a saved model records (its ``lm4lv.yaml``: size policy, query, ...)."""
     from ..config import ModelConfig, from_dict, load_yaml
 
     path = Path(model_dir) / MODEL_CONFIG
-    return from_dict(ModelConfig, load_yaml(path), source=str(path)).resize
+    return from_dict(ModelConfig, load_yaml(path), source=str(path))
 
 
 # ---------------------------------------------------------------------------- the job
@@ -109,13 +109,18 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
 
     gen = generation or GenerationConfig()
     model_dir = resolve_model_dir(run)
-    gen.resize = gen.resize or model_resize(model_dir)
+    saved = saved_model_config(model_dir)
+    gen.resize = gen.resize or saved.resize
     job = GenerateJob(model=str(model_dir), data=str(Path(data).resolve()), out=str(Path(out).resolve()),
                       image_root=str(Path(image_root).resolve()) if image_root else None, batch_size=batch_size,
                       precision=precision, generation=gen, compile=compile, attn_implementation=attn_implementation)
     workers = workers or Workers()
     _check_device(job)
     samples = load_checked(job.data, image_root=job.image_root, mode="generate")
+    bad = next((s for s in samples if s.has_query), None) if not saved.query else None
+    if bad is not None:
+        raise ConfigError(f"{job.data}: sample {bad.index}: its prompt holds <query>, but the model in "
+                          f"{model_dir} was trained without <query> (it has no learnable query)")
     dropped = sum(s.answer_dropped for s in samples)
     if dropped and on_note:
         on_note(f"note: {dropped} of {len(samples)} samples in {job.data} end with an answer (training format); "
