@@ -216,3 +216,31 @@ def test_family_zero3_run_saves_and_reloads(name, family_root, data, tmp_path):
     model = LM4LV.from_pretrained(out / "final")
     assert torch.equal(model.task_tokens, saved["task_tokens"])
     assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_cli_records_and_shows_the_family_choices(family_root, data, tmp_path):
+    """Through the installed ``lm4lv``: the dry run shows what ``auto`` and the default LoRA
+    targets resolve to; a target the LLM lacks is one ``error:`` line listing its linear layers,
+    before any run folder is made."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("lm4lv")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    mae = preset_config("tiny").encoder.kwargs["path"]
+
+    def lm4lv(name, *args):
+        return subprocess.run([str(script), "train", "--data", str(data), "--llm", str(family_root(name)),
+                               "--mae", mae, "--out", str(tmp_path / name), *args],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    proc = lm4lv("bloom", "--lora", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "LLM bloom: attention eager; LoRA r=8 on query_key_value" in " ".join(proc.stdout.split())
+    proc = lm4lv("falcon", "--lora", "--lora-targets", "q_proj,v_proj")
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: LoRA target module(s) q_proj, v_proj not found in {family_root('falcon')}; its linear layers are: "
+        "dense, dense_4h_to_h, dense_h_to_4h, query_key_value"]
+    assert not (tmp_path / "falcon").exists()

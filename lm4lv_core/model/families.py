@@ -111,12 +111,34 @@ def linear_leaf_names(module) -> list[str]:
                    if n and isinstance(m, (nn.Linear, Conv1D))})
 
 
+def check_lora_targets(llm, targets: list[str] | str, where: str = "") -> None:
+    """One-line error when a LoRA target is not a module of ``llm``, listing its linear layers."""
+    import re
+
+    if isinstance(targets, str):  # a regular expression over full module names, as PEFT reads it
+        missing = [] if any(re.fullmatch(targets, n) for n, _ in llm.named_modules()) else [targets]
+    else:
+        names = {n.rsplit(".", 1)[-1] for n, _ in llm.named_modules()}
+        missing = [t for t in targets if t not in names]
+    if missing:
+        layers = linear_leaf_names(llm.get_decoder())
+        raise ConfigError(f"LoRA target module(s) {', '.join(missing)} not found{where}; its linear layers are: "
+                          f"{', '.join(layers) or 'none'}")
+
+
 def resolve_llm_options(cfg, config=None):
     """Fill what ``cfg`` (a ``ModelConfig``) leaves to the LLM's family, so a run records what it
-    uses: the ``auto`` attention implementation and, with LoRA, the default targets. Returns ``cfg``."""
+    uses: the ``auto`` attention implementation and, with LoRA, the default targets (checked
+    against the LLM's modules, built on the meta device). Returns ``cfg``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = config if config is not None else llm_config(cfg.llm)
     where = f" in {cfg.llm}"
     cfg.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, config, where)
-    if cfg.lora.enabled and cfg.lora.target_modules is None:
-        cfg.lora.target_modules = default_lora_targets(config, where)
+    if cfg.lora.enabled:
+        if cfg.lora.target_modules is None:
+            cfg.lora.target_modules = default_lora_targets(config, where)
+        with torch.device("meta"):
+            check_lora_targets(AutoModelForCausalLM.from_config(config), cfg.lora.target_modules, where)
     return cfg

@@ -390,23 +390,13 @@ def _wrap_lora(llm: nn.Module, config: ModelConfig) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    from .families import default_lora_targets, linear_leaf_names
+    from .families import check_lora_targets, default_lora_targets
 
     lc = config.lora
+    where = f" in {config.llm}"
     if lc.target_modules is None:
-        lc.target_modules = default_lora_targets(llm.config, f" in {config.llm}")
-    layers = linear_leaf_names(llm.get_decoder())
-    if isinstance(lc.target_modules, str):
-        import re
-
-        found = any(re.fullmatch(lc.target_modules, n) for n, _ in llm.named_modules())
-        missing = [] if found else [lc.target_modules]
-    else:
-        names = {n.rsplit(".", 1)[-1] for n, _ in llm.named_modules()}
-        missing = [t for t in lc.target_modules if t not in names]
-    if missing:
-        raise ConfigError(f"LoRA target module(s) {', '.join(missing)} not found in {config.llm}; its linear "
-                          f"layers are: {', '.join(layers) or 'none'}")
+        lc.target_modules = default_lora_targets(llm.config, where)
+    check_lora_targets(llm, lc.target_modules, where)
     targets = lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules)
     peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                               target_modules=targets, task_type="CAUSAL_LM")
