@@ -105,7 +105,7 @@ class Encoded:
     slot_image: torch.Tensor   # [L] image index in the sample for image / query slots, else -1
     slot_pos: torch.Tensor     # [L] visual-token, task-token or query index, else 0
     image_is_target: torch.Tensor  # [num_images] bool
-    text: str                  # the rendered text (slots shown as <image> / <task>)
+    text: str                  # the rendered text (slots shown as <image> / <query> / <task>)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
