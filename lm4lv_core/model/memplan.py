@@ -83,7 +83,6 @@ class ModelShape:
     approximate: bool = False  # a vision part the plan counts by its weights only
     llm_family: str = ""       # the LLM's model_type
     llm_calibrated: bool = True  # the activation model was measured on this family's layers
-    query_tokens: int = 0      # learnable query embeddings (<query>)
 
 
 @dataclass
@@ -180,7 +179,6 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
     from .families import model_type, quirks
 
     shape.llm_family, shape.llm_calibrated = model_type(c), quirks(c).plan_calibrated
-    shape.query_tokens = model.query_tokens.shape[0] if model.query_tokens is not None else 0
     enc = model.encoder.plan_shape()
     shape.encoder_dim, shape.encoder_layers, shape.encoder_intermediate = enc.dim, enc.layers, enc.intermediate
     shape.approximate = not enc.layers
