@@ -16,7 +16,11 @@ path takes under a minute on two CPU cores:
   ``compiled_vs_eager = cached_s / compiled_s``; ``compiled_max_abs_diff`` against the eager
   features;
 * ``throughput``: per ``--batch-sizes`` entry, eager (and compiled) seconds per batch, images/s and
-  visual tokens/s per sample.
+  visual tokens/s per sample;
+* ``query_s`` / ``query_batch8_s``: the same model (it holds a learnable query) reading the images
+  of the same prompts from its N query slots in one forward pass (``<query>``), batch 1 and 8;
+  ``query_vs_cached = cached_s / query_s`` and ``query_vs_cached_batch8 = batch8_s / query_batch8_s``
+  (measured interleaved with the cached runs, in the same process).
 
 Usage: ``python benchmarks/generate.py [--threads 1] [--device cuda --precision bf16]``. On a CPU
 shared with other work, ``--threads 1`` gives stable timings (two OpenMP threads on two busy cores
@@ -133,8 +137,9 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     llm = Path(args.llm).resolve() if args.llm else build_llm(args.hidden, args.layers, args.heads,
                                                               args.intermediate, args.vocab)
     torch.manual_seed(0)
-    # frozen weights read in the compute dtype; the adapters are scaled, then cast, below
-    model = LM4LV.from_config(ModelConfig(llm=str(llm), encoder=encoder, decoder=decoder), dtype,
+    # frozen weights read in the compute dtype; the adapters are scaled, then cast, below; the model
+    # holds a learnable query (<query>) for the one-pass measurements
+    model = LM4LV.from_config(ModelConfig(llm=str(llm), encoder=encoder, decoder=decoder, query=True), dtype,
                               trainable_dtype=torch.float32)
     model.eval()
 
@@ -144,9 +149,10 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     samples = [parse_sample({"image": [f"mem:{i}"], "conversations": [{"from": "human", "value": p},
                                                                       {"from": "gpt", "value": ""}]}, i)
                for i, p in enumerate(PROMPTS)]
-    items, _ = build_items(model, samples, "image", loader=lambda p: images[p])
+    items, _ = build_items(model, samples, "image", loader=lambda p: images[p], query=False)
+    query_items, _ = build_items(model, samples, "image", loader=lambda p: images[p], query=True)
     scale_adapter_to_embeddings(model, items[0].pixels)
-    return model.to(device, dtype), items
+    return model.to(device, dtype), items, query_items
 
 
 def batch_of(model, items, device: torch.device, dtype: torch.dtype):
@@ -204,7 +210,29 @@ def measure_eager(args, model, items, device: torch.device, dtype: torch.dtype) 
         "llm_decode_s": round(llm_s, 4), "overhead_vs_llm_decode": round(cached_s / llm_s, 3),
         "batch8_s": round(b8_s, 4), "batch8_vs_batch1_throughput": round(8 * cached_s / b8_s, 2),
     }
-    return result, {"b1": b1, "cached": cached, "cached_s": cached_s, "runs_s": times}
+    return result, {"b1": b1, "b8": b8, "cached": cached, "cached_s": cached_s, "runs_s": times}
+
+
+def measure_query(args, model, query_items, ref: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """One-pass ``<query>`` generation of the same prompts by the same model, batch 1 and 8, each
+    run next to the cached autoregressive run it is compared with."""
+    q1, q8 = batch_of(model, query_items[:1], device, dtype), batch_of(model, query_items, device, dtype)
+    runq1, runq8 = runner(model, q1), runner(model, q8)
+    run1, run8 = runner(model, ref["b1"]), runner(model, ref["b8"])
+    for fn in (runq1, runq8):  # warm-up
+        fn()
+    times: dict[str, list[float]] = {"query": [], "query_batch8": [], "cached": [], "batch8": []}
+    for _ in range(args.repeats):
+        times["query"].append(timed(runq1, device)[0])
+        times["cached"].append(timed(run1, device)[0])
+        times["query_batch8"].append(timed(runq8, device)[0])
+        times["batch8"].append(timed(run8, device)[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"query_s": round(med["query"], 4), "query_batch8_s": round(med["query_batch8"], 4),
+            "query_vs_cached": round(med["cached"] / med["query"], 2),
+            "query_vs_cached_batch8": round(med["batch8"] / med["query_batch8"], 2),
+            "query_prompt_tokens": int(q1.input_ids.shape[1]),
+            "query_runs_s": {k: [round(t, 4) for t in v] for k, v in times.items()}}
 
 
 def measure_compiled(args, model, ref: dict, device: torch.device) -> dict:
@@ -253,8 +281,9 @@ def main() -> None:
     load0 = os.getloadavg()[0]  # other processes on the machine skew the timings
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    model, items = build_model(args, device, dtype)
+    model, items, query_items = build_model(args, device, dtype)
     eager, ref = measure_eager(args, model, items, device, dtype)
+    query = measure_query(args, model, query_items, ref, device, dtype)
     compiled = measure_compiled(args, model, ref, device)
     throughput = measure_throughput(args, model, items, compiled, device, dtype)
 
@@ -265,7 +294,7 @@ def main() -> None:
         "llm": {"hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
                 "intermediate": c.intermediate_size, "vocab": c.vocab_size, "params": params},
         "encoder_width": model.encoder.dim,
-        **eager, **compiled, "throughput": throughput,
+        **eager, **query, **compiled, "throughput": throughput,
         "runs_s": {k: [round(t, 4) for t in v] for k, v in ref["runs_s"].items()},
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
     }

@@ -49,8 +49,10 @@ def generate(
     output_size: str = typer.Option("input", "--output-size", help="input: images at the input image's size (crop: its centre "
                                     "square's); model: at the model's square size."),
     verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
+    query: bool = typer.Option(True, "--query/--no-query", help="A model trained with <query>: read each image-only "
+                               "answer from its learnable query in one forward pass (--no-query: one visual token per step)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step of image-only batches (static KV cache); pays off on a GPU."),
-    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [the model's]."),
+    attn_implementation: str = typer.Option("auto", "--attn-implementation", help="The LLM's attention: auto (sdpa where the LLM's family has it, else eager) | sdpa | eager | flash_attention_2."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model, or restore image files and
     folders (--input); re-runs skip finished samples and images."""
@@ -72,12 +74,8 @@ def generate(
     workers = Workers(nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes, hostfile=hostfile,
                       master_port=master_port)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size)
-    if paths:
-        show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
-                                     generation=gen, workers=workers, overwrite=overwrite, compile=compile,
-                                     attn_implementation=attn_implementation, verbose=verbose))
-        return
+                           top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size,
+                           query=query)
     res = run_generate(run, data, out, image_root=image_root, batch_size=batch_size, precision=precision,
                        generation=gen, workers=workers, overwrite=overwrite, compile=compile,
                        attn_implementation=attn_implementation, verbose=verbose,

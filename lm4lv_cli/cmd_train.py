@@ -46,14 +46,15 @@ def train(
     lora_r: Optional[int] = O(None, "--lora-r", help="LoRA rank [8]."),
     lora_alpha: Optional[int] = O(None, "--lora-alpha", help="LoRA alpha [16]."),
     lora_dropout: Optional[float] = O(None, "--lora-dropout", help="LoRA dropout [0.05]."),
-    lora_targets: Optional[str] = O(None, "--lora-targets", help="Comma-separated LLM module names [q_proj,v_proj]."),
+    lora_targets: Optional[str] = O(None, "--lora-targets", help="Comma-separated LLM module names [the LLM family's: PEFT's default targets, e.g. q_proj,v_proj for Llama]."),
+    train_query: Optional[bool] = O(None, "--train-query/--freeze-query", help="Train the learnable query of <query> answers [train, when the data holds <query>]."),
     run_options: dict = None,
     cache_features: Optional[bool] = O(None, "--cache-features/--no-cache-features", help="Encode each image once (frozen encoder only)."),
     dry_run: bool = O(False, "--dry-run", help="Validate data, images and config, show the first prompt, exit."),
     resize: Optional[str] = O(None, "--resize", help="How images reach the model's square size: stretch "
                               "(as the reference) | crop (centre square); recorded for generate [stretch]."),
     system_prompt: Optional[str] = O(None, "--system-prompt", help="System message before the conversation [none, as the reference]."),
-    attn_implementation: Optional[str] = O(None, "--attn-implementation", help="The LLM's attention: sdpa | eager | flash_attention_2 [sdpa]."),
+    attn_implementation: Optional[str] = O(None, "--attn-implementation", help="The LLM's attention: auto (sdpa where the LLM's family has it, else eager) | sdpa | eager | flash_attention_2 [auto]."),
     gpu_memory: Optional[float] = O(None, "--gpu-memory", help="With --dry-run: GPU memory in GiB to check the memory plan against [the detected GPU]."),
 ) -> None:
     """Train the adapters and task tokens of LM4LV on a data file."""
@@ -85,4 +86,5 @@ def _show_dry_run(d) -> None:
     console.print(d.tokens, markup=False, highlight=False, soft_wrap=True)
     console.rule()
     console.print(", ".join(f"{k}: {v}" for k, v in d.counts.items()))
+    console.print(d.llm, markup=False, highlight=False, soft_wrap=True)
     console.print(d.plan, markup=False, highlight=False, soft_wrap=True)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .defaults import ATTN_IMPLEMENTATIONS, RESIZE_MODES
+from .defaults import ATTN_AUTO, ATTN_IMPLEMENTATIONS, RESIZE_MODES
 from .errors import ConfigError
 from .util.finite import require_finite
 from .util.fsutil import write_text_atomic
@@ -34,9 +34,15 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # None: the LLM family's default (PEFT's per-architecture table; see model/families.py), recorded
+    # by the run; a string is a regular expression over full module names, as PEFT reads it
+    target_modules: list[str] | str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = [str(t) for t in self.target_modules]
+            if not self.target_modules:
+                raise ConfigError("lora.target_modules is empty; leave it out for the LLM family's default")
         if self.r <= 0:
             raise ConfigError(f"lora.r must be > 0, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -82,6 +88,13 @@ class ModelConfig:
     hub: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | eager | flash_attention_2
     restore_prompt: str | None = None  # recorded by training (the data's restoration prompt)
+    # the LLM's attention: auto (what transformers picks for the family; a run records the result) |
+    # sdpa | eager | flash_attention_2
+    attn_implementation: str = ATTN_AUTO
+    # <query>: N learnable query embeddings (N = visual tokens per image) stand for an image the
+    # model generates in one forward pass; set when the training data holds <query>
+    query: bool = False
+    train_query: bool = True  # train the query embeddings (--train-query / --freeze-query)
 
     def __post_init__(self) -> None:
         for part in ("encoder", "decoder", "adapter", "deadapter"):

@@ -6,7 +6,8 @@ Plain values with no imports, so the command line can read them without loading 
 ENGINES = ("deepspeed", "accelerate")
 LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
 RESIZE_MODES = ("stretch", "crop")  # how images reach the encoder's square size (see image/io.py)
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")  # the LLM's attention
+ATTN_AUTO = "auto"  # what transformers picks for the LLM's family: sdpa where it has it, else eager
+ATTN_IMPLEMENTATIONS = (ATTN_AUTO, "sdpa", "eager", "flash_attention_2")  # the LLM's attention
 
 # defaults
 CROP_BORDER = 4  # pixels ignored at each border by PSNR/SSIM/LPIPS

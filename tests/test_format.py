@@ -49,7 +49,9 @@ def _bad(mutate):
     (lambda o: o["conversations"][1].pop("role"), "no 'role' or 'from'"),
     (lambda o: o["conversations"][1].update(value=3), "'value' must be a string"),
     (lambda o: o.update(conversations=[]), "non-empty list"),
-    (lambda o: o["conversations"][1].update(value="<query>"), "<query> (a learnable visual query) is not supported"),
+    (lambda o: o["conversations"][0].update(value="<query> <task>"), "turn 0: <query> stands for an image the model "
+     "generates, so it belongs in a gpt or none turn, not a human turn"),
+    (lambda o: o["conversations"][1].update(value="<query> <query>"), "3 <image>/<query> placeholder(s) but 2 image"),
 ])
 def test_bad_samples_name_the_index(tmp_path, mutate, needle):
     f = tmp_path / "d.json"

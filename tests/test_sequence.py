@@ -264,7 +264,7 @@ def test_denoising_tokens_pinned_llama_sentencepiece(metaspace):
 
 
 def test_placeholders_inside_words_and_query_refused(any_tok):
-    """Added tokens split text wherever they stand, as in the reference; <query> is refused."""
+    """Added tokens split text wherever they stand, as in the reference; <query> in a human turn is refused."""
     sample = {"conversations": [{"from": "human", "value": "x<image>y<task>z"}, {"from": "gpt", "value": "ok"}],
               "image": ["/a.png"]}
     assert_reference(any_tok, sample)

@@ -13,7 +13,7 @@ from PIL import Image
 from ..errors import DataError, LM4LVError
 from ..image.io import check_resize, load_rgb, to_square
 from .format import Sample
-from .sequence import IGNORE_INDEX, SLOT_IMAGE, SLOT_TEXT, Encoded, SequenceBuilder
+from .sequence import IGNORE_INDEX, SLOT_IMAGE, SLOT_QUERY, SLOT_TEXT, Encoded, SequenceBuilder
 
 
 def image_to_tensor(img: Image.Image, size: int, resize: str = "stretch") -> torch.Tensor:
@@ -40,16 +40,17 @@ class Item:
 
 class LM4LVDataset(torch.utils.data.Dataset):
     """Encodes samples on the fly; images are loaded and resized to the encoder's size (size
-    policy ``resize``: ``stretch`` or ``crop``)."""
+    policy ``resize``: ``stretch`` or ``crop``). ``image_only`` / ``query``: see ``SequenceBuilder.encode``."""
 
     def __init__(self, samples: Sequence[Sample], builder: SequenceBuilder, image_size: int, *,
-                 generation: bool = False, image_only: bool = False,
+                 generation: bool = False, image_only: bool = False, query: bool = False,
                  loader: Callable[[str], Image.Image] = load_rgb, resize: str = "stretch"):
         self.samples = list(samples)
         self.builder = builder
         self.image_size = image_size
         self.generation = generation
         self.image_only = image_only
+        self.query = query
         self.loader = loader
         self.resize = check_resize(resize)
 
@@ -58,7 +59,7 @@ class LM4LVDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Item:
         s = self.samples[i]
-        enc = self.builder.encode(s, generation=self.generation, image_only=self.image_only)
+        enc = self.builder.encode(s, generation=self.generation, image_only=self.image_only, query=self.query)
         if s.images:
             pixels = torch.stack([image_to_tensor(self.load(s, p), self.image_size, self.resize) for p in s.images])
         else:
@@ -126,11 +127,12 @@ class Batch:
     slot_type: torch.Tensor       # [B, L]
     slot_image: torch.Tensor      # [B, L] index into ``pixels`` (batch-global) or -1
     slot_pos: torch.Tensor        # [B, L]
-    target_mask: torch.Tensor     # [B, L] bool
+    target_mask: torch.Tensor     # [B, L] bool: target image slots (predicted from the position before)
     pixels: torch.Tensor          # [M, 3, H, W]
     image_is_target: torch.Tensor  # [M] bool
     sample_index: list[int] = field(default_factory=list)
     features: torch.Tensor | None = None  # [M, N, d_v] precomputed encoder features
+    query_mask: torch.Tensor | None = None  # [B, L] bool: target query slots (predicted at the slot)
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Batch":
         out = {}
@@ -173,6 +175,6 @@ def collate(items: Sequence[Item], pad_id: int = 0, padding_side: str = "right")
     pixels = torch.cat([it.pixels for it in items]) if offset else items[0].pixels[:0]
     is_target = torch.cat([it.encoded.image_is_target for it in items]) if offset else torch.zeros(0, dtype=torch.bool)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    target_mask = (stype == SLOT_IMAGE) & is_target[simg.clamp(min=0)] if offset else torch.zeros_like(mask, dtype=torch.bool)
-    return Batch(ids, mask, position_ids, labels, stype, simg, spos, target_mask, pixels, is_target,
-                 [it.sample.index for it in items])
+    has_target = (simg >= 0) & is_target[simg.clamp(min=0)] if offset else torch.zeros_like(mask, dtype=torch.bool)
+    return Batch(ids, mask, position_ids, labels, stype, simg, spos, (stype == SLOT_IMAGE) & has_target, pixels,
+                 is_target, [it.sample.index for it in items], query_mask=(stype == SLOT_QUERY) & has_target)

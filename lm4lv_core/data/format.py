@@ -6,8 +6,10 @@ A file is a JSON list of samples::
      "conversations": [{"from" | "role": "human" | "gpt" | "none", "value": "... <image> ... <task>"}],
      "image": "path" | ["path", ...]}
 
-Images are consumed in the order of the ``<image>`` placeholders across all turns. Relative image
-paths are resolved against ``image_root`` (by default the folder of the JSON file).
+Images are consumed in the order of the ``<image>`` and ``<query>`` placeholders across all turns.
+``<query>`` (only in gpt or none turns) stands for an image the model generates in one forward
+pass from learnable query embeddings; its image is the target. Relative image paths are resolved
+against ``image_root`` (by default the folder of the JSON file).
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ from ..errors import DataError
 
 IMAGE_TOKEN = "<image>"
 TASK_TOKEN = "<task>"
-QUERY_TOKEN = "<query>"  # the reference's learnable visual query: not supported
+QUERY_TOKEN = "<query>"  # the learnable visual query: an image generated in one forward pass
 ROLES = ("human", "gpt", "none")
+QUERY_ROLES = ("gpt", "none")  # where <query> may stand
+
+
+def image_count(value: str) -> int:
+    """Images a turn's value takes from the sample's ``image`` list (``<image>`` and ``<query>``)."""
+    return value.count(IMAGE_TOKEN) + value.count(QUERY_TOKEN)
 TASK_TYPES = ("conversation", "simple")
 
 
@@ -52,8 +60,13 @@ class Sample:
         """The role of the turn each image belongs to, in image order."""
         roles: list[str] = []
         for t in self.turns:
-            roles += [t.role] * t.value.count(IMAGE_TOKEN)
+            roles += [t.role] * image_count(t.value)
         return roles
+
+    @property
+    def has_query(self) -> bool:
+        """Whether a turn holds ``<query>`` (the model needs its learnable query)."""
+        return any(QUERY_TOKEN in t.value for t in self.turns)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
@@ -91,8 +104,9 @@ def parse_sample(obj: Any, index: int, *, image_root: str | os.PathLike | None =
         value = t.get("value")
         if not isinstance(value, str):
             raise fail(f"turn {j} 'value' must be a string")
-        if QUERY_TOKEN in value:
-            raise fail(f"turn {j}: {QUERY_TOKEN} (a learnable visual query) is not supported; use {IMAGE_TOKEN}")
+        if QUERY_TOKEN in value and role not in QUERY_ROLES:
+            raise fail(f"turn {j}: {QUERY_TOKEN} stands for an image the model generates, so it belongs in a "
+                       f"gpt or none turn, not a {role} turn; use {IMAGE_TOKEN} for an input image")
         turns.append(Turn(role, value))
     if turns[0].role not in ("human", "none"):
         raise fail(f"the first turn must be 'human' or 'none', got {turns[0].role!r}")
@@ -103,9 +117,10 @@ def parse_sample(obj: Any, index: int, *, image_root: str | os.PathLike | None =
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         raise fail("'image' must be a path or a list of paths")
-    n_placeholders = sum(t.value.count(IMAGE_TOKEN) for t in turns)
+    n_placeholders = sum(image_count(t.value) for t in turns)
     if n_placeholders != len(images):
-        raise fail(f"{n_placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image path(s)")
+        what = f"{IMAGE_TOKEN}/{QUERY_TOKEN}" if any(QUERY_TOKEN in t.value for t in turns) else IMAGE_TOKEN
+        raise fail(f"{n_placeholders} {what} placeholder(s) but {len(images)} image path(s)")
     root = Path(image_root) if image_root is not None else None
     resolved = tuple(str(root / p) if root is not None and not os.path.isabs(p) else p for p in images)
     extra = tuple((k, v) for k, v in obj.items()
@@ -145,7 +160,7 @@ def as_generation_prompt(s: Sample) -> Sample:
     last = s.turns[-1]
     if last.role != "gpt" or not last.value:
         return s
-    n = last.value.count(IMAGE_TOKEN)
+    n = image_count(last.value)
     images = s.images[:len(s.images) - n]
     return dataclasses.replace(s, turns=s.turns[:-1] + (Turn("gpt", ""),), images=images, answer_dropped=True)
 

@@ -6,9 +6,13 @@ A sample becomes a flat sequence of positions. Each position is one of:
 * image (``SLOT_IMAGE``): visual token ``slot_pos`` of image ``slot_image`` (filled with
   ``adapter(feature)``); an image placed in a trained turn is a *target*: the hidden state of the
   position before each of its slots predicts that slot's encoder feature;
-* task (``SLOT_TASK``): learnable task embedding ``slot_pos`` (``<task>`` expands to K of them).
+* task (``SLOT_TASK``): learnable task embedding ``slot_pos`` (``<task>`` expands to K of them);
+* query (``SLOT_QUERY``): learnable query embedding ``slot_pos`` standing for visual token
+  ``slot_pos`` of image ``slot_image`` (``-1``: an image to generate, no target); the hidden state
+  *at* each query slot predicts that slot's token, so one forward pass reads a whole image.
 
-``<image>`` renders as ``<Img>`` + N image slots + ``</Img>``.
+``<image>`` renders as ``<Img>`` + N image slots + ``</Img>``, ``<query>`` as ``<Img>`` + N query
+slots + ``</Img>`` (it takes the next image as its target, as ``<image>`` would in its turn).
 
 The ``default`` template is the LM4LV reference's rendering, token for token: BOS, then the
 prompt start ``### Human: `` (after ``{system}\n\n`` when a system prompt is given; left out for
@@ -38,11 +42,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TEMPLATES as TEMPLATE_NAMES  # (the templates below, and chat_template)
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from .format import IMAGE_TOKEN, QUERY_TOKEN, TASK_TOKEN, Sample, Turn
 
 IGNORE_INDEX = -100
-SLOT_TEXT, SLOT_IMAGE, SLOT_TASK = 0, 1, 2
+SLOT_TEXT, SLOT_IMAGE, SLOT_TASK, SLOT_QUERY = 0, 1, 2, 3
 IMG_START, IMG_END = "<Img>", "</Img>"
 # added to the private tokenizer copy, as the reference adds them: they split the text, then become slots
 ADDED_TOKENS = (IMAGE_TOKEN, QUERY_TOKEN, TASK_TOKEN)
@@ -87,20 +91,21 @@ class Piece:
     """A run of the rendered conversation, tokenised in one call. Text pieces of the ``default``
     template are whole turns and may hold ``<image>`` / ``<task>`` (trained turns: target images)."""
 
-    kind: str  # "text" | "image" | "task" | "eos"
+    kind: str  # "text" | "image" | "query" | "task" | "eos"
     text: str = ""
-    trainable: bool = False  # text loss (text/eos) or target image (image)
+    trainable: bool = False  # text loss (text/eos) or target image (image, query)
+    generated: bool = False  # query: the image to generate (generation prompts), no image of the sample
 
 
 @dataclass
 class Encoded:
     input_ids: torch.Tensor    # [L] token ids (pad id at slots)
     labels: torch.Tensor       # [L] token id where text loss applies, else IGNORE_INDEX
-    slot_type: torch.Tensor    # [L] SLOT_TEXT | SLOT_IMAGE | SLOT_TASK
-    slot_image: torch.Tensor   # [L] image index in the sample for image slots, else -1
-    slot_pos: torch.Tensor     # [L] visual-token index or task-token index, else 0
+    slot_type: torch.Tensor    # [L] SLOT_TEXT | SLOT_IMAGE | SLOT_TASK | SLOT_QUERY
+    slot_image: torch.Tensor   # [L] image index in the sample for image / query slots, else -1
+    slot_pos: torch.Tensor     # [L] visual-token, task-token or query index, else 0
     image_is_target: torch.Tensor  # [num_images] bool
-    text: str                  # the rendered text (slots shown as <image> / <task>)
+    text: str                  # the rendered text (slots shown as <image> / <query> / <task>)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -108,14 +113,22 @@ class Encoded:
     @property
     def target_mask(self) -> torch.Tensor:
         """[L] bool: image slots whose feature is a training target."""
-        is_img = self.slot_type == SLOT_IMAGE
-        tgt = torch.zeros_like(is_img)
+        return self._targets(SLOT_IMAGE)
+
+    @property
+    def query_mask(self) -> torch.Tensor:
+        """[L] bool: query slots whose image is a training target (read at the slot itself)."""
+        return self._targets(SLOT_QUERY)
+
+    def _targets(self, kind: int) -> torch.Tensor:
+        slots = (self.slot_type == kind) & (self.slot_image >= 0)
+        tgt = torch.zeros_like(slots)
         if self.image_is_target.numel():
-            tgt[is_img] = self.image_is_target[self.slot_image[is_img]]
+            tgt[slots] = self.image_is_target[self.slot_image[slots]]
         return tgt
 
 
-_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(TASK_TOKEN)})")
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(QUERY_TOKEN)}|{re.escape(TASK_TOKEN)})")
 
 
 class SequenceBuilder:
@@ -155,9 +168,9 @@ class SequenceBuilder:
     def _expand(self, value: str, gpt: bool) -> list[Piece]:
         out: list[Piece] = []
         for part in _PLACEHOLDER.split(value):
-            if part == IMAGE_TOKEN:
-                out += [Piece("text", IMG_START, gpt), Piece("image", trainable=gpt),
-                        Piece("text", IMG_END, gpt)]
+            if part in (IMAGE_TOKEN, QUERY_TOKEN):
+                kind = "image" if part == IMAGE_TOKEN else "query"
+                out += [Piece("text", IMG_START, gpt), Piece(kind, trainable=gpt), Piece("text", IMG_END, gpt)]
             elif part == TASK_TOKEN:
                 out.append(Piece("task"))
             elif part:
@@ -220,6 +233,7 @@ class SequenceBuilder:
             pieces.append(Piece("text", system + tpl.prompt_start))
         for i, t in enumerate(turns):
             value = t.value.replace(IMAGE_TOKEN, IMG_START + IMAGE_TOKEN + IMG_END)
+            value = value.replace(QUERY_TOKEN, IMG_START + QUERY_TOKEN + IMG_END)
             if t.role == "human":
                 head = tpl.human_prefix if i else ""
                 pieces.append(Piece("text", head + value + tpl.human_suffix + self.gpt_prefix))
@@ -295,12 +309,16 @@ class SequenceBuilder:
             return ids[[self.added_token(i) for i in ids].index(IMAGE_TOKEN) + 1:]
         return self.text_ids(IMG_END)
 
-    def encode(self, sample: Sample, *, generation: bool = False, image_only: bool = False) -> Encoded:
+    def encode(self, sample: Sample, *, generation: bool = False, image_only: bool = False,
+               query: bool = False) -> Encoded:
         """Tokenise a sample. With ``image_only`` (generation), the answer is forced to open ``<Img>``
-        (tokenised alone, as the reference's image-only generation does)."""
+        (tokenised alone, as the reference's image-only generation does); with ``query`` too, N query
+        slots without a target follow it: the image is read from them in one forward pass."""
         pieces = self.render(sample, generation=generation)
         if generation and image_only:
             pieces.append(Piece("text", IMG_START))
+            if query:
+                pieces.append(Piece("query", generated=True))
         seq = _Sequence(self.pad_id)
         shown: list[str] = []
         if self.bos_id is not None and self.template_name != "chat_template":
@@ -314,6 +332,9 @@ class SequenceBuilder:
             elif p.kind == "image":
                 seq.image(n_vis, p.trainable)
                 shown.append(IMAGE_TOKEN)
+            elif p.kind == "query":
+                seq.query(n_vis, p.trainable, generated=p.generated)
+                shown.append(QUERY_TOKEN)
             elif p.kind == "task":
                 seq.task(n_task)
                 shown.append(TASK_TOKEN)
@@ -334,7 +355,7 @@ class SequenceBuilder:
                     elif placeholder == TASK_TOKEN:
                         seq.task(n_task)
                     elif placeholder == QUERY_TOKEN:
-                        raise DataError(f"sample {sample.index}: {QUERY_TOKEN} (a learnable visual query) is not supported")
+                        seq.query(n_vis, p.trainable)
                 shown.append(p.text)
         if len(seq.targets) != len(sample.images):
             raise ConfigError(f"sample {sample.index}: rendered {len(seq.targets)} images but the sample has "
@@ -374,6 +395,14 @@ class _Sequence:
     def image(self, n: int, target: bool) -> None:
         self.targets.append(target)
         self._add([self.pad_id] * n, [IGNORE_INDEX] * n, SLOT_IMAGE, len(self.targets) - 1, list(range(n)))
+
+    def query(self, n: int, target: bool, generated: bool = False) -> None:
+        """N query slots: for the sample's next image (its target when ``target``), or, ``generated``,
+        for an image to generate (no image of the sample)."""
+        if not generated:
+            self.targets.append(target)
+        simg = -1 if generated else len(self.targets) - 1
+        self._add([self.pad_id] * n, [IGNORE_INDEX] * n, SLOT_QUERY, simg, list(range(n)))
 
     def task(self, n: int) -> None:
         self._add([self.pad_id] * n, [IGNORE_INDEX] * n, SLOT_TASK, -1, list(range(n)))

@@ -23,7 +23,7 @@ from ..config import ModelConfig, from_dict, load_yaml, to_dict
 from ..data.format import Sample, load_checked
 from ..data.outputs import (PARTS, RESULTS, append_line, finished_records, image_names, manifest, merge_results,
                             output_stems, prepare_out, sample_hash)
-from ..defaults import GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, RUN_CONFIG, WEIGHTS_FILE
+from ..defaults import ATTN_AUTO, GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, RUN_CONFIG, WEIGHTS_FILE
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, Interrupted
@@ -52,7 +52,7 @@ class GenerateJob:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     attempt: str = field(default_factory=new_attempt)  # names this run's part files
     compile: bool = False
-    attn_implementation: str | None = None
+    attn_implementation: str = ATTN_AUTO  # auto: what transformers picks for the LLM's family
     model_config: ModelConfig | None = None  # a training checkpoint's model (its run's config.yaml)
 
     def __post_init__(self) -> None:
@@ -80,12 +80,12 @@ class ModelSource:
     note: str | None = None
 
     @property
-    def resize(self) -> str:
-        """The size policy the model was trained with."""
+    def model(self) -> ModelConfig:
+        """The model's config: the checkpoint's run's, or the saved folder's ``lm4lv.yaml``."""
         if self.config is not None:
-            return self.config.resize
+            return self.config
         path = self.path / MODEL_CONFIG
-        return from_dict(ModelConfig, load_yaml(path), source=str(path)).resize
+        return from_dict(ModelConfig, load_yaml(path), source=str(path))
 
 
 def resolve_model(run: str | os.PathLike) -> ModelSource:
@@ -136,11 +136,6 @@ def _checkpoint(step_dir: Path) -> ModelSource:
     return ModelSource(step_dir.resolve(), from_dict(ModelConfig, saved["model"], source=str(record)))
 
 
-def resolve_model_dir(run: str | os.PathLike) -> Path:
-    """The folder of :func:`resolve_model`."""
-    return resolve_model(run).path
-
-
 # ---------------------------------------------------------------------------- the job
 @dataclass
 class GenerateSummary:
@@ -158,7 +153,7 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
              image_root: str | os.PathLike | None = None, batch_size: int = GENERATE_BATCH_SIZE,
              precision: str = FP32, generation: GenerationConfig | None = None,
              workers: Workers | None = None, overwrite: bool = False, compile: bool = False,
-             attn_implementation: str | None = None, verbose: bool = False, on_note=None) -> GenerateSummary:
+             attn_implementation: str = ATTN_AUTO, verbose: bool = False, on_note=None) -> GenerateSummary:
     """Parent side of ``lm4lv generate``: check the options, the model and the data, set up the
     output folder, run the workers and count what is finished. ``on_note(text)`` receives notes
     for the user (e.g. answers dropped from training samples)."""
@@ -168,7 +163,8 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     source = resolve_model(run)
     if source.note and on_note:
         on_note(source.note)
-    gen.resize = gen.resize or source.resize
+    saved = source.model
+    gen.resize = gen.resize or saved.resize
     job = GenerateJob(model=str(source.path), data=str(Path(data).resolve()), out=str(Path(out).resolve()),
                       image_root=str(Path(image_root).resolve()) if image_root else None, batch_size=batch_size,
                       precision=precision, generation=gen, compile=compile, attn_implementation=attn_implementation,
@@ -176,6 +172,10 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     workers = workers or Workers()
     _check_device(job)
     samples = load_checked(job.data, image_root=job.image_root, mode="generate")
+    bad = next((s for s in samples if s.has_query), None) if not saved.query else None
+    if bad is not None:
+        raise ConfigError(f"{job.data}: sample {bad.index}: its prompt holds <query>, but the model in "
+                          f"{source.path} was trained without <query> (it has no learnable query)")
     dropped = sum(s.answer_dropped for s in samples)
     if dropped and on_note:
         on_note(f"note: {dropped} of {len(samples)} samples in {job.data} end with an answer (training format); "
@@ -283,12 +283,15 @@ class RestoreJob:
     precision: str = FP32
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     compile: bool = False
-    attn_implementation: str | None = None
+    attn_implementation: str = ATTN_AUTO
+    model_config: ModelConfig | None = None  # a training checkpoint's model (its run's config.yaml)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         precision(self.precision)
+        if isinstance(self.model_config, dict):
+            self.model_config = from_dict(ModelConfig, self.model_config, source="restore job: model_config")
 
 
 @dataclass
@@ -309,21 +312,19 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
     """Parent side of ``lm4lv generate --input``: restore image files and folders into ``out``
     (mirrored paths, see :func:`lm4lv_core.data.outputs.plan_restore`) with the run's recorded
     restoration prompt (or ``prompt``); re-runs skip restored images, ``overwrite`` redoes them."""
-    from ..config import ModelConfig, from_dict, load_yaml
     from ..data.format import find_image_problems
     from ..data.outputs import prepare_restore_out, plan_restore, restore_manifest
     from ..model.restore import image_config, restore_prompt, restore_samples
     from ..util.runlock import hold
 
     gen = image_config(generation)
-    model_dir = resolve_model_dir(run)
-    path = model_dir / MODEL_CONFIG
-    saved = from_dict(ModelConfig, load_yaml(path), source=str(path))
+    source = resolve_model(run)
+    saved = source.model
     gen.resize = gen.resize or saved.resize
     out = Path(out).resolve()
-    job = RestoreJob(model=str(model_dir), out=str(out), prompt=restore_prompt(saved.restore_prompt, prompt),
+    job = RestoreJob(model=str(source.path), out=str(out), prompt=restore_prompt(saved.restore_prompt, prompt),
                      batch_size=batch_size, precision=precision, generation=gen, compile=compile,
-                     attn_implementation=attn_implementation)
+                     attn_implementation=attn_implementation, model_config=source.config)
     _check_device(job)
     items = plan_restore(inputs, out)
     problems = find_image_problems(restore_samples(items, job.prompt), limit=10)
@@ -360,7 +361,8 @@ def restore_job(job: RestoreJob) -> dict[str, int]:
     if mine and not stopped:
         dtype = compute_dtype(job.precision)
         load = memreport.LoadMeter()
-        model = LM4LV.from_pretrained(job.model, dtype=dtype, attn_implementation=job.attn_implementation)
+        model = LM4LV.from_pretrained(job.model, dtype=dtype, attn_implementation=job.attn_implementation,
+                                      config=job.model_config)
         load.done("generate", model, dtype)
         model = model.to(dist.device()).eval()
         label = "restore" + (f" (rank 0 of {world})" if world > 1 else "")

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config", "encoder", "decoder")
 MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss", "adapter", "deadapter",
                 "text_loss_weight", "vision_loss_weight",
-                "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "resize",
+                "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "train_query", "resize",
                 "attn_implementation")
 LORA = {"lora": "enabled", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
         "lora_targets": "target_modules"}
@@ -89,6 +89,29 @@ def check_image_answers(model: ModelConfig, samples: list[Sample], data: str) ->
                           "decoder (text answers only); give --decoder FAMILY:SOURCE or use text answers")
 
 
+def complete_for_run(model: ModelConfig, samples: list[Sample]) -> ModelConfig:
+    """Fill what the model config leaves to the LLM's family (the ``auto`` attention, LoRA's
+    default targets) and to the data (a learnable query when it holds ``<query>``), so the run
+    records what it uses. A resumed run with a query keeps it."""
+    from ..model.families import resolve_llm_options
+
+    resolve_llm_options(model)
+    model.query = model.query or any(s.has_query for s in samples)
+    return model
+
+
+def llm_summary(model: ModelConfig) -> str:
+    """One line on the resolved LLM choices (``--dry-run``)."""
+    from ..model.families import llm_config, model_type
+
+    lora = model.lora.target_modules
+    lora = ",".join(lora) if isinstance(lora, list) else lora
+    return (f"LLM {model_type(llm_config(model.llm)) or '?'}: attention {model.attn_implementation}"
+            + (f"; LoRA r={model.lora.r} on {lora}" if model.lora.enabled else "")
+            + ("; learnable query for <query> (" + ("trained" if model.train_query else "frozen") + ")"
+               if model.query else ""))
+
+
 def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
     """Everything that can be checked before workers start; makes the data and image paths
     absolute and returns the parsed samples."""
@@ -108,6 +131,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
         path = getattr(model, part).kwargs.get("path")
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"{part} {path}: folder not found")
+    complete_for_run(model, samples)
     require_gpu_for(cfg.precision)
     check_attn_implementation(model.attn_implementation, dtype=compute_dtype(cfg.precision))
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
@@ -148,6 +172,7 @@ class DryRun:
     tokens: str
     counts: dict[str, int]
     plan: str
+    llm: str = ""  # the resolved LLM choices (attention, LoRA targets, query)
 
 
 def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = None) -> DryRun:
@@ -159,10 +184,12 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     if gpu_memory is not None and not (0 < gpu_memory < float("inf")):
         raise ConfigError(f"--gpu-memory must be a finite number > 0 (GiB), got {gpu_memory}")
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
+    complete_for_run(model, samples)
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
     from ..engine.backends import checked_deepspeed_overrides
 
     overrides = checked_deepspeed_overrides(cfg, cfg.nproc * cfg.num_nodes) if cfg.deepspeed_config else None
     plan = plan_training(cfg, model, samples, gpu, deepspeed_overrides=overrides)
-    return DryRun(len(samples), cfg.data, text, tokens, counts, vision_summary(model) + "\n" + format_plan(plan))
+    return DryRun(len(samples), cfg.data, text, tokens, counts, vision_summary(model) + "\n" + format_plan(plan),
+                  llm_summary(model))

@@ -20,6 +20,9 @@ Generation continues each conversation from its last, empty gpt turn:
     or after the first image in image-only mode. Finished samples feed a masked-out position
     until the whole batch ends.
 
+* a model trained on ``<query>`` answers reads the image of an image-only sample in the prefill
+  instead: its prompt ends with ``<Img>`` + N learnable query slots and the N hidden states there
+  give the N tokens at once (:mod:`.query`); the sample is then done;
 * the vision decoder turns each image's N tokens into pixels.
 
 ``naive_generate_images`` is the reference algorithm (batch 1, the whole sequence recomputed at
@@ -35,6 +38,7 @@ from typing import Callable, Sequence
 import torch
 
 from .compiled_decode import compiled_decode, eager_step
+from .query import check_query, query_rows, read_query
 from ..data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
 from ..data.format import TASK_TOKEN, Sample, parse_sample
 from ..data.sequence import IMG_START, SLOT_TEXT
@@ -60,6 +64,9 @@ class GenerationConfig:
     size of its sample's first input image (see :func:`lm4lv_core.image.io.restored_size`),
     ``model`` at the model's square size; it applies where images are written (``restore``, the
     ``generate`` job), not to the tensors ``generate_samples`` returns.
+
+    ``query``: a model trained with ``<query>`` reads image-only answers from its learnable query
+    in one forward pass (``False``: one visual token per step, as a model without it).
     """
 
     max_new_tokens: int = 64
@@ -70,6 +77,7 @@ class GenerationConfig:
     mode: str = "auto"
     resize: str | None = None
     output_size: str = "input"
+    query: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -229,7 +237,7 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
     ``compile``: run the decode steps of an image-only batch through ``torch.compile``.
     """
     keys = list(keys) if keys is not None else list(batch.sample_index)
-    d = _prefill(model, batch, cfg, image_only, keys, compile)
+    d = _prefill(model, batch, cfg, image_only, keys, compile)  # (images of query rows read there)
     while True:
         modes = [st.mode for st in d.states]
         if all(m == DONE for m in modes):
@@ -251,37 +259,51 @@ def generate_batch(model, batch: Batch, cfg: GenerationConfig, *, image_only: Se
 def _prefill(model, batch: Batch, cfg: GenerationConfig, image_only: Sequence[bool], keys: list[int],
              compile: bool) -> _Decode:
     """Run the prompts through the backbone into a KV cache (a static one, compiled decode steps
-    with ``compile``, when every sample is image-only); the decode state after the prompts."""
+    with ``compile``, when every sample is image-only; none when every sample ends with query
+    slots); the decode state after the prompts, with the images of query rows read."""
     B, L = batch.input_ids.shape
     dev = batch.input_ids.device
     emb = model.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos,
                       model.batch_features(batch))
     mask = batch.attention_mask
+    qrows = query_rows(batch)
+    decode = len(qrows) < B  # rows that go on one token per step
     final_len = L + model.num_visual_tokens if all(image_only) else None
-    step = compiled_decode(model) if compile and final_len else None
-    cache = step.cache_for(B, final_len) if step else new_cache(model, final_len)
-    fixed = static_length(cache)
+    step = compiled_decode(model) if compile and final_len and decode else None
+    cache = (step.cache_for(B, final_len) if step else new_cache(model, final_len)) if decode else None
+    fixed = static_length(cache) if decode else None
     if fixed:  # a fixed-size mask over the whole cache; slot L + t is opened at decode step t
         mask = torch.cat([mask, mask.new_zeros(B, fixed - L)], dim=1)
     out = model.backbone()(inputs_embeds=emb, attention_mask=mask, position_ids=batch.position_ids,
-                           cache=cache, use_cache=True)
-    states = _initial_states(model.tokenizer, batch, cfg, image_only, keys)
+                           cache=cache, use_cache=decode)
+    states = _initial_states(model.tokenizer, batch, cfg, image_only, keys, set(qrows))
     generators = [sample_generator(cfg.seed, k, dev) for k in keys] if not cfg.greedy else []
     pad_emb = model.llm.get_input_embeddings()(torch.tensor([model.builder.pad_id], device=dev))[0]
+    outputs = [SampleOutput() for _ in range(B)]
+    if qrows:
+        pick_for = lambda rows: lambda logits: next_tokens(  # noqa: E731 - each row draws from its own generator
+            logits, cfg, [generators[b] for b in rows] if generators else [])
+        for b, tokens in zip(qrows, read_query(model, out.last_hidden_state, qrows, pick_for)):
+            outputs[b].features.append(tokens)
     return _Decode(model=model, cfg=cfg, states=states, generators=generators,
-                   step=step or functools.partial(eager_step, model.backbone()), cache=out.cache,
+                   step=step or functools.partial(eager_step, model.backbone()), cache=out.cache if decode else None,
                    h=out.last_hidden_state[:, -1], mask=mask, pos=batch.position_ids[:, -1] + 1,
                    fixed=fixed, prompt_len=L, pad_emb=pad_emb,
-                   cur=model.space.empty(B, dev, model.adapter_dtype),
-                   outputs=[SampleOutput() for _ in range(B)])
+                   cur=model.space.empty(B, dev, model.adapter_dtype), outputs=outputs)
 
 
 def _initial_states(tokenizer, batch: Batch, cfg: GenerationConfig, image_only: Sequence[bool],
-                    keys: list[int]) -> list[_State]:
+                    keys: list[int], query: set[int] = frozenset()) -> list[_State]:
     """Each sample's state after its prompt: *image* when the prompt ends with ``<Img>``, else
-    *text* (*done* at once when no token may be sampled)."""
+    *text* (*done* at once when no token may be sampled, or for ``query`` rows, whose image the
+    prefill reads)."""
     states = []
     for b in range(batch.size):
+        if b in query:
+            st = _State([-1], True, start_image=True)
+            st.mode = DONE
+            states.append(st)
+            continue
         ids, stype, m = batch.input_ids[b].tolist(), batch.slot_type[b].tolist(), batch.attention_mask[b].tolist()
         tail = [i if s == SLOT_TEXT and k else -1 for i, s, k in zip(ids, stype, m)][-_WINDOW:]
         start_image = _tail_text(tokenizer, tail).endswith(IMG_START)
@@ -473,13 +495,16 @@ def naive_generate_images(model, batch: Batch) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- samples & API
-def build_items(model, samples: Sequence[Sample], mode: str, loader=None, resize: str | None = None):
+def build_items(model, samples: Sequence[Sample], mode: str, loader=None, resize: str | None = None,
+                query: bool = True):
     """Dataset items of generation samples, each encoded in its own mode; images are brought to
-    the model's size by ``resize`` (``None``: the model's own size policy)."""
+    the model's size by ``resize`` (``None``: the model's own size policy). Image-only samples of
+    a model with a learnable query end with its slots (unless ``query`` is False)."""
     kw = {"loader": loader} if loader is not None else {}
     kw["resize"] = resize or model.config.resize
     size = model.encoder.image_size
-    ds_img = LM4LVDataset(samples, model.builder, size, generation=True, image_only=True, **kw)
+    with_query = query and model.query_tokens is not None
+    ds_img = LM4LVDataset(samples, model.builder, size, generation=True, image_only=True, query=with_query, **kw)
     ds_txt = LM4LVDataset(samples, model.builder, size, generation=True, image_only=False, **kw)
     flags = [image_only_for(s, mode) for s in samples]
     return [(ds_img if f else ds_txt)[i] for i, f in enumerate(flags)], flags
@@ -502,12 +527,13 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     dev = model_device(model)
     dtype = model.adapter_dtype
+    check_query(model, samples)
     if decode_images and (model.decoder is not None or any(image_only_for(s, cfg.mode) for s in samples)):
         check_decodable(model, model.num_visual_tokens)  # (a model without a decoder: text answers only)
     results: list[SampleOutput] = []
     for start in range(0, len(samples), batch_size):
         chunk = list(samples[start:start + batch_size])
-        items, flags = build_items(model, chunk, cfg.mode, loader, cfg.resize)
+        items, flags = build_items(model, chunk, cfg.mode, loader, cfg.resize, cfg.query)
         batch = collate(items, pad_id=model.builder.pad_id, padding_side="left").to(dev, dtype)
         outs = generate_batch(model, batch, cfg, image_only=flags, decode_images=decode_images, compile=compile)
         if on_batch is not None:

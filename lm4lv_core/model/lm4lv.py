@@ -1,9 +1,10 @@
-"""LM4LV: a frozen causal LM, a vision encoder/decoder, two adapters and K task tokens.
+"""LM4LV: a frozen causal LM, a vision encoder/decoder, two adapters and K task tokens (and,
+for ``<query>`` data, N learnable query embeddings).
 
 Reads top to bottom: build (``from_config`` / ``from_pretrained``), freeze, embed a batch
-(vectorised scatter of visual and task embeddings), run the LLM backbone for hidden states, and
-compute the losses outside the LLM (text cross-entropy on gpt tokens, vision loss on the hidden
-state *before* each target image slot).
+(vectorised scatter of visual, task and query embeddings), run the LLM backbone for hidden
+states, and compute the losses outside the LLM (text cross-entropy on gpt tokens, vision loss on
+the hidden state *before* each target image slot and *at* each target query slot).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from ..config import ModelConfig, from_dict, load_yaml, save_yaml
 from ..data.dataset import Batch
-from ..data.sequence import SLOT_IMAGE, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
+from ..data.sequence import SLOT_IMAGE, SLOT_QUERY, SLOT_TASK, IGNORE_INDEX, SequenceBuilder
 from ..defaults import MODEL_CONFIG, WEIGHTS_FILE
 from ..errors import ConfigError
 from ..util.finite import nonfinite_names
@@ -32,6 +33,7 @@ from ..vision import build_adapter, build_decoder, build_encoder, complete_confi
 
 CONFIG_FILE = MODEL_CONFIG
 LORA_DIR = "lora"
+EMBEDDINGS = ("task_tokens", "query_tokens")  # learnt input embeddings, saved with the trainable weights
 
 
 @dataclass
@@ -42,19 +44,23 @@ class LM4LVOutput(ModelOutput):
     text_loss: torch.Tensor | None = None
     vision_loss: torch.Tensor | None = None
     vision_pred: torch.Tensor | None = None    # [T, N, head_dim] predictions (features or code logits)
-    target_images: torch.Tensor | None = None  # [T] indices into batch.pixels
+    target_images: torch.Tensor | None = None  # [T] indices into batch.pixels (image targets, then query targets)
 
 
 def load_llm(path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
     """Any Hugging Face causal LM folder and its tokenizer, its weights read in ``dtype`` (default
-    float32; never the checkpoint's own dtype, which transformers v5 would pick by default)."""
+    float32; never the checkpoint's own dtype, which transformers v5 would pick by default), with
+    ``attn_implementation`` (``auto`` or ``None``: what transformers picks for the family)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from .families import llm_config, resolve_attn_implementation
 
     kwargs = {"dtype": dtype or torch.float32}
     if attn_implementation:
         check_attn_implementation(attn_implementation, dtype=kwargs["dtype"])
-        kwargs["attn_implementation"] = attn_implementation
+        kwargs["attn_implementation"] = resolve_attn_implementation(attn_implementation, llm_config(path),
+                                                                    f" in {path}")
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -82,6 +88,8 @@ class LM4LV(nn.Module):
         emb_w = llm.get_input_embeddings().weight
         std = 1.0 if emb_w.is_meta else float(emb_w.detach().float().std())  # meta: memory planning
         self.task_tokens = nn.Parameter(torch.randn(config.num_task_tokens, d_llm) * std)
+        # <query>: one learnt embedding per visual token of the image to generate
+        self.query_tokens = nn.Parameter(torch.randn(self.num_visual_tokens, d_llm) * std) if config.query else None
         self.vision_loss_fn = vision_loss(config.vision_loss)
         if self.vision_loss_fn.uses_decoder and self.num_visual_tokens != decoder.num_tokens:
             raise ConfigError(f"vision_loss {config.vision_loss!r} needs all {decoder.num_tokens} visual tokens "
@@ -105,6 +113,7 @@ class LM4LV(nn.Module):
 
         resolve_model(config)  # hub ids -> snapshot folders in the Hugging Face cache
         llm, tokenizer = load_llm(config.llm, dtype, config.attn_implementation)
+        config.attn_implementation = llm.config._attn_implementation  # auto: recorded as resolved
         check_output_logits(llm, config.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -174,7 +183,7 @@ class LM4LV(nn.Module):
             sd.update(state_dict)
         keep = self._saved_prefixes()
         weights = {k: v.detach().cpu().contiguous() for k, v in sd.items()
-                   if k.startswith(keep) or k == "task_tokens"}
+                   if k.startswith(keep) or k in EMBEDDINGS}
         params = dict(self.named_parameters())
         for k, v in weights.items():  # a ZeRO-3 partition left ungathered would not reload
             full = getattr(params.get(k), "ds_shape", None)
@@ -196,7 +205,7 @@ class LM4LV(nn.Module):
         caller gathers them all into ``state_dict``)."""
         keep = self._saved_prefixes()
         return [n for n, p in self.named_parameters()
-                if n.startswith(keep) or n == "task_tokens" or (p.requires_grad and "lora_" in n)]
+                if n.startswith(keep) or n in EMBEDDINGS or (p.requires_grad and "lora_" in n)]
 
     def _saved_prefixes(self) -> tuple[str, ...]:
         keep = ["adapter.", "deadapter."]
@@ -213,6 +222,8 @@ class LM4LV(nn.Module):
             is_lora = cfg.lora.enabled and "lora_" in name
             p.requires_grad_(is_lora)
         self.task_tokens.requires_grad_(True)
+        if self.query_tokens is not None:
+            self.query_tokens.requires_grad_(cfg.train_query)
         for module, flag in ((self.adapter, cfg.train_adapter), (self.deadapter, cfg.train_deadapter),
                              (self.encoder, cfg.train_encoder), (self.decoder, cfg.train_decoder)):
             for p in module.parameters() if module is not None else ():
@@ -300,15 +311,21 @@ class LM4LV(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, slot_type: torch.Tensor, slot_image: torch.Tensor,
               slot_pos: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with visual and task slots filled in (one vectorised scatter each)."""
+        """Token embeddings with visual, task and query slots filled in (one vectorised scatter each)."""
         emb = self.llm.get_input_embeddings()(input_ids)
         img = slot_type == SLOT_IMAGE
         task = slot_type == SLOT_TASK
+        query = slot_type == SLOT_QUERY
         if img.any():
             vis = self.adapter(self.space.adapter_input(features[slot_image[img], slot_pos[img]], self.adapter_dtype))
             emb = emb.masked_scatter(img.unsqueeze(-1), vis.to(emb.dtype))
         if task.any():
             emb = emb.masked_scatter(task.unsqueeze(-1), self.task_tokens[slot_pos[task]].to(emb.dtype))
+        if query.any():
+            if self.query_tokens is None:
+                raise ConfigError("the data holds <query> but this model has no learnable query (it was built "
+                                  "without <query> data); train a model on <query> answers")
+            emb = emb.masked_scatter(query.unsqueeze(-1), self.query_tokens[slot_pos[query]].to(emb.dtype))
         return emb
 
     @property
@@ -335,18 +352,24 @@ class LM4LV(nn.Module):
             text_loss = text_cross_entropy(logits, labels[has_text])
         else:
             text_loss = zero_touching(self.lm_head().parameters()).to(h.device)
-        # vision: the hidden state at t-1 predicts the feature of target slot t
-        tmask = batch.target_mask[:, 1:]
-        if tmask.any():
+        # vision: the hidden state at t-1 predicts the token of target image slot t, the hidden
+        # state at a target query slot predicts that slot's token
+        reads = [(h_prev, batch.target_mask[:, 1:], batch.slot_image[:, 1:])]
+        if batch.query_mask is not None and batch.query_mask.any():
+            reads.append((h, batch.query_mask, batch.slot_image))
+        hs = [states[mask] for states, mask, _ in reads if mask.any()]
+        if hs:
             n = self.num_visual_tokens
-            pred = self.deadapter(h_prev[tmask].to(self.adapter_dtype)).view(-1, n, self.space.head_dim)
-            img_ids = batch.slot_image[:, 1:][tmask].view(-1, n)[:, 0]
+            pred = self.deadapter(torch.cat(hs).to(self.adapter_dtype)).view(-1, n, self.space.head_dim)
+            img_ids = torch.cat([ids[mask].view(-1, n)[:, 0] for _, mask, ids in reads if mask.any()])
             target = feats[img_ids]
             vision_loss = self.vision_loss_fn(pred, target, batch.pixels[img_ids], self.decoder)
         else:
             pred = img_ids = None
             vision_loss = self._touch(self.deadapter, h.shape[-1], h.device)
         text_loss = text_loss + self._touch(self.adapter, self.space.in_dim, h.device) + self.task_tokens.sum() * 0.0
+        if self.query_tokens is not None:
+            text_loss = text_loss + self.query_tokens.sum() * 0.0
         loss = self.config.text_loss_weight * text_loss + self.config.vision_loss_weight * vision_loss
         return LM4LVOutput(loss, text_loss.detach(), vision_loss.detach(), pred, img_ids)
 
@@ -384,15 +407,18 @@ def _check_decoder_fits(encoder, decoder) -> None:
 
 
 def _wrap_lora(llm: nn.Module, config: ModelConfig) -> nn.Module:
+    """LoRA on ``llm``: the configured targets, or the family's defaults (recorded in ``config``)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    from .families import check_lora_targets, default_lora_targets
+
     lc = config.lora
-    names = {n.rsplit(".", 1)[-1] for n, _ in llm.named_modules()}
-    missing = [t for t in lc.target_modules if t not in names]
-    if missing:
-        raise ConfigError(f"LoRA target module(s) {', '.join(missing)} not found in {config.llm}; "
-                          f"e.g. {', '.join(sorted(n for n in names if 'proj' in n or 'attn' in n)[:8])}")
+    where = f" in {config.llm}"
+    if lc.target_modules is None:
+        lc.target_modules = default_lora_targets(llm.config, where)
+    check_lora_targets(llm, lc.target_modules, where)
+    targets = lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules)
     peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                              target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+                              target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(llm, peft_cfg)

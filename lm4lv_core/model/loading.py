@@ -27,17 +27,17 @@ def check_attn_implementation(name: str, *, dtype: torch.dtype | None = None, cu
         return
     if importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package "
-                          "(pip install flash-attn), which is not installed; use sdpa")
+                          "(pip install flash-attn), which is not installed; use auto")
     if cuda is None:
         from ..util.dist import has_cuda
 
         cuda = has_cuda()
     if not cuda:
         raise ConfigError("--attn-implementation flash_attention_2 needs a CUDA GPU; this machine runs on "
-                          "the CPU, use sdpa")
+                          "the CPU, use auto")
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         raise ConfigError(f"--attn-implementation flash_attention_2 needs an Ampere or newer GPU (compute "
-                          f"capability >= 8.0), this one is {major}.{minor}; use sdpa")
+                          f"capability >= 8.0), this one is {major}.{minor}; use auto")
     if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
         raise ConfigError("--attn-implementation flash_attention_2 needs --precision bf16 or fp16")

@@ -27,7 +27,8 @@ every linear layer's input (``s·(2h + h + I)``). The backward of a layer
 needs ``3·s·I`` per token more (the MLP's input gradients). The loss keeps the float32
 log-softmax of the text-loss positions only (``vocab`` per position) and the deadapter's input
 at target image slots. A frozen encoder runs without gradient: only its working set during the
-forward counts. Other LLM families use the same model (approximate).
+forward counts. Other LLM families use the same model (approximate; the plan says so, see
+``families.QUIRKS``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class ModelShape:
     visual_tokens: int = 0     # slots per image in the sequence
     image_size: int = 0
     approximate: bool = False  # a vision part the plan counts by its weights only
+    llm_family: str = ""       # the LLM's model_type
+    llm_calibrated: bool = True  # the activation model was measured on this family's layers
 
 
 @dataclass
@@ -89,7 +92,7 @@ class DataShape:
 
     seq_len: int
     image_slots: int          # input (non-target) image slots per sample
-    target_slots: int         # target image slots per sample
+    target_slots: int         # target image and query slots per sample (deadapter inputs)
     images: int               # images per sample (all encoded)
     text_loss_tokens: int
     samples_scanned: int
@@ -158,7 +161,8 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
     heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
     head_dim = getattr(c, "head_dim", None) or hidden // heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * hidden
+    inter = next((v for v in (getattr(c, k, None) for k in ("intermediate_size", "n_inner", "ffn_dim",
+                                                              "ffn_hidden_size")) if isinstance(v, int)), 4 * hidden)
     lora = []
     if layers and cfg.lora.enabled:
         for n, m in layers[0].named_modules():
@@ -173,6 +177,9 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
                        head_dim=model.space.head_dim,
                        vision_tokens=model.encoder.num_tokens, visual_tokens=model.num_visual_tokens,
                        image_size=model.encoder.image_size)
+    from .families import model_type, quirks
+
+    shape.llm_family, shape.llm_calibrated = model_type(c), quirks(c).plan_calibrated
     enc = model.encoder.plan_shape()
     shape.encoder_dim, shape.encoder_layers, shape.encoder_intermediate = enc.dim, enc.layers, enc.intermediate
     shape.encoder_forward_elements = enc.forward_elements
@@ -201,8 +208,8 @@ def data_shape(cfg: ModelConfig, samples: Sequence[Any], limit: int = SCAN_SAMPL
     for s in samples[:limit]:
         enc = builder.encode(s)
         img = enc.slot_type == SLOT_IMAGE
-        tgt = int(enc.target_mask.sum())
-        best = DataShape(max(best.seq_len, len(enc)), max(best.image_slots, int(img.sum()) - tgt),
+        tgt = int(enc.target_mask.sum()) + int(enc.query_mask.sum())
+        best = DataShape(max(best.seq_len, len(enc)), max(best.image_slots, int(img.sum()) - int(enc.target_mask.sum())),
                          max(best.target_slots, tgt), max(best.images, len(s.images)),
                          max(best.text_loss_tokens, int((enc.labels[1:] != IGNORE_INDEX).sum())),
                          best.samples_scanned + 1)
@@ -384,6 +391,9 @@ def plan_training(train, model: ModelConfig, samples: Sequence[Any], gpu_memory_
                   seq_len: int | None = None, deepspeed_overrides: dict | None = None) -> Plan:
     """The plan of ``lm4lv train`` with ``train`` / ``model`` on ``samples`` (``seq_len`` overrides
     the longest rendered sample's length; ``deepspeed_overrides``: the checked ``--deepspeed-config``)."""
+    from .families import resolve_llm_options
+
+    resolve_llm_options(model)  # the attention transformers picks, LoRA's default targets
     d = data_shape(model, samples)
     if seq_len is not None:
         d.seq_len = seq_len
@@ -455,6 +465,9 @@ def format_plan(plan: Plan) -> str:
     ]
     if m.approximate:
         lines.append("  (approximate: a vision part's activations are not modelled, only its weights)")
+    if not m.llm_calibrated:
+        lines.append(f"  (approximate: the activation model is calibrated on Llama layers; {m.llm_family or 'this'} "
+                     "layers may keep more or less)")
     rule = "  " + "-" * 44
     for what, nbytes, note in plan_rows(plan):
         if what == "activations kept for backward" or what == "total":

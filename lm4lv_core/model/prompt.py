@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..data.format import Sample
-from ..data.sequence import SLOT_IMAGE, SLOT_TASK, SLOT_TEXT, Encoded, SequenceBuilder, IGNORE_INDEX
+from ..data.sequence import SLOT_IMAGE, SLOT_QUERY, SLOT_TASK, SLOT_TEXT, Encoded, SequenceBuilder, IGNORE_INDEX
 
 
 def vision_token_count(cfg: ModelConfig) -> int:
@@ -16,8 +16,8 @@ def vision_token_count(cfg: ModelConfig) -> int:
 
 
 def token_view(enc: Encoded, tokenizer) -> str:
-    """The sequence token by token: text tokens as the tokenizer's strings, each image / task block
-    as one ``[...]`` item; runs that carry a loss (text loss or target image) are wrapped in « »."""
+    """The sequence token by token: text tokens as the tokenizer's strings, each image / query / task
+    block as one ``[...]`` item; runs that carry a loss (text loss or target image) are wrapped in « »."""
     items: list[tuple[str, bool]] = []
     ids, labels, stype = enc.input_ids.tolist(), enc.labels.tolist(), enc.slot_type.tolist()
     simg, spos = enc.slot_image.tolist(), enc.slot_pos.tolist()
@@ -25,10 +25,17 @@ def token_view(enc: Encoded, tokenizer) -> str:
     for i, t in enumerate(stype):
         if t == SLOT_TEXT:
             items.append((str(tokenizer.convert_ids_to_tokens(ids[i])), labels[i] != IGNORE_INDEX))
-        elif spos[i] == 0 and t == SLOT_IMAGE:
-            n = sum(1 for j in range(i, len(stype)) if stype[j] == SLOT_IMAGE and simg[j] == simg[i])
-            target = targets[simg[i]]
-            items.append((f"[image {simg[i]}: {n} slots{', target' if target else ''}]", target))
+        elif spos[i] == 0 and t in (SLOT_IMAGE, SLOT_QUERY):
+            n = 1
+            while i + n < len(stype) and stype[i + n] == t and spos[i + n] == n:
+                n += 1
+            target = simg[i] >= 0 and targets[simg[i]]
+            if t == SLOT_IMAGE:
+                label = f"image {simg[i]}: {n} slots" + (", target" if target else "")
+            else:  # the hidden state at each query slot predicts its token
+                of = f" for image {simg[i]}" if simg[i] >= 0 else ""
+                label = f"query{of}: {n} slots" + (", target read here" if target else "")
+            items.append((f"[{label}]", target))
         elif spos[i] == 0 and t == SLOT_TASK:
             n = 1
             while i + n < len(stype) and stype[i + n] == SLOT_TASK and spos[i + n] == n:
@@ -70,6 +77,7 @@ def render_first_prompt(cfg: ModelConfig, sample: Sample) -> tuple[str, str, dic
         "text tokens": int((enc.slot_type == 0).sum()),
         "image slots": int((enc.slot_type == SLOT_IMAGE).sum()),
         "target image slots": int(enc.target_mask.sum()),
+        "query slots": int((enc.slot_type == SLOT_QUERY).sum()),
         "task slots": int((enc.slot_type == SLOT_TASK).sum()),
         "text-loss tokens": int((enc.labels != IGNORE_INDEX).sum()),
     }
