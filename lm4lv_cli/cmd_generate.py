@@ -76,6 +76,11 @@ def generate(
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size,
                            query=query)
+    if paths:
+        show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
+                                     generation=gen, workers=workers, overwrite=overwrite, compile=compile,
+                                     attn_implementation=attn_implementation, verbose=verbose))
+        return
     res = run_generate(run, data, out, image_root=image_root, batch_size=batch_size, precision=precision,
                        generation=gen, workers=workers, overwrite=overwrite, compile=compile,
                        attn_implementation=attn_implementation, verbose=verbose,

@@ -119,6 +119,38 @@ def _check_overwrite(out: Path, names: list[str]) -> None:
                           "lm4lv recon; --overwrite replaces only lm4lv's outputs: choose another --out")
 
 
+def recon_parts(mae: str | None = None, preset: str | None = None, encoder: str | None = None,
+                decoder: str | None = None) -> tuple[ModuleSpec, ModuleSpec]:
+    """The encoder and decoder to reconstruct with: ``--encoder/--decoder FAMILY:SOURCE`` (the
+    decoder defaults to the encoder's family), ``--mae`` (both MAE) or a preset's vision parts;
+    hub ids resolved to local folders."""
+    from ..sources.hub import local_path
+    from ..sources.presets import preset_config
+    from ..vision import has_decoder, parse_part
+
+    if sum(bool(x) for x in (mae, preset, encoder)) != 1:
+        raise ConfigError("give exactly one of --encoder FAMILY:SOURCE, --mae PATH|ID or --preset NAME")
+    if mae or (preset and not encoder and not decoder and preset_config(preset).encoder.name == "mae"):
+        path, _ = mae_path(mae, preset)
+        return ModuleSpec("mae", {"path": path}), ModuleSpec("mae", {"path": path})
+    if preset:
+        cfg = preset_config(preset)
+        return cfg.encoder, cfg.decoder
+    enc = parse_part(encoder, "encoder")
+    if decoder:
+        dec = parse_part(decoder, "decoder")
+    elif has_decoder(enc.name):
+        dec = ModuleSpec(enc.name, dict(enc.kwargs))
+    else:
+        dec = None
+    if dec is None:
+        raise ConfigError(f"--encoder {enc.name} has no decoder to reconstruct with; give --decoder FAMILY:SOURCE")
+    for spec, option in ((enc, "--encoder"), (dec, "--decoder")):
+        if isinstance(spec.kwargs.get("path"), str):
+            spec.kwargs["path"] = local_path(spec.kwargs["path"], option)[0]
+    return enc, dec
+
+
 def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, preset: str | None = None,
                 encoder: str | None = None, decoder: str | None = None,
                 batch_size: int = RECON_BATCH_SIZE, crop_border: int = CROP_BORDER, precision: str = FP32,
