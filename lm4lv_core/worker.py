@@ -9,6 +9,7 @@ without a launcher or this module.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .config import from_dict, load_yaml
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     from .util.fsutil import write_failure, write_json_atomic
 
     logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
+    # the parent starts the launcher with these blocked (so that a signal to every process of a job
+    # does not make the launcher kill its workers); a worker stops on them at its next safe point
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.SIGNALS)
     job = Path(args.job)
     rank = int(os.environ.get("RANK", "0"))
     # the lm4lv parent forwards its signals as this file (beside the job: other nodes see it too);
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 spec = JOBS.get(args.kind)
                 result = spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
-                if rank == 0 and result is not None:  # what an in-process run would return
+                # rank 0's value, what an in-process run would return, for the parent of every node
+                result = dist.broadcast_object(result)
+                if int(os.environ.get("LOCAL_RANK", rank)) == 0 and result is not None:
                     write_json_atomic(result_file(job), result)
             except Interrupted as e:
                 # stopped on request with the progress saved: the parent reports it and exits 75
@@ -57,9 +63,27 @@ def main(argv: list[str] | None = None) -> None:
             msg = str(e) if isinstance(e, LM4LVError) else f"cannot write {e.filename or ''}: {write_failure(e)}"
             _report(job, rank, msg)
             sys.exit(2)
-        except Exception:
+        except Exception as e:
+            if _lost_peer(e):  # a consequence: the worker that failed (or its node's record) tells why
+                logs.console_file().write(f"worker rank {rank}: lost the connection to the other workers "
+                                          f"({str(e).splitlines()[0][:200]})\n")
+                logs.console_file().flush()
+                sys.exit(1)
             _show_traceback(rank)
             raise
+
+
+_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+         "Socket Timeout", "connection refused")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another worker went away."""
+    import torch.distributed as tdist
+
+    if isinstance(e, getattr(tdist, "DistNetworkError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(m.lower() in str(e).lower() for m in _LOST)
 
 
 def _show_traceback(rank: int) -> None:

@@ -113,7 +113,7 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
     job = GenerateJob(model=str(model_dir), data=str(Path(data).resolve()), out=str(Path(out).resolve()),
                       image_root=str(Path(image_root).resolve()) if image_root else None, batch_size=batch_size,
                       precision=precision, generation=gen, compile=compile, attn_implementation=attn_implementation)
-    workers = workers or Workers()
+    workers = (workers or Workers()).resolve()
     _check_device(job)
     samples = load_checked(job.data, image_root=job.image_root, mode="generate")
     dropped = sum(s.answer_dropped for s in samples)
@@ -121,8 +121,11 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
         on_note(f"note: {dropped} of {len(samples)} samples in {job.data} end with an answer (training format); "
                 "each last answer is dropped and generated")
     out = Path(job.out)
-    with hold(out, "generate"):  # one run per folder; removes temporary files of killed runs
-        prepare_out(out, manifest(job.model, job.data, job.precision, to_dict(job.generation)), overwrite, JOB_DIR)
+    node = workers.node if workers.per_node else None  # several nodes: node 0 sets up the shared folder
+    # one run per folder (per node); removes temporary files of killed runs
+    with hold(out, "generate", node=node, shared=(JOB_DIR,)), launch.on_node(workers, out / JOB_DIR, out / LOG_FILE):
+        if not node:
+            prepare_out(out, manifest(job.model, job.data, job.precision, to_dict(job.generation)), overwrite, JOB_DIR)
         counts = launch.run_job("generate", job, job_dir=out / JOB_DIR, workers=workers, log_file=out / LOG_FILE,
                                 verbose=verbose)
     return GenerateSummary(counts["skipped"], counts["finished"], len(samples), dropped, out / RESULTS)

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from ..defaults import CROP_BORDER, RECON_BATCH_SIZE
+from ..defaults import CROP_BORDER, JOB_DIR, RECON_BATCH_SIZE
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, LM4LVError
 from ..precision import FP32
 from ..image.io import load_rgb, require_images, save_png
 from ..sources.presets import mae_path
+from ..util.fsutil import user_entries
 from ..util.progress import rank0_progress
 
 LOG_FILE = "recon-mae.log"
@@ -99,8 +100,10 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
                 workers: Workers | None = None, overwrite: bool = False,
                 verbose: bool = False) -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon-mae``: check, then run the reconstruction workers (third-party
-    output goes to ``out/recon-mae.log``)."""
+    output goes to ``out/recon-mae.log``). On several nodes (one launcher each) ``out`` is on the
+    shared filesystem and holds the job folder; node 0 checks that it may write there."""
     from ..precision import compute_dtype
+    from ..util.runlock import hold
 
     compute_dtype(precision)
     launch.require_gpu_for(precision)
@@ -111,10 +114,22 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     require_images(images)
     if out.resolve() == images.resolve() or images.resolve() in out.resolve().parents:
         raise ConfigError(f"--out {out}: must not be the input folder or inside it")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
+    workers = (workers or Workers()).resolve()
     job = ReconJob(mae=path, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
                    crop_border=crop_border, precision=precision)
-    with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
-        return launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers or Workers(),
-                              log_file=out / LOG_FILE, verbose=verbose)
+    if not workers.per_node:
+        _check_out(out, overwrite)
+        with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
+            return launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers, log_file=out / LOG_FILE,
+                                  verbose=verbose)
+    with hold(out, "recon-mae", node=workers.node, shared=(JOB_DIR,)), \
+            launch.on_node(workers, out / JOB_DIR, out / LOG_FILE):
+        if workers.node == 0:
+            _check_out(out, overwrite)
+        return launch.run_job("recon-mae", job, job_dir=out / JOB_DIR, workers=workers, log_file=out / LOG_FILE,
+                              verbose=verbose)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_dir() and any(p.name != JOB_DIR for p in user_entries(out)) and not overwrite:
+        raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
