@@ -9,6 +9,7 @@ without a launcher or this module.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         except Exception as e:
             if _lost_peer(e):  # a consequence: the worker that failed (or its node's record) tells why
-                logs.console_file().write(f"worker rank {rank}: lost the connection to the other workers "
-                                          f"({str(e).splitlines()[0][:200]})\n")
+                why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0][:160]
+                logs.console_file().write(f"worker rank {rank}: lost the connection to the other workers ({why})\n")
                 logs.console_file().flush()
                 sys.exit(1)
             _show_traceback(rank)
