@@ -138,6 +138,22 @@ def test_node_records_tell_a_live_node_from_an_old_record(tmp_path):
     assert watch.explain(timeout=5)[0].startswith("lost node 1")
 
 
+def test_node_mistakes_on_the_command_line_stop_before_any_work(tmp_path):
+    data = write_pairs(tmp_path / "data", n=2)
+    runs = {"flags": (["--num-nodes", "2"], {}),
+            "srun": ([], {**SRUN, "SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "gpu[1-2]",
+                          "SLURM_NTASKS": "8"})}
+    for name, (args, slurm) in runs.items():
+        out = tmp_path / name
+        r = subprocess.run([str(LM4LV), "train", "--preset", "tiny", "--data", str(data), "--out", str(out), *args],
+                           cwd=tmp_path, env=_env(**slurm), capture_output=True, text=True, timeout=300)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1, r.stderr
+        assert ("--num-nodes 2: give each node its --node-rank" if name == "flags" else
+                "srun started 8 tasks on 2 node(s)") in errors[0]
+        assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- two nodes on this machine
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
