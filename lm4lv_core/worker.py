@@ -39,22 +39,27 @@ def main(argv: list[str] | None = None) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.SIGNALS)
     job = Path(args.job)
     rank = int(os.environ.get("RANK", "0"))
-    # the lm4lv parent forwards its signals as this file (beside the job: other nodes see it too);
-    # a signal sent to this worker itself (e.g. to every process of a cluster job) stops it as well
-    os.environ[signals.STOP_FILE_ENV] = str(stop_file(job))
+    # the lm4lv parent forwards its signals as a file beside this node's job file (it lists every
+    # node's in the environment; a worker polls them all); a signal sent to this worker itself
+    # (e.g. to every process of a cluster job) stops it as well
+    os.environ.setdefault(signals.STOP_FILE_ENV, str(stop_file(job)))
     with signals.handling(announce=False):
         try:
+            stopped, result = None, None
             try:
                 spec = JOBS.get(args.kind)
                 result = spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
-                # rank 0's value, what an in-process run would return, for the parent of every node
-                result = dist.broadcast_object(result)
-                if int(os.environ.get("LOCAL_RANK", rank)) == 0 and result is not None:
-                    write_json_atomic(result_file(job), result)
             except Interrupted as e:
-                # stopped on request with the progress saved: the parent reports it and exits 75
-                interrupted_file(job, rank).write_text(str(e), encoding="utf-8")
-            # leave together: a worker exiting while another still uses the process group aborts it
+                stopped = str(e)
+            # every worker learns whether any stopped on request and rank 0's return value (what an
+            # in-process run returns), so that the parent of every node reports the same outcome;
+            # and they leave together: a worker exiting while another still uses the process group aborts it
+            outcomes = dist.all_gather_objects((stopped, result))
+            stopped = stopped or next((s for s, _ in outcomes if s), None)
+            if stopped:  # stopped with the progress saved: the parent reports it and exits 75
+                interrupted_file(job, rank).write_text(stopped, encoding="utf-8")
+            elif int(os.environ.get("LOCAL_RANK", rank)) == 0 and outcomes[0][1] is not None:
+                write_json_atomic(result_file(job), outcomes[0][1])
             dist.barrier()
             dist.destroy()
         except (LM4LVError, OSError) as e:

@@ -123,19 +123,27 @@ def test_node_records_tell_a_live_node_from_an_old_record(tmp_path):
     old.finish("error", "an earlier run's failure")
     watch = nodes.Watch(tmp_path, 0, 2, interval=0.1)
     assert watch.problem(timeout=5) is None  # an earlier run's record is not this run's node 1
-    assert "did not start" in watch.problem(timeout=0) and "earlier run's failure" in watch.problem(timeout=0)
+    node, why = watch.problem(timeout=0)
+    assert node == 1 and "did not start" in why and "earlier run's failure" in why
     peer = nodes.Presence(tmp_path, 1, interval=0.1)
     peer.start()
     time.sleep(0.3)
     assert watch.problem(timeout=5) is None
     peer.finish("error", "out of memory")
-    assert watch.problem(timeout=5) == f"node 1 (host {socket.gethostname()}, pid {os.getpid()}) stopped: error: out of memory"
+    assert watch.problem(timeout=5) == (1, f"node 1 (host {socket.gethostname()}, pid {os.getpid()}) stopped: "
+                                           "error: out of memory")
     silent = nodes.Presence(tmp_path, 1, interval=0.1)
     silent.start()
     silent._stop.set()  # its heartbeat stops, as when the node dies
     time.sleep(0.3)
     assert watch.problem(timeout=5) is None
-    assert watch.explain(timeout=5)[0].startswith("lost node 1")
+    [(node, why)] = watch.explain(timeout=5)
+    assert node == 1 and why.startswith("lost node 1")
+    follower = nodes.Presence(tmp_path, 1, interval=0.1)  # a node that stopped because of this one
+    follower.start()
+    time.sleep(0.3)
+    follower.finish("error", "node 0 stopped: ...", because=0)
+    assert watch.explain(timeout=5) == []
 
 
 def test_node_mistakes_on_the_command_line_stop_before_any_work(tmp_path):

@@ -99,6 +99,7 @@ class SlurmStep:
     node_rank: int
     hosts: tuple[str, ...]
     tasks: int | None
+    nodelist: str = ""  # as SLURM wrote it
 
     @property
     def master_addr(self) -> str:
@@ -147,7 +148,7 @@ def slurm_step(env: Mapping[str, str]) -> SlurmStep | None:
                           "workers of a node itself (--nproc): run one task per node "
                           "(srun --ntasks-per-node=1)")
     return SlurmStep(job_id=env["SLURM_JOB_ID"], num_nodes=num_nodes, node_rank=node_rank, hosts=tuple(hosts),
-                     tasks=tasks[1] if tasks else None)
+                     tasks=tasks[1] if tasks else None, nodelist=env[nodelist_var])
 
 
 def allocation_nodes(env: Mapping[str, str]) -> int:
@@ -210,8 +211,7 @@ class Workers:
             w.master_addr = w.master_addr or step.master_addr
             w.master_port = w.master_port or step.master_port
             w.detected = (f"SLURM job {step.job_id}: node {w.node_rank} of {w.num_nodes} "
-                          f"({step.hosts[step.node_rank]}; nodes {env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST')}), "
-                          f"meeting at {w.master_addr}:{w.master_port}"
+                          f"({step.hosts[step.node_rank]}; nodes {step.nodelist}), meeting at {w.master_addr}:{w.master_port}"
                           + (f" ({', '.join(taken)} as given)" if taken else ""))
         elif step is None and w.num_nodes is None and not w.hostfile and allocation_nodes(env) > 1:
             w.detected = (f"note: SLURM job {env.get('SLURM_JOB_ID')} has {allocation_nodes(env)} nodes but this "

@@ -16,7 +16,7 @@ YAML and calls :func:`run_job`. Workers run ``python -m lm4lv_core.worker KIND J
   ``accelerate launch`` with ``--num_machines M --machine_rank R --main_process_ip HOST``. The
   DeepSpeed engine uses torchrun there (its own launcher reaches other nodes only over ssh with
   ``--hostfile``). The job folder is on the shared filesystem: each node writes its own job file,
-  log and result (``*.nodeR.*``); stop requests and worker errors are shared, and the nodes watch
+  log, stop request and result (``*.nodeR.*``); worker errors are named by rank, and the nodes watch
   each other's records (:mod:`lm4lv_core.util.nodes`) so that a lost node stops the others within
   ``--node-timeout`` with a message naming it.
 
@@ -38,8 +38,6 @@ the launcher does not kill them mid-step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -47,7 +45,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -59,8 +56,6 @@ from ..registry import Registry
 from ..util import nodes, signals
 from ..util.dist import has_cuda
 from .cluster import Workers  # noqa: F401  (where a job runs; imported from here by the commands)
-
-NODE_ENV = "LM4LV_NODE_RANK"  # a launched worker's node (its parent's --node-rank)
 
 J = TypeVar("J")
 
@@ -206,9 +201,9 @@ def interrupted_file(job_path: Path, rank: int) -> Path:
 
 
 def stop_file(job_path: Path) -> Path:
-    """The file whose existence asks the workers of ``job_path`` (of every node) to stop at their next
-    safe point."""
-    return job_path.with_name(f"{_run_stem(job_path)}.stop")
+    """The file whose existence asks the workers of ``job_path`` (this node's) to stop at their next
+    safe point; the workers of the other nodes follow them (the ranks agree on the stop)."""
+    return job_path.with_name(f"{job_path.stem}.stop")
 
 
 def nodes_folder(job_dir: str | os.PathLike) -> Path:
@@ -294,14 +289,14 @@ def on_node(workers: Workers, job_dir: str | os.PathLike,
         node.presence.start()
         node.watch = nodes.Watch(nodes_folder(job_dir), w.node, w.num_nodes, interval)
     _ACTIVE[key] = node
-    outcome = ("done", "")
+    outcome: tuple = ("done", "")
     try:
         yield w
     except Interrupted as e:
         outcome = ("interrupted", str(e))
         raise
     except LM4LVError as e:
-        outcome = ("error", str(e))
+        outcome = ("error", str(e), getattr(e, "node", None) if isinstance(e, nodes.NodeLost) else None)
         raise
     except KeyboardInterrupt:
         outcome = ("aborted", "aborted by a second signal")
@@ -375,7 +370,11 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
         # which would kill its workers mid-step
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.SIGNALS)
         try:
-            proc = subprocess.Popen(cmd, env={**launcher_env(launcher), **relay_env}, stdout=out,
+            # every node's stop request (this node's first): a worker stops on any of them
+            others = [stop_file(job_file(job_dir, kind, r)) for r in range(w.num_nodes) if w.per_node and r != w.node]
+            env = {**launcher_env(launcher), **relay_env,
+                   signals.STOP_FILE_ENV: os.pathsep.join(str(f) for f in [stop, *others])}
+            proc = subprocess.Popen(cmd, env=env, stdout=out,
                                     stderr=subprocess.STDOUT if out is not None else None,
                                     start_new_session=True)
         except FileNotFoundError as e:
@@ -406,7 +405,7 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
     if stopped:
         raise Interrupted(stopped[0])
     if lost:
-        raise LM4LVError(f"{lost}; stopped the {kind} workers of node {w.node}")
+        raise nodes.NodeLost(f"{lost[1]}; stopped the {kind} workers of node {w.node}", lost[0])
     if rc != 0:
         failed = f"{kind} workers failed (launcher {launcher} exit code {rc})"
         if watch is not None:  # a broken run: find out whether another node was lost or ended badly
@@ -416,7 +415,8 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
             if errors:
                 raise LM4LVError("; ".join(errors))
             if found:
-                raise LM4LVError(f"{'; '.join(found)}; the {kind} workers of node {w.node} stopped with it")
+                raise nodes.NodeLost(f"{'; '.join(m for _, m in found)}; the {kind} workers of node {w.node} "
+                                     "stopped with it", found[0][0])
             failed += f" on node {w.node} (the nodes meet at {w.master_addr}:{w.master_port})"
         where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
         raise LM4LVError(f"{failed}; {where}")

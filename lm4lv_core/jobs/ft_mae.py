@@ -80,6 +80,8 @@ def finetune(train_cfg: TrainConfig, mae_cfg: MAEFinetuneConfig) -> Any:
     mae_cfg.mae = str(Path(mae_cfg.mae).resolve())
     job = FtMaeJob(train=train_cfg, mae=mae_cfg)
     if train_cfg.max_steps == 0:
+        if train_cfg.workers().resolve().node:  # another node of a multi-node run: node 0 writes it
+            return {"step": 0, "total_steps": 0, "finished": True}
         return _write_start_model(job)
     mae_cfg.build_lpips()  # fail now, not in the workers, when LPIPS weights are missing
     return run_training("ft-mae", job)

@@ -24,10 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import LM4LVError
+
 RUNNING = "running"
 STOPPING = "stopping"  # its workers failed; it is finding out why (a node of a broken run)
 FINAL_OK = ("done", "interrupted")
 BAD = ("error", "failed", "aborted", STOPPING)
+
+
+class NodeLost(LM4LVError):
+    """This node stopped because of another one (``node``): it was lost, or ended badly first."""
+
+    def __init__(self, message: str, node: int) -> None:
+        super().__init__(message)
+        self.node = node
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.node))
 
 
 def record_path(folder: str | os.PathLike, node: int) -> Path:
@@ -71,14 +84,15 @@ class Presence:
             finally:
                 os.close(fd)
 
-    def set_state(self, state: str, message: str = "") -> None:
+    def set_state(self, state: str, message: str = "", because: int | None = None) -> None:
+        """``because``: the node whose failure this one follows (not a cause of its own)."""
         with self._lock:
-            self.info.update(state=state, message=message)
+            self.info.update(state=state, message=message, because=because)
             self.info["beat"] += 1
             self._write()
 
-    def finish(self, state: str, message: str = "") -> None:
-        self.set_state(state, message)
+    def finish(self, state: str, message: str = "", because: int | None = None) -> None:
+        self.set_state(state, message, because)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -140,19 +154,19 @@ class Watch:
         heartbeats as this node sees them arrive."""
         return max(3 * self.interval, 2 * p.gap) + self.interval
 
-    def problem(self, timeout: float) -> str | None:
-        """Why this node should stop now: a peer ended badly, went silent for ``timeout`` seconds,
-        or never appeared within ``timeout``; ``None`` while all is well."""
+    def problem(self, timeout: float) -> tuple[int, str] | None:
+        """Why this node should stop now, as ``(node, message)``: a peer ended badly, went silent
+        for ``timeout`` seconds, or never appeared within ``timeout``; ``None`` while all is well."""
         self.poll()
         for p in self.peers.values():
             state = p.record.get("state")
             if p.live and state in BAD:
-                return f"{p.describe()} stopped: {_outcome(p.record)}"
+                return p.node, f"{p.describe()} stopped: {_outcome(p.record)}"
             if p.live and state == RUNNING and self.silent_for(p) > timeout:
-                return (f"{p.describe()} stopped responding: no sign of life for {self.silent_for(p):.0f} s "
-                        f"(--node-timeout {timeout:g})")
+                return p.node, (f"{p.describe()} stopped responding: no sign of life for "
+                                f"{self.silent_for(p):.0f} s (--node-timeout {timeout:g})")
             if not p.live and self.silent_for(p) > timeout:
-                return self._never_started(p, timeout)
+                return p.node, self._never_started(p, timeout)
         return None
 
     def _never_started(self, p: Peer, waited: float) -> str:
@@ -163,9 +177,10 @@ class Watch:
         return (f"node {p.node} did not start: no sign of it in {record_path(self.folder, p.node)} "
                 f"for {waited:.0f} s{last}")
 
-    def explain(self, timeout: float) -> list[str]:
+    def explain(self, timeout: float) -> list[tuple[int, str]]:
         """After this node's workers failed: wait (at most ``timeout``) until every live peer has
-        ended or gone silent, and name the ones that were lost or ended badly."""
+        ended or gone silent, and name, as ``(node, message)``, the ones that were lost or ended
+        badly on their own (not those that stopped because of another node)."""
         deadline = time.monotonic() + timeout
         while True:
             self.poll()
@@ -178,11 +193,11 @@ class Watch:
         for p in self.peers.values():
             state = p.record.get("state")
             if not p.live:
-                found.append(self._never_started(p, time.monotonic() - self.started))
+                found.append((p.node, self._never_started(p, time.monotonic() - self.started)))
             elif state == RUNNING and self.silent_for(p) > self.lost_after(p):
-                found.append(f"lost {p.describe()}: no sign of life for {self.silent_for(p):.0f} s")
-            elif state in ("error", "failed", "aborted"):
-                found.append(f"{p.describe()} stopped: {_outcome(p.record)}")
+                found.append((p.node, f"lost {p.describe()}: no sign of life for {self.silent_for(p):.0f} s"))
+            elif state in ("error", "failed", "aborted") and p.record.get("because") is None:
+                found.append((p.node, f"{p.describe()} stopped: {_outcome(p.record)}"))
         return found
 
 
