@@ -1,4 +1,5 @@
-"""Typer options shared by the commands that train through the engine (train, ft-mae).
+"""Typer options shared by the commands that train through the engine (train, ft-mae); generate
+and recon-mae declare the node options (``NUM_NODES`` ... ``NODE_TIMEOUT``) from here too.
 
 ``@with_run_options`` replaces a command's ``run_options`` parameter by one option per entry of
 ``RUN_OPTIONS`` and hands their values back as the ``run_options`` dict (``None`` = not given), the

@@ -118,7 +118,7 @@ def launcher_command(kind: str, job_path: Path, *, nproc: int, launcher: str, nu
                           "node with --num-nodes, --node-rank and --master-addr (or under srun)")
     if num_nodes > 1 and (node_rank is None or not master_addr):
         raise ConfigError(f"--num-nodes {num_nodes} with the {launcher} launcher needs --node-rank and --master-addr")
-    wait = str(int(node_timeout))
+    wait = str(max(1, int(node_timeout)))
     if launcher == "accelerate":
         cmd = [py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc * num_nodes),
                "--num_machines", str(num_nodes), "--main_process_port", port, "--mixed_precision", "no",
