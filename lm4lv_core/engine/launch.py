@@ -406,7 +406,13 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
         raise Interrupted(stopped[0])
     if lost:
         raise nodes.NodeLost(f"{lost[1]}; stopped the {kind} workers of node {w.node}", lost[0])
-    if rc != 0:
+    result = result_file(job_path)
+    if rc != 0 and result.is_file():
+        # written after every worker finished the job (their last collective): only leaving failed
+        logs.say(f"warning: the {kind} workers{f' of node {w.node}' if w.per_node else ''} crashed while exiting "
+                 f"(launcher {launcher} exit code {rc}) after finishing the job; "
+                 + (f"see {log_file}" if log_file and relay_env else "see the output above"))
+    elif rc != 0:
         failed = f"{kind} workers failed (launcher {launcher} exit code {rc})"
         if watch is not None:  # a broken run: find out whether another node was lost or ended badly
             node.presence.set_state(nodes.STOPPING, f"its {failed}")
@@ -420,7 +426,6 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
             failed += f" on node {w.node} (the nodes meet at {w.master_addr}:{w.master_port})"
         where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
         raise LM4LVError(f"{failed}; {where}")
-    result = result_file(job_path)
     return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
 
 
