@@ -12,6 +12,8 @@ from lm4lv_core.defaults import GENERATE_BATCH_SIZE
 from lm4lv_core.errors import ConfigError
 from lm4lv_core.precision import FP32
 
+from . import options as opt
+
 console = Console()
 
 
@@ -32,9 +34,12 @@ def generate(
     nproc: int = typer.Option(1, "--nproc", help="Workers (processes); each sample is generated exactly once."),
     engine: str = typer.Option("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
     launcher: Optional[str] = typer.Option(None, "--launcher", help="deepspeed | accelerate | torchrun [the engine's own]."),
-    num_nodes: int = typer.Option(1, "--num-nodes", help="Nodes (deepspeed launcher; --out must be on a shared filesystem)."),
-    hostfile: Optional[str] = typer.Option(None, "--hostfile", help="Hostfile for the deepspeed launcher."),
-    master_port: Optional[int] = typer.Option(None, "--master-port", help="Rendezvous port [a free one]."),
+    num_nodes: Optional[int] = opt.NUM_NODES,
+    node_rank: Optional[int] = opt.NODE_RANK,
+    master_addr: Optional[str] = opt.MASTER_ADDR,
+    master_port: Optional[int] = opt.MASTER_PORT,
+    node_timeout: Optional[float] = opt.NODE_TIMEOUT,
+    hostfile: Optional[str] = opt.HOSTFILE,
     precision: str = typer.Option(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only)."),
     mode: str = typer.Option("auto", "--mode", help="image: answers start with <Img> and stop after the image; "
                              "text: free text and images; auto: image when the prompt holds <task>."),
@@ -72,7 +77,8 @@ def generate(
     from lm4lv_core.jobs.generate import generate as run_generate, restore_inputs
 
     workers = Workers(nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes, hostfile=hostfile,
-                      master_port=master_port)
+                      master_port=master_port, node_rank=node_rank, master_addr=master_addr,
+                      **({"node_timeout": node_timeout} if node_timeout is not None else {}))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size,
                            query=query)

@@ -1,4 +1,5 @@
-"""Typer options shared by the commands that train through the engine (train, ft-mae).
+"""Typer options shared by the commands that train through the engine (train, ft-mae); generate
+and recon-mae declare the node options (``NUM_NODES`` ... ``NODE_TIMEOUT``) from here too.
 
 ``@with_run_options`` replaces a command's ``run_options`` parameter by one option per entry of
 ``RUN_OPTIONS`` and hands their values back as the ``run_options`` dict (``None`` = not given), the
@@ -17,11 +18,17 @@ O = typer.Option
 
 CONFIG = O(None, "--config", help="YAML file holding any of these options (the command line overrides it).")
 ENGINE = O(None, "--engine", help="deepspeed | accelerate [deepspeed].")
-LAUNCHER = O(None, "--launcher", help="deepspeed | accelerate | torchrun [the engine's own].")
+LAUNCHER = O(None, "--launcher", help="deepspeed | accelerate | torchrun [the engine's own; torchrun for the deepspeed engine with one launcher per node].")
 NPROC = O(None, "--nproc", help="Workers on this node [1: in-process].")
-NUM_NODES = O(None, "--num-nodes", help="Nodes (passed to the deepspeed launcher) [1].")
-HOSTFILE = O(None, "--hostfile", help="Hostfile for the deepspeed launcher.")
-MASTER_PORT = O(None, "--master-port", help="Rendezvous port [a free one].")
+NUM_NODES = O(None, "--num-nodes", help="Nodes: the same command on every node with its --node-rank (or all "
+              "from this one with --hostfile) [1; under srun: SLURM's].")
+NODE_RANK = O(None, "--node-rank", help="This node, 0 to --num-nodes - 1 [under srun: SLURM_NODEID].")
+MASTER_ADDR = O(None, "--master-addr", help="Node 0's host, where the nodes meet [under srun: the step's first host].")
+HOSTFILE = O(None, "--hostfile", help="Hostfile for the deepspeed launcher (reaches the nodes over ssh).")
+MASTER_PORT = O(None, "--master-port", help="Rendezvous port [a free one; several nodes: 29500; under srun: "
+                "20000 + job id mod 10000].")
+NODE_TIMEOUT = O(None, "--node-timeout", help="Seconds nodes wait for each other to start, and before a silent "
+                 "node counts as lost [600].")
 ZERO_STAGE = O(None, "--zero-stage", help="DeepSpeed ZeRO stage 0|1|2|3 [0].")
 DEEPSPEED_CONFIG = O(None, "--deepspeed-config", help="JSON/YAML merged over the generated DeepSpeed config.")
 PRECISION = O(None, "--precision", help="fp32 | bf16 | fp16 [fp32].")
@@ -54,8 +61,10 @@ GRADIENT_CHECKPOINTING = O(None, "--gradient-checkpointing/--no-gradient-checkpo
 # name → (type, declaration), in the order --help lists them
 RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
     "engine": (Optional[str], ENGINE), "launcher": (Optional[str], LAUNCHER), "nproc": (Optional[int], NPROC),
-    "num_nodes": (Optional[int], NUM_NODES), "hostfile": (Optional[str], HOSTFILE),
-    "master_port": (Optional[int], MASTER_PORT), "zero_stage": (Optional[int], ZERO_STAGE),
+    "num_nodes": (Optional[int], NUM_NODES), "node_rank": (Optional[int], NODE_RANK),
+    "master_addr": (Optional[str], MASTER_ADDR), "master_port": (Optional[int], MASTER_PORT),
+    "node_timeout": (Optional[float], NODE_TIMEOUT), "hostfile": (Optional[str], HOSTFILE),
+    "zero_stage": (Optional[int], ZERO_STAGE),
     "deepspeed_config": (Optional[str], DEEPSPEED_CONFIG), "precision": (Optional[str], PRECISION),
     "micro_batch": (Optional[int], MICRO_BATCH), "grad_accum": (Optional[int], GRAD_ACCUM),
     "lr": (Optional[float], LR), "weight_decay": (Optional[float], WEIGHT_DECAY),

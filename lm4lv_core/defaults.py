@@ -14,6 +14,8 @@ CROP_BORDER = 4  # pixels ignored at each border by PSNR/SSIM/LPIPS
 GENERATE_BATCH_SIZE = 8
 RECON_BATCH_SIZE = 8
 DEFAULT_PROMPT = "<image> <task>"
+MASTER_PORT = 29500  # where the nodes of a multi-node run meet without --master-port (torch's default)
+NODE_TIMEOUT = 600.0  # seconds nodes wait for each other: to start, and before a silent one counts as lost
 
 # file names
 RUN_CONFIG = "config.yaml"  # a training run's record, read back by --config / --resume

@@ -14,6 +14,8 @@ its traceback in the job's log, so the user sees the cause, not its echoes.
 from __future__ import annotations
 
 import argparse
+import re
+import signal
 import sys
 
 from .config import from_dict, load_yaml
@@ -37,22 +39,32 @@ def main(argv: list[str] | None = None) -> None:
     from .util.fsutil import write_failure, write_json_atomic
 
     logs.attach_console()  # lm4lv's own lines to the user's console, the rest stays in the job's log
+    # the parent starts the launcher with these blocked (so that a signal to every process of a job
+    # does not make the launcher kill its workers); a worker stops on them at its next safe point
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.SIGNALS)
     job = Path(args.job)
     rank = int(os.environ.get("RANK", "0"))
-    # the lm4lv parent forwards its signals as this file (beside the job: other nodes see it too);
-    # a signal sent to this worker itself (e.g. to every process of a cluster job) stops it as well
-    os.environ[signals.STOP_FILE_ENV] = str(stop_file(job))
+    # the lm4lv parent forwards its signals as a file beside this node's job file (it lists every
+    # node's in the environment; a worker polls them all); a signal sent to this worker itself
+    # (e.g. to every process of a cluster job) stops it as well
+    os.environ.setdefault(signals.STOP_FILE_ENV, str(stop_file(job)))
     with signals.handling(announce=False):
         try:
+            stopped, result = None, None
             try:
                 spec = JOBS.get(args.kind)
                 result = spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
-                if rank == 0 and result is not None:  # what an in-process run would return
-                    write_json_atomic(result_file(job), result)
             except Interrupted as e:
-                # stopped on request with the progress saved: the parent reports it and exits 75
-                interrupted_file(job, rank).write_text(str(e), encoding="utf-8")
-            # leave together: a worker exiting while another still uses the process group aborts it
+                stopped = str(e)
+            # every worker learns whether any stopped on request and rank 0's return value (what an
+            # in-process run returns), so that the parent of every node reports the same outcome;
+            # and they leave together: a worker exiting while another still uses the process group aborts it
+            outcomes = dist.all_gather_objects((stopped, result))
+            stopped = stopped or next((s for s, _ in outcomes if s), None)
+            if stopped:  # stopped with the progress saved: the parent reports it and exits 75
+                interrupted_file(job, rank).write_text(stopped, encoding="utf-8")
+            elif int(os.environ.get("LOCAL_RANK", rank)) == 0 and outcomes[0][1] is not None:
+                write_json_atomic(result_file(job), outcomes[0][1])
             dist.barrier()
             dist.destroy()
         except Exception as e:
@@ -65,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
                 # connection closed): that worker's report is the one the user gets
                 _log_traceback(rank)
                 sys.exit(2)
+            if _lost_peer(e):  # another node went away: its record (or the parent) tells why
+                why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0][:160]
+                logs.console_file().write(f"worker rank {rank}: lost the connection to the other workers ({why})\n")
+                logs.console_file().flush()
+                sys.exit(1)
             _mark_crash(job, rank, e)
             _show_traceback(rank)
             raise
@@ -108,6 +125,19 @@ def _log_traceback(rank: int) -> None:
 
     print(f"worker rank {rank} stopped after another worker failed:\n{traceback.format_exc()}",
           file=sys.stderr, flush=True)
+
+
+_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+         "Socket Timeout", "connection refused")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another worker went away."""
+    import torch.distributed as tdist
+
+    if isinstance(e, getattr(tdist, "DistNetworkError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(m.lower() in str(e).lower() for m in _LOST)
 
 
 def _show_traceback(rank: int) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+from ..defaults import NODE_TIMEOUT
 from ..precision import FP32, PRECISIONS
 from ..errors import ConfigError
 from ..util.finite import require_finite
 from .schedule import SCHEDULES
 
 if TYPE_CHECKING:
-    from .launch import Workers
+    from .cluster import Workers
 
 
 @dataclass
@@ -29,9 +30,12 @@ class TrainConfig:
     engine: str = "deepspeed"
     launcher: str | None = None  # default: the engine's own launcher; torchrun also works
     nproc: int = 1
-    num_nodes: int = 1
+    num_nodes: int | None = None  # None: the srun step's nodes (engine/cluster.py), else 1
     hostfile: str | None = None
     master_port: int | None = None
+    node_rank: int | None = None  # this node of num_nodes (one launcher per node); None: SLURM's, else 0
+    master_addr: str | None = None  # node 0's host, where the nodes meet; None: SLURM's first host
+    node_timeout: float = NODE_TIMEOUT  # seconds nodes wait for each other (start, silence)
     zero_stage: int = 0
     deepspeed_config: str | None = None  # JSON/YAML merged over the generated DeepSpeed config
     precision: str = FP32
@@ -69,7 +73,7 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        self.workers()  # engine, launcher, nproc, num_nodes
+        self.workers()  # engine, launcher, nproc, num_nodes, node_rank, ...
         require_finite(self, ("lr", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_ratio"))
         need(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         need(self.zero_stage in (0, 1, 2, 3), f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -97,10 +101,15 @@ class TrainConfig:
 
     def workers(self) -> "Workers":
         """Where this run's workers start (checked on construction)."""
-        from .launch import Workers
+        from .cluster import Workers
 
         return Workers(nproc=self.nproc, engine=self.engine, launcher=self.launcher, num_nodes=self.num_nodes,
-                       hostfile=self.hostfile, master_port=self.master_port)
+                       hostfile=self.hostfile, master_port=self.master_port, node_rank=self.node_rank,
+                       master_addr=self.master_addr, node_timeout=self.node_timeout)
+
+    def world_size(self) -> int:
+        """Workers over all nodes (the nodes of an srun step when ``num_nodes`` is not given)."""
+        return self.workers().resolve().world_size
 
 
 def train_config_keys() -> set[str]:

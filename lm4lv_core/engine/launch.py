@@ -9,7 +9,16 @@ YAML and calls :func:`run_job`. Workers run ``python -m lm4lv_core.worker KIND J
 * several workers: ``deepspeed --num_gpus N --master_port P [--hostfile H --num_nodes M]
   --module lm4lv_core.worker ...``, or ``accelerate launch --multi_gpu --num_processes N
   --main_process_port P -m lm4lv_core.worker ...`` (with ``ACCELERATE_USE_CPU=true`` when there is
-  no GPU: without it accelerate silently starts independent processes), or ``torchrun``.
+  no GPU: without it accelerate silently starts independent processes), or ``torchrun``;
+* several nodes, one launcher per node (``--num-nodes M --node-rank R --master-addr HOST``, or
+  what :mod:`lm4lv_core.engine.cluster` reads from an ``srun`` step): every node runs the same
+  ``lm4lv`` command; ``torchrun`` meets at ``HOST:P`` (c10d rendezvous hosted by node 0) and
+  ``accelerate launch`` with ``--num_machines M --machine_rank R --main_process_ip HOST``. The
+  DeepSpeed engine uses torchrun there (its own launcher reaches other nodes only over ssh with
+  ``--hostfile``). The job folder is on the shared filesystem: each node writes its own job file,
+  log, stop request and result (``*.nodeR.*``); worker errors are named by rank, and the nodes watch
+  each other's records (:mod:`lm4lv_core.util.nodes`) so that a lost node stops the others within
+  ``--node-timeout`` with a message naming it.
 
 A worker that fails with an lm4lv error writes its message beside the job file; :func:`run_job`
 raises it as one :class:`LM4LVError` once the launcher has exited.
@@ -21,6 +30,9 @@ DeepSpeed INFO lines) goes to that file instead of the console (see :mod:`lm4lv_
 A job stopped on request (:mod:`lm4lv_core.util.signals`) leaves ``KIND-job.interrupted.rankR``; :func:`run_job` raises it as
 :class:`Interrupted`. The launcher runs in its own session: a signal to this process is forwarded
 to the workers as the stop file ``KIND-job.stop``; a second one kills the launcher and workers.
+The launcher starts with SIGINT/SIGTERM/SIGHUP blocked (the workers unblock them): a scheduler
+that signals every process of a job (SLURM) stops the workers through their own handlers, and
+the launcher does not kill them mid-step.
 """
 
 from __future__ import annotations
@@ -28,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -36,11 +50,12 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from ..config import from_dict, save_yaml
-from ..defaults import ENGINES, LAUNCHERS
+from ..defaults import LAUNCHERS, NODE_TIMEOUT
 from ..errors import ConfigError, Interrupted, LM4LVError
 from ..registry import Registry
-from ..util import signals
+from ..util import nodes, signals
 from ..util.dist import has_cuda
+from .cluster import Workers  # noqa: F401  (where a job runs; imported from here by the commands)
 
 J = TypeVar("J")
 
@@ -67,50 +82,10 @@ def register_job(name: str, job_type: type) -> Callable[[Callable], Callable]:
     return deco
 
 
-@dataclass
-class Workers:
-    """Where a job runs: ``nproc`` workers on each of ``num_nodes`` nodes, started by ``launcher``
-    (default: the engine's own). One worker on one node runs in-process."""
-
-    nproc: int = 1
-    engine: str = "deepspeed"
-    launcher: str | None = None
-    num_nodes: int = 1
-    hostfile: str | None = None
-    master_port: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.launcher is not None and self.launcher not in LAUNCHERS:
-            raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
-        if self.nproc < 1:
-            raise ConfigError(f"--nproc must be >= 1, got {self.nproc}")
-        if self.num_nodes < 1:
-            raise ConfigError(f"--num-nodes must be >= 1, got {self.num_nodes}")
-
-    @property
-    def in_process(self) -> bool:
-        return self.nproc == 1 and self.num_nodes == 1 and not self.hostfile
-
-    def launcher_name(self) -> str:
-        return self.launcher or self.engine
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def error_file(job_path: Path, rank: int) -> Path:
-    """Where worker ``rank`` writes the message of an lm4lv error that stopped it."""
-    return job_path.with_name(f"{job_path.stem}.error.rank{rank}")
-
-
-def crash_file(job_path: Path, rank: int) -> Path:
-    """Where worker ``rank`` notes an unexpected failure (other workers then keep theirs quiet)."""
-    return job_path.with_name(f"{job_path.stem}.crash.rank{rank}")
 
 
 def require_gpu_for(precision: str) -> None:
@@ -120,29 +95,48 @@ def require_gpu_for(precision: str) -> None:
 
 
 def launcher_command(kind: str, job_path: Path, *, nproc: int, launcher: str, num_nodes: int = 1,
-                     hostfile: str | None = None, master_port: int | None = None) -> list[str]:
-    """The command line that starts ``nproc`` workers per node for ``kind``."""
+                     hostfile: str | None = None, master_port: int | None = None, node_rank: int | None = None,
+                     master_addr: str | None = None, node_timeout: float = NODE_TIMEOUT) -> list[str]:
+    """The command line that starts ``nproc`` workers per node for ``kind``: on this node, on all
+    nodes of ``hostfile`` (deepspeed), or on this node as node ``node_rank`` of ``num_nodes`` that
+    meet at ``master_addr:master_port`` (torchrun, accelerate; the same command on every node)."""
     port = str(master_port or free_port())
     worker = ["lm4lv_core.worker", kind, str(job_path)]
     py = sys.executable
     if launcher == "deepspeed":
+        if node_rank is not None and num_nodes > 1:
+            raise ConfigError("--launcher deepspeed reaches other nodes only over ssh (--hostfile); for one "
+                              "launcher per node use --launcher torchrun")
         cmd = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port]
         if hostfile:
             cmd += ["--hostfile", str(hostfile)]
         if num_nodes > 1:
             cmd += ["--num_nodes", str(num_nodes)]
         return cmd + ["--module"] + worker
-    if hostfile or num_nodes > 1:
-        raise ConfigError(f"--hostfile/--num-nodes need the deepspeed launcher; with {launcher}, "
-                          "start the command on every node with its own launcher")
+    if hostfile:
+        raise ConfigError(f"--hostfile needs the deepspeed launcher; with {launcher}, start the command on every "
+                          "node with --num-nodes, --node-rank and --master-addr (or under srun)")
+    if num_nodes > 1 and (node_rank is None or not master_addr):
+        raise ConfigError(f"--num-nodes {num_nodes} with the {launcher} launcher needs --node-rank and --master-addr")
+    wait = str(max(1, int(node_timeout)))
     if launcher == "accelerate":
-        cmd = [py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--main_process_port", port, "--mixed_precision", "no",
+        cmd = [py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc * num_nodes),
+               "--num_machines", str(num_nodes), "--main_process_port", port, "--mixed_precision", "no",
                "--dynamo_backend", "no"]
+        if num_nodes > 1:  # torch's static rendezvous: node 0 hosts it, ranks follow --machine_rank
+            cmd += ["--machine_rank", str(node_rank), "--main_process_ip", str(master_addr),
+                    "--rdzv_conf", f"timeout={wait}"]
         return cmd + ["-m"] + worker
     if launcher == "torchrun":
-        return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", port, "-m"] + worker
+        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        if num_nodes > 1:  # c10d rendezvous hosted by node 0, every node waits for the others up to the timeout
+            host = "1" if node_rank == 0 else "0"
+            cmd += ["--nnodes", str(num_nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master_addr}:{port}",
+                    "--rdzv_id", f"lm4lv-{kind}", "--rdzv_conf",
+                    f"is_host={host},join_timeout={wait},read_timeout={wait}", "--max_restarts", "0"]
+        else:
+            cmd += ["--master_port", port]
+        return cmd + ["-m"] + worker
     raise ConfigError(f"unknown launcher {launcher!r}; valid: {', '.join(LAUNCHERS)}")
 
 
@@ -175,19 +169,51 @@ def single_worker_env(master_port: int | None = None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def job_file(job_dir: Path, kind: str, node: int = 0) -> Path:
+    """The job file of ``kind`` that this node's workers read (``KIND-job.nodeR.yaml`` on node R > 0)."""
+    return Path(job_dir) / (f"{kind}-job.yaml" if not node else f"{kind}-job.node{node}.yaml")
+
+
+def node_file(path: str | os.PathLike, node: int) -> Path:
+    """A per-node file beside ``path``: ``train.log`` stays on node 0, ``train.node1.log`` on node 1."""
+    path = Path(path)
+    return path if not node else path.with_name(f"{path.stem}.node{node}{path.suffix}")
+
+
+def _run_stem(job_path: Path) -> str:
+    """The stem that all nodes' files of one job share (``train-job`` of ``train-job.node1.yaml``)."""
+    return re.sub(r"\.node\d+$", "", Path(job_path).stem)
+
+
+def error_file(job_path: Path, rank: int) -> Path:
+    """Where worker ``rank`` writes the message of an lm4lv error that stopped it."""
+    return job_path.with_name(f"{_run_stem(job_path)}.error.rank{rank}")
+
+
+def crash_file(job_path: Path, rank: int) -> Path:
+    """Where worker ``rank`` notes an unexpected failure (other workers then keep theirs quiet)."""
+    return job_path.with_name(f"{_run_stem(job_path)}.crash.rank{rank}")
+
+
 def result_file(job_path: Path) -> Path:
-    """Where rank 0 of launched workers leaves the job function's return value (JSON)."""
+    """Where the first worker of a node leaves the job function's return value of rank 0 (JSON)."""
     return job_path.with_name(f"{job_path.stem}.result.json")
 
 
 def interrupted_file(job_path: Path, rank: int) -> Path:
     """Where worker ``rank`` writes the message of a stop on request (:class:`Interrupted`)."""
-    return job_path.with_name(f"{job_path.stem}.interrupted.rank{rank}")
+    return job_path.with_name(f"{_run_stem(job_path)}.interrupted.rank{rank}")
 
 
 def stop_file(job_path: Path) -> Path:
-    """The file whose existence asks the workers of ``job_path`` to stop at their next safe point."""
+    """The file whose existence asks the workers of ``job_path`` (this node's) to stop at their next
+    safe point; the workers of the other nodes follow them (the ranks agree on the stop)."""
     return job_path.with_name(f"{job_path.stem}.stop")
+
+
+def nodes_folder(job_dir: str | os.PathLike) -> Path:
+    """Where the nodes of a multi-node job keep their records (:mod:`lm4lv_core.util.nodes`)."""
+    return Path(job_dir) / "nodes"
 
 
 def _kill_tree(proc: subprocess.Popen, wait: bool = True) -> None:
@@ -216,11 +242,77 @@ def _request_stop(path: Path) -> None:
 
 def _worker_errors(job_path: Path, kind: str = "error") -> list[str]:
     msgs = []
-    for f in sorted(job_path.parent.glob(f"{job_path.stem}.{kind}.rank*")):
-        msg = f.read_text(encoding="utf-8").strip()
+    for f in sorted(job_path.parent.glob(f"{_run_stem(job_path)}.{kind}.rank*")):
+        try:
+            msg = f.read_text(encoding="utf-8").strip()
+        except OSError:  # removed meanwhile (another node starting over)
+            continue
         if msg and msg not in msgs:
             msgs.append(msg)
     return msgs
+
+
+@dataclass
+class _Node:
+    """This node of a command in progress (see :func:`on_node`)."""
+
+    workers: Workers
+    presence: nodes.Presence | None = None
+    watch: nodes.Watch | None = None
+
+
+_ACTIVE: dict[str, _Node] = {}  # job folder -> this node while a command runs there
+POLL_S = 1.0  # how often a launching parent looks at the other nodes
+
+
+@contextlib.contextmanager
+def on_node(workers: Workers, job_dir: str | os.PathLike,
+            log_file: str | os.PathLike | None = None) -> Iterator[Workers]:
+    """Run the block as this node of ``workers`` (yielded resolved, see :meth:`Workers.resolve`).
+
+    Says once what was taken from SLURM (also into this node's ``log_file``). With one launcher
+    per node, this node keeps its record in ``job_dir/nodes`` (on the shared filesystem) from
+    here to the end, where it writes its outcome, and :func:`run_job` inside the block watches the
+    other nodes' records. Enter it once the run folder is locked; a nested call for the same
+    ``job_dir`` reuses the outer one."""
+    from ..util import logs
+
+    key = str(Path(job_dir).absolute())
+    if key in _ACTIVE:
+        yield _ACTIVE[key].workers
+        return
+    w = workers.resolve()
+    if w.detected:
+        logs.say(w.detected)
+        if log_file:
+            with contextlib.suppress(OSError):
+                logs.note(node_file(log_file, w.node), w.detected)
+    node = _Node(w)
+    if w.per_node:
+        interval = max(0.5, min(5.0, w.node_timeout / 10))
+        node.presence = nodes.Presence(nodes_folder(job_dir), w.node, interval)
+        node.presence.start()
+        node.watch = nodes.Watch(nodes_folder(job_dir), w.node, w.num_nodes, interval)
+    _ACTIVE[key] = node
+    outcome: tuple = ("done", "")
+    try:
+        yield w
+    except Interrupted as e:
+        outcome = ("interrupted", str(e))
+        raise
+    except LM4LVError as e:
+        outcome = ("error", str(e), getattr(e, "node", None) if isinstance(e, nodes.NodeLost) else None)
+        raise
+    except KeyboardInterrupt:
+        outcome = ("aborted", "aborted by a second signal")
+        raise
+    except BaseException as e:
+        outcome = ("failed", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        del _ACTIVE[key]
+        if node.presence is not None:
+            node.presence.finish(*outcome)
 
 
 def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers | None = None,
@@ -228,31 +320,38 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
     """Run the registered job ``kind`` on ``workers`` (or ``Workers(**where)``).
 
     ``job`` is the kind's typed job (a plain dict is read into it). It is written once to
-    ``job_dir/KIND-job.yaml``, which launched workers read back; a single worker on a single node
-    runs in-process on the same object. Returns the job function's return value (of rank 0, read
-    back as JSON from launched workers). Raises
-    :class:`LM4LVError` when a worker fails. ``log_file``: where third-party output goes.
+    ``job_dir/KIND-job.yaml`` (``KIND-job.nodeR.yaml`` on node R of several), which launched
+    workers read back; a single worker on a single node runs in-process on the same object.
+    Returns the job function's return value (of rank 0, read back as JSON from launched
+    workers). Raises :class:`LM4LVError` when a worker fails or another node is lost.
+    ``log_file``: where third-party output goes (``NAME.nodeR.log`` on node R).
     """
-    from ..util import logs
-
-    w = workers or Workers(**where)
     spec = JOBS.get(kind)
     if isinstance(job, dict):
         job = from_dict(spec.job_type, job, source=f"{kind} job")
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    job_path = job_dir / f"{kind}-job.yaml"
+    with on_node(workers or Workers(**where), job_dir, log_file) as w:
+        return _run(kind, spec, job, job_dir, w, node_file(log_file, w.node) if log_file else None, verbose)
+
+
+def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file: Path | None, verbose: bool) -> Any:
+    from ..util import logs
+
+    job_path = job_file(job_dir, kind, w.node)
     stop = stop_file(job_path)
-    for f in job_dir.glob(f"{job_path.stem}.*.rank*"):  # an earlier run's error_file / interrupted_file
-        f.unlink()
+    for f in job_dir.glob(f"{_run_stem(job_path)}.*.rank*"):  # an earlier run's error_file / interrupted_file
+        f.unlink(missing_ok=True)
     stop.unlink(missing_ok=True)
     result_file(job_path).unlink(missing_ok=True)
     save_yaml(job, job_path)
     if log_file:
         import datetime
 
-        logs.note(log_file, f"{kind} job, {w.nproc} worker(s) per node on {w.num_nodes} node(s), started "
-                            f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+        logs.note(log_file, f"{kind} job, {w.nproc} worker(s) per node on {w.num_nodes} node(s)"
+                            + (f", this is node {w.node} (meeting at {w.master_addr}:{w.master_port})"
+                               if w.per_node else "")
+                            + f", started {datetime.datetime.now().isoformat(timespec='seconds')}")
     if w.in_process:
         # a process group the job creates (world size 1) stays for later jobs of this process:
         # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
@@ -261,21 +360,45 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
             return spec.run(job)
     launcher = w.launcher_name()
     cmd = launcher_command(kind, job_path, nproc=w.nproc, launcher=launcher, num_nodes=w.num_nodes,
-                           hostfile=w.hostfile, master_port=w.master_port)
-    relay = logs.launched(log_file, job_dir, verbose) if log_file else contextlib.nullcontext((None, {}))
+                           hostfile=w.hostfile, master_port=w.master_port,
+                           node_rank=w.node_rank if w.per_node else None, master_addr=w.master_addr,
+                           node_timeout=w.node_timeout)
+    node = _ACTIVE.get(str(job_dir.absolute()))
+    watch = node.watch if node is not None else None
+    pipe = f"console.node{w.node}.pipe" if w.node else "console.pipe"
+    relay = logs.launched(log_file, job_dir, verbose, pipe) if log_file else contextlib.nullcontext((None, {}))
+    lost = None
     with relay as (out, relay_env):
+        # own session: a terminal's Ctrl-C reaches only this process, which forwards it as a stop
+        # request; and SIGINT/SIGTERM/SIGHUP blocked in the launcher (inherited, the workers unblock
+        # them), so a signal sent to every process of the job reaches the workers, not the launcher,
+        # which would kill its workers mid-step
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.SIGNALS)
         try:
-            # own session: a terminal's Ctrl-C reaches only this process, which forwards it as a stop
-            # request (launchers would kill their workers on SIGINT/SIGTERM)
-            proc = subprocess.Popen(cmd, env={**launcher_env(launcher), **relay_env}, stdout=out,
+            # every node's stop request (this node's first): a worker stops on any of them
+            others = [stop_file(job_file(job_dir, kind, r)) for r in range(w.num_nodes) if w.per_node and r != w.node]
+            env = {**launcher_env(launcher), **relay_env,
+                   signals.STOP_FILE_ENV: os.pathsep.join(str(f) for f in [stop, *others])}
+            proc = subprocess.Popen(cmd, env=env, stdout=out,
                                     stderr=subprocess.STDOUT if out is not None else None,
                                     start_new_session=True)
         except FileNotFoundError as e:
             raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
             with signals.handling(on_stop=lambda: _request_stop(stop),
                                   on_abort=lambda: _kill_tree(proc, wait=False)):
-                rc = proc.wait()
+                while True:
+                    try:
+                        rc = proc.wait(timeout=POLL_S if watch is not None else None)
+                        break
+                    except subprocess.TimeoutExpired:
+                        lost = watch.problem(w.node_timeout)
+                        if lost:  # another node ended badly or went silent: do not wait for our workers
+                            _kill_tree(proc)
+                            rc = proc.returncode
+                            break
         except BaseException:
             _kill_tree(proc)
             raise
@@ -286,12 +409,29 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
     stopped = _worker_errors(job_path, "interrupted")
     if stopped:
         raise Interrupted(stopped[0])
-    if rc != 0:
-        where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
-        crash = _worker_errors(job_path, "crash")
-        raise LM4LVError(f"{kind} workers failed (launcher {launcher} exit code {rc}"
-                         + (f"; first: {crash[0]}" if crash else "") + f"); {where}")
+    if lost:
+        raise nodes.NodeLost(f"{lost[1]}; stopped the {kind} workers of node {w.node}", lost[0])
     result = result_file(job_path)
+    if rc != 0 and result.is_file():
+        # written after every worker finished the job (their last collective): only leaving failed
+        logs.say(f"warning: the {kind} workers{f' of node {w.node}' if w.per_node else ''} crashed while exiting "
+                 f"(launcher {launcher} exit code {rc}) after finishing the job; "
+                 + (f"see {log_file}" if log_file and relay_env else "see the output above"))
+    elif rc != 0:
+        failed = f"{kind} workers failed (launcher {launcher} exit code {rc})"
+        if watch is not None:  # a broken run: find out whether another node was lost or ended badly
+            node.presence.set_state(nodes.STOPPING, f"its {failed}")
+            found = watch.explain(w.node_timeout)
+            errors = _worker_errors(job_path)  # other nodes' workers' messages may have arrived meanwhile
+            if errors:
+                raise LM4LVError("; ".join(errors))
+            if found:
+                raise nodes.NodeLost(f"{'; '.join(m for _, m in found)}; the {kind} workers of node {w.node} "
+                                     "stopped with it", found[0][0])
+            failed += f" on node {w.node} (the nodes meet at {w.master_addr}:{w.master_port})"
+        crash = _worker_errors(job_path, "crash")
+        where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
+        raise LM4LVError(f"{failed}" + (f"; first: {crash[0]}" if crash else "") + f"; {where}")
     return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
 
 

@@ -17,7 +17,8 @@ from ..config import load_yaml
 from ..defaults import RUN_CONFIG
 from ..errors import ConfigError
 
-RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "verbose")  # never taken from a saved run config
+RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "verbose",  # never taken from a saved run config
+            "num_nodes", "node_rank", "master_addr", "master_port")  # where this invocation runs (or srun says)
 
 
 @dataclass

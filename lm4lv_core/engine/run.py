@@ -72,35 +72,48 @@ def check_resume(job: TrainingJob) -> None:
     resume.check_length(int(state.get("step", 0)), job.train.max_steps, str(last))
 
 
-def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                    keep: tuple[str, ...] = ()) -> Path:
     """Refuse to reuse a non-empty run folder without --resume/--overwrite; with --overwrite,
-    remove lm4lv's own outputs of the earlier run (other files are left alone)."""
+    remove lm4lv's own outputs of the earlier run (other files are left alone). ``keep``: entries
+    that other nodes of this run may have made already (neither counted nor removed)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and user_entries(out) and not (resume or overwrite):
+    if out.is_dir() and [e for e in user_entries(out) if e.name not in keep] and not (resume or overwrite):
         raise ConfigError(f"--out {out}: the run folder is not empty; pass --resume to continue it "
                           "or --overwrite to replace lm4lv's files in it")
     if overwrite and out.is_dir():
-        remove_entries(out, OWN_ENTRIES)
+        remove_entries(out, [e for e in OWN_ENTRIES if e not in keep])
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def run_training(kind: str, job: TrainingJob) -> Any:
     """Lock the run folder, write ``config.yaml`` and run the workers of ``kind`` on ``job``
-    (they receive it with ``job.train.out`` made absolute)."""
+    (they receive it with ``job.train.out`` made absolute).
+
+    With one launcher per node, every node runs this on the shared run folder: node 0 checks and
+    prepares the folder and writes ``config.yaml``, the others only add their own files."""
     from ..util.runlock import hold
     from .reporting import check_available, parse_report_to
 
     cfg = job.train
     check_available(parse_report_to(cfg.report_to))
-    with hold(cfg.out, kind):  # one run per folder; removes killed runs' temp files
-        out = prepare_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
-        check_resume(job)
-        save_yaml(job, out / RUN_CONFIG)
-        sent = copy.copy(job)
-        sent.train = copy.copy(cfg)
-        sent.train.out = str(out.resolve())
-        return launch.run_job(kind, sent, job_dir=out / JOB_DIR, workers=cfg.workers(),
-                              log_file=out / LOG_FILE, verbose=cfg.verbose)
+    workers = cfg.workers().resolve()
+    node = workers.node if workers.per_node else None
+    # one run per folder (per node); removes killed runs' temp files
+    with hold(cfg.out, kind, node=node, shared=(JOB_DIR,)):
+        out = Path(cfg.out)
+        with launch.on_node(workers, out / JOB_DIR, out / LOG_FILE):
+            if not node:
+                # (the other nodes' job files and records, and the logs, which every node appends to)
+                out = prepare_run_dir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite,
+                                      keep=(JOB_DIR, LOG_FILE) if node is not None else ())
+                check_resume(job)
+                save_yaml(job, out / RUN_CONFIG)
+            sent = copy.copy(job)
+            sent.train = copy.copy(cfg)
+            sent.train.out = str(out.resolve())
+            return launch.run_job(kind, sent, job_dir=out / JOB_DIR, workers=workers,
+                                  log_file=out / LOG_FILE, verbose=cfg.verbose)

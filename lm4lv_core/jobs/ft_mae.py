@@ -83,6 +83,8 @@ def finetune(train_cfg: TrainConfig, mae_cfg: MAEFinetuneConfig) -> Any:
     job = FtMaeJob(train=train_cfg, mae=mae_cfg,
                    data_fingerprint=fingerprint("images", [os.path.abspath(p) for p in images]))
     if train_cfg.max_steps == 0:
+        if train_cfg.workers().resolve().node:  # another node of a multi-node run: node 0 writes it
+            return {"step": 0, "total_steps": 0, "finished": True}
         return _write_start_model(job)
     mae_cfg.build_lpips()  # fail now, not in the workers, when LPIPS weights are missing
     return run_training("ft-mae", job)

@@ -169,7 +169,7 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                       image_root=str(Path(image_root).resolve()) if image_root else None, batch_size=batch_size,
                       precision=precision, generation=gen, compile=compile, attn_implementation=attn_implementation,
                       model_config=source.config)
-    workers = workers or Workers()
+    workers = (workers or Workers()).resolve()
     _check_device(job)
     samples = load_checked(job.data, image_root=job.image_root, mode="generate")
     bad = next((s for s in samples if s.has_query), None) if not saved.query else None
@@ -181,8 +181,11 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
         on_note(f"note: {dropped} of {len(samples)} samples in {job.data} end with an answer (training format); "
                 "each last answer is dropped and generated")
     out = Path(job.out)
-    with hold(out, "generate"):  # one run per folder; removes temporary files of killed runs
-        prepare_out(out, manifest(job.model, job.data, job.precision, to_dict(job.generation)), overwrite, JOB_DIR)
+    node = workers.node if workers.per_node else None  # several nodes: node 0 sets up the shared folder
+    # one run per folder (per node); removes temporary files of killed runs
+    with hold(out, "generate", node=node, shared=(JOB_DIR,)), launch.on_node(workers, out / JOB_DIR, out / LOG_FILE):
+        if not node:
+            prepare_out(out, manifest(job.model, job.data, job.precision, to_dict(job.generation)), overwrite, JOB_DIR)
         counts = launch.run_job("generate", job, job_dir=out / JOB_DIR, workers=workers, log_file=out / LOG_FILE,
                                 verbose=verbose)
     return GenerateSummary(counts["skipped"], counts["finished"], len(samples), dropped, out / RESULTS)
@@ -326,6 +329,10 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
                      batch_size=batch_size, precision=precision, generation=gen, compile=compile,
                      attn_implementation=attn_implementation, model_config=source.config)
     _check_device(job)
+    workers = (workers or Workers()).resolve()
+    if workers.per_node:
+        raise ConfigError("generate --input runs on one node (--nproc workers); for several nodes give the "
+                          "images as a --data file")
     items = plan_restore(inputs, out)
     problems = find_image_problems(restore_samples(items, job.prompt), limit=10)
     if problems:  # "sample K: PATH: cause" -> "PATH: cause"
@@ -337,7 +344,7 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
         todo = prepare_restore_out(out, new, items, overwrite, (JOB_DIR, LOG_FILE))
         job.items, job.total = [vars(it) for it in todo], len(items)
         if todo:
-            launch.run_job("restore", job, job_dir=out / JOB_DIR, workers=workers or Workers(),
+            launch.run_job("restore", job, job_dir=out / JOB_DIR, workers=workers,
                            log_file=out / LOG_FILE, verbose=verbose)
     after = sum((out / it.dst).is_file() for it in items)
     return RestoreSummary(len(items) - len(todo), after, len(items), out)

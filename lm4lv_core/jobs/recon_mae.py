@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..defaults import CROP_BORDER, RECON_BATCH_SIZE
+from ..defaults import CROP_BORDER, JOB_DIR, RECON_BATCH_SIZE
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..errors import ConfigError, LM4LVError
@@ -19,6 +19,7 @@ from ..precision import FP32
 from ..image.io import load_rgb, require_images, save_png
 from ..config import ModuleSpec
 from ..sources.presets import mae_path
+from ..util.fsutil import user_entries
 from ..util.progress import rank0_progress
 
 LOG_FILE = "recon-mae.log"
@@ -157,8 +158,10 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
                 workers: Workers | None = None, overwrite: bool = False,
                 verbose: bool = False) -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon`` / ``recon-mae``: check, then run the reconstruction workers
-    (third-party output goes to ``out/recon-mae.log``)."""
+    (third-party output goes to ``out/recon-mae.log``). On several nodes (one launcher each) ``out`` is on the
+    shared filesystem and holds the job folder; node 0 checks that it may write there."""
     from ..precision import compute_dtype
+    from ..util.runlock import hold
 
     compute_dtype(precision)
     launch.require_gpu_for(precision)
@@ -169,12 +172,26 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     files = require_images(images)
     if out.resolve() == images.resolve() or images.resolve() in out.resolve().parents:
         raise ConfigError(f"--out {out}: must not be the input folder or inside it")
-    if out.is_dir() and any(out.iterdir()):
+    workers = (workers or Workers()).resolve()
+    job = ReconJob(encoder=enc, decoder=dec, images=str(images.resolve()), out=str(out.resolve()),
+                   batch_size=batch_size, crop_border=crop_border, precision=precision)
+    names = [f.relative_to(images).with_suffix(".png").as_posix() for f in files]
+    if not workers.per_node:
+        _check_out(out, overwrite, names)
+        with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
+            return launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers, log_file=out / LOG_FILE,
+                                  verbose=verbose)
+    with hold(out, "recon-mae", node=workers.node, shared=(JOB_DIR,)), \
+            launch.on_node(workers, out / JOB_DIR, out / LOG_FILE):
+        if workers.node == 0:
+            _check_out(out, overwrite, names)
+        return launch.run_job("recon-mae", job, job_dir=out / JOB_DIR, workers=workers, log_file=out / LOG_FILE,
+                              verbose=verbose)
+
+
+def _check_out(out: Path, overwrite: bool, names: list[str]) -> None:
+    """A non-empty ``out`` needs ``--overwrite``, which replaces only an earlier run's reconstructions."""
+    if out.is_dir() and any(p.name != JOB_DIR for p in user_entries(out)):
         if not overwrite:
             raise ConfigError(f"--out {out}: the folder is not empty; pass --overwrite to write into it")
-        _check_overwrite(out, [f.relative_to(images).with_suffix(".png").as_posix() for f in files])
-    job = ReconJob(encoder=enc, decoder=dec, images=str(images.resolve()), out=str(out.resolve()), batch_size=batch_size,
-                   crop_border=crop_border, precision=precision)
-    with tempfile.TemporaryDirectory(prefix="lm4lv-recon-") as job_dir:
-        return launch.run_job("recon-mae", job, job_dir=job_dir, workers=workers or Workers(),
-                              log_file=out / LOG_FILE, verbose=verbose)
+        _check_overwrite(out, names)

@@ -141,7 +141,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
             raise ConfigError(f"--deepspeed-config {cfg.deepspeed_config}: file not found")
         from ..engine.backends import checked_deepspeed_overrides
 
-        checked_deepspeed_overrides(cfg, cfg.nproc * cfg.num_nodes)
+        checked_deepspeed_overrides(cfg, cfg.world_size())
     cfg.image_root = str(Path(cfg.image_root if cfg.image_root is not None else Path(cfg.data).parent).resolve())
     cfg.data = str(Path(cfg.data).resolve())
     return samples
@@ -189,7 +189,7 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
     from ..engine.backends import checked_deepspeed_overrides
 
-    overrides = checked_deepspeed_overrides(cfg, cfg.nproc * cfg.num_nodes) if cfg.deepspeed_config else None
+    overrides = checked_deepspeed_overrides(cfg, cfg.world_size()) if cfg.deepspeed_config else None
     plan = plan_training(cfg, model, samples, gpu, deepspeed_overrides=overrides)
     return DryRun(len(samples), cfg.data, text, tokens, counts, vision_summary(model) + "\n" + format_plan(plan),
                   llm_summary(model))

@@ -219,7 +219,7 @@ def data_shape(cfg: ModelConfig, samples: Sequence[Any], limit: int = SCAN_SAMPL
 def run_shape(train, model: ModelConfig, deepspeed_overrides: dict | None = None) -> RunShape:
     """The memory-relevant part of a ``TrainConfig`` (with the ``--deepspeed-config`` overrides the
     engine applies: their bucket settings count)."""
-    world = train.nproc * train.num_nodes
+    world = train.world_size()
     zero: dict[str, Any] = {}
     if train.engine == "deepspeed" and deepspeed_overrides:
         zero = deepspeed_overrides.get("zero_optimization", {}) or {}

@@ -27,13 +27,17 @@ LOCK_NAME = ".lm4lv-lock"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
+_NODE_ENTRY = re.compile(rf"{re.escape(LOCK_NAME)}\.node\d+|.+\.node\d+\.log")
+
+
 def is_internal(name: str) -> bool:
-    """Names of lm4lv's own bookkeeping entries (temporary files/folders, the run lock)."""
-    return name.startswith(TEMP_PREFIX) or name == LOCK_NAME
+    """Names of lm4lv's own bookkeeping entries (temporary files/folders, the run lock, and a
+    multi-node run's per-node locks and logs, which another node may create first)."""
+    return name.startswith(TEMP_PREFIX) or name == LOCK_NAME or bool(_NODE_ENTRY.fullmatch(name))
 
 
 def user_entries(folder: Path) -> list[Path]:
-    """Entries of ``folder`` other than lm4lv's temporary files and lock."""
+    """Entries of ``folder`` other than lm4lv's temporary files, locks and per-node logs."""
     return [p for p in Path(folder).iterdir() if not is_internal(p.name)]
 
 
@@ -67,12 +71,14 @@ def temp_dir(parent: str | os.PathLike, name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}.", dir=parent))
 
 
-def remove_stale_temps(root: str | os.PathLike, prefix: str = TEMP_PREFIX) -> list[Path]:
-    """Delete temporary files/folders (names starting with ``prefix``) anywhere under ``root``.
+def remove_stale_temps(root: str | os.PathLike, prefix: str = TEMP_PREFIX, skip: Iterable[str] = ()) -> list[Path]:
+    """Delete temporary files/folders (names starting with ``prefix``) anywhere under ``root``,
+    except below the folders named in ``skip``.
 
     Only safe while no other process writes there: call it holding the folder's run lock.
     Returns what was removed.
     """
+    skip = set(skip)
     removed: list[Path] = []
     root = Path(root)
     if not root.is_dir():
@@ -92,7 +98,7 @@ def remove_stale_temps(root: str | os.PathLike, prefix: str = TEMP_PREFIX) -> li
                 else:
                     p.unlink(missing_ok=True)
                 removed.append(p)
-            elif e.is_dir(follow_symlinks=False):
+            elif e.is_dir(follow_symlinks=False) and e.name not in skip:
                 stack.append(Path(e.path))
     return removed
 

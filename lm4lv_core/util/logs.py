@@ -195,15 +195,16 @@ def _isatty(stream: TextIO) -> bool:
 
 
 @contextlib.contextmanager
-def launched(log_path: str | os.PathLike, relay_dir: str | os.PathLike,
-             verbose: bool = False) -> Iterator[tuple[int | None, dict[str, str]]]:
+def launched(log_path: str | os.PathLike, relay_dir: str | os.PathLike, verbose: bool = False,
+             pipe: str = "console.pipe") -> Iterator[tuple[int | None, dict[str, str]]]:
     """Parent side of a launched job: yields ``(fd, env)`` for the launcher process; its output goes
     to ``fd`` (the log, teed to the console with ``verbose``), lm4lv's lines of its workers come
-    through a named pipe in ``relay_dir`` (``env`` tells them where) to this process's console."""
+    through the named pipe ``relay_dir/pipe`` (``env`` tells them where; one per node when nodes
+    share ``relay_dir``) to this process's console."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     con = console_file()
-    fifo = Path(relay_dir) / "console.pipe"
+    fifo = Path(relay_dir) / pipe
     with contextlib.suppress(FileNotFoundError):
         fifo.unlink()
     try:

@@ -9,6 +9,11 @@ file's pid is checked for liveness instead (same host only).
 
 Holding the lock, a run may remove the temporary files that killed runs left in its folder
 (:func:`lm4lv_core.util.fsutil.remove_stale_temps`): no other lm4lv process writes there.
+
+The nodes of one multi-node run share its folder: node 0 takes the folder's lock (so a
+different run is refused as before), node R > 0 locks ``.lm4lv-lock.nodeR`` (a second command
+started as the same node is refused) and leaves temporary files alone; node 0 leaves the job
+folder's alone, where the other nodes write their job files meanwhile.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..errors import LM4LVError, OutputError
 from .fsutil import LOCK_NAME, TEMP_PREFIX, remove_stale_temps, write_failure
@@ -33,26 +38,31 @@ class FolderBusy(LM4LVError):
     """Another live lm4lv run holds the folder."""
 
 
-def lock_path(folder: Path, beside: bool = False) -> Path:
+def lock_path(folder: Path, beside: bool = False, node: int = 0) -> Path:
     folder = Path(folder).absolute()
-    return folder.parent / f"{LOCK_NAME}-{folder.name}" if beside else folder / LOCK_NAME
+    if beside:
+        return folder.parent / f"{LOCK_NAME}-{folder.name}"
+    return folder / (f"{LOCK_NAME}.node{node}" if node else LOCK_NAME)
 
 
 @contextlib.contextmanager
-def hold(folder: str | os.PathLike, command: str, beside: bool = False) -> Iterator[Path]:
+def hold(folder: str | os.PathLike, command: str, beside: bool = False, node: int | None = None,
+         shared: Iterable[str] = ()) -> Iterator[Path]:
     """Lock ``folder`` for ``command`` (creating it unless ``beside``), remove temporary files
     that killed runs left there, run the block, then release the lock (folders created here that
     stayed empty are removed again).
 
+    ``node``: this node of a multi-node run (``None``: a single-node run); ``shared``: subfolders
+    where the other nodes write meanwhile (node 0 removes no temporary files there).
     Raises :class:`FolderBusy` when a live run holds it and :class:`OutputError` when the
     folder cannot be written (checked here, before any work).
     """
     folder = Path(folder).absolute()
-    path = lock_path(folder, beside)
+    path = lock_path(folder, beside, node or 0)
     created = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
     try:
         (folder.parent if beside else folder).mkdir(parents=True, exist_ok=True)
-        fd = _acquire(path, folder, command)
+        fd = _acquire(path, folder, command if node is None else f"{command} (node {node})")
     except BaseException as e:
         _remove_empty(created)
         cause = write_failure(e) if isinstance(e, OSError) else None
@@ -60,7 +70,8 @@ def hold(folder: str | os.PathLike, command: str, beside: bool = False) -> Itera
             raise
         raise OutputError(f"--out {folder}: cannot write there ({cause})", cause) from None
     try:
-        removed = remove_stale_temps(folder)
+        # other nodes of this run may be writing here already: only node 0 cleans, around them
+        removed = remove_stale_temps(folder, skip=shared if node is not None else ()) if not node else []
         if beside:
             removed += remove_stale_temps(folder.parent, prefix=f"{TEMP_PREFIX}{folder.name}.")
         if removed:

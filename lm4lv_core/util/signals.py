@@ -8,8 +8,9 @@ at once (:data:`EXIT_ABORTED`).
 
 The ``lm4lv`` parent of launched workers starts the launcher in its own session (terminal
 signals reach only the parent, not the launchers, which would kill the workers) and forwards a
-stop as a file beside the job file (``LM4LV_STOP_FILE`` in the workers), which every worker polls
-with the flag. A second signal kills the launcher and all workers.
+stop as a file beside the job file (``LM4LV_STOP_FILE`` in the workers: the stop files of every
+node of the run), which every worker polls with the flag. A second signal kills the launcher and
+all workers.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ _state: dict[str, int | None] = {"signal": None}
 
 
 def requested() -> bool:
-    """Whether this process was asked to stop (a signal, or the stop file its parent writes)."""
+    """Whether this process was asked to stop (a signal, or a stop file its parent, or the parent
+    on another node of the run, writes: ``STOP_FILE_ENV`` lists them, ``os.pathsep``-separated)."""
     if _state["signal"] is not None:
         return True
-    stop_file = os.environ.get(STOP_FILE_ENV)
-    return bool(stop_file) and os.path.exists(stop_file)
+    files = os.environ.get(STOP_FILE_ENV) or ""
+    return any(os.path.exists(f) for f in files.split(os.pathsep) if f)
 
 
 def request(signum: int = signal.SIGTERM) -> None:
