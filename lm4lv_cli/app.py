@@ -13,7 +13,7 @@ from . import cmd_data, cmd_generate, cmd_mae, cmd_quickstart, cmd_train
 
 app = typer.Typer(
     name="lm4lv",
-    help="LM4LV: restore images with a frozen LLM, an MAE and two linear adapters.",
+    help="LM4LV: restore images (and caption, generate) with a frozen LLM, a vision encoder / decoder and two adapters.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,7 +45,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
-    """LM4LV: restore images with a frozen LLM, an MAE and two linear adapters."""
+    """LM4LV: restore images (and caption, generate) with a frozen LLM, a vision encoder / decoder and two adapters."""
 
 
 def main() -> None:

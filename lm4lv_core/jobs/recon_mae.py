@@ -131,8 +131,8 @@ def recon_parts(mae: str | None = None, preset: str | None = None, encoder: str 
 
     if sum(bool(x) for x in (mae, preset, encoder)) != 1:
         raise ConfigError("give exactly one of --encoder FAMILY:SOURCE, --mae PATH|ID or --preset NAME")
-    if mae or (preset and not encoder and not decoder and preset_config(preset).encoder.name == "mae"):
-        path, _ = mae_path(mae, preset)
+    if mae:
+        path, _ = mae_path(mae, None)
         return ModuleSpec("mae", {"path": path}), ModuleSpec("mae", {"path": path})
     if preset:
         cfg = preset_config(preset)

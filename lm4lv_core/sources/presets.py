@@ -124,25 +124,36 @@ def _build_mae(spec: TinySpec, out_dir: Path) -> None:
     ViTMAEForPreTraining(cfg).save_pretrained(str(out_dir))
 
 
-def _build_diffusers_vision(spec: TinySpec, out_dir: Path) -> None:
-    """A random-init diffusers ``VQModel`` (``vqgan-codes``) or ``AutoencoderKL`` (``sd-vae``)."""
+def _diffusers_kwargs(spec: TinySpec) -> dict:
+    return dict(in_channels=3, out_channels=3, block_out_channels=(spec.mae_hidden,) * spec.vision_levels,
+                down_block_types=("DownEncoderBlock2D",) * spec.vision_levels,
+                up_block_types=("UpDecoderBlock2D",) * spec.vision_levels, layers_per_block=1,
+                latent_channels=4, norm_num_groups=min(32, spec.mae_hidden), sample_size=spec.image_size)
+
+
+def _build_vq(spec: TinySpec, out_dir: Path) -> None:
+    """A random-init diffusers ``VQModel`` (a codebook of 64 entries of width 4)."""
     from ..vision.base import require
 
     diffusers = require("diffusers", "diffusers", spec.vision)
-    common = dict(in_channels=3, out_channels=3, block_out_channels=(spec.mae_hidden,) * spec.vision_levels,
-                  down_block_types=("DownEncoderBlock2D",) * spec.vision_levels,
-                  up_block_types=("UpDecoderBlock2D",) * spec.vision_levels, layers_per_block=1,
-                  latent_channels=4, norm_num_groups=min(32, spec.mae_hidden), sample_size=spec.image_size)
-    if spec.vision == "vqgan-codes":
-        model = diffusers.VQModel(num_vq_embeddings=64, vq_embed_dim=4, **common)
-    else:
-        model = diffusers.AutoencoderKL(**common)
-    model.save_pretrained(str(out_dir))
+    diffusers.VQModel(num_vq_embeddings=64, vq_embed_dim=4, **_diffusers_kwargs(spec)).save_pretrained(str(out_dir))
+
+
+def _build_vae(spec: TinySpec, out_dir: Path) -> None:
+    """A random-init diffusers ``AutoencoderKL`` (4 latent channels)."""
+    from ..vision.base import require
+
+    diffusers = require("diffusers", "diffusers", spec.vision)
+    diffusers.AutoencoderKL(**_diffusers_kwargs(spec)).save_pretrained(str(out_dir))
+
+
+# vision family of a preset -> (its folder in the preset, the function that builds it)
+VISION_BUILDERS = {"mae": ("mae", _build_mae), "vqgan-codes": ("vision", _build_vq), "sd-vae": ("vision", _build_vae)}
 
 
 def vision_folder(spec: TinySpec) -> str:
     """The preset's vision model folder name."""
-    return "mae" if spec.vision == "mae" else "vision"
+    return VISION_BUILDERS[spec.vision][0]
 
 
 def build_preset_folders(name: str, out_dir: Path, seed: int = 0) -> None:
@@ -155,10 +166,8 @@ def build_preset_folders(name: str, out_dir: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
     tok = build_tokenizer(out_dir / "llm")
     _build_llm(spec, len(tok), tok, out_dir / "llm")
-    if spec.vision == "mae":
-        _build_mae(spec, out_dir / "mae")
-    else:
-        _build_diffusers_vision(spec, out_dir / vision_folder(spec))
+    folder, build = VISION_BUILDERS[spec.vision]
+    build(spec, out_dir / folder)
 
 
 def _spec(name: str) -> TinySpec:
