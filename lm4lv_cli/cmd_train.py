@@ -30,6 +30,8 @@ def train(
     encoder: Optional[str] = O(None, "--encoder", help="Vision encoder FAMILY:SOURCE, e.g. mae:facebook/vit-mae-large, vqgan-codes:./vq-f16, clip:ID, timm:NAME[:CHECKPOINT] (see the README's Vision modules)."),
     decoder: Optional[str] = O(None, "--decoder", help="Vision decoder FAMILY:SOURCE, or none (text answers only) [the encoder's family when it decodes]."),
     adapter: Optional[str] = O(None, "--adapter", help="Input adapter: linear | mlp | lowrank | embedding | identity [the family's: linear for features, embedding for codes]."),
+    num_visual_tokens: Optional[int] = O(None, "--num-visual-tokens", help="Keep N of each image's visual tokens (understanding; a truncated model cannot paint) [all]."),
+    token_select: Optional[str] = O(None, "--token-select", help="Which N tokens --num-visual-tokens keeps: first (a leading run) | strided (evenly spread) [first]."),
     deadapter: Optional[str] = O(None, "--deadapter", help="Output adapter: linear | mlp | lowrank | pseudo_inverse [linear]."),
     image_root: Optional[Path] = O(None, "--image-root", help="Base of relative image paths (default: the data file's folder)."),
     template: Optional[str] = O(None, "--template", help=" | ".join(TEMPLATES)),

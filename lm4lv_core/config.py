@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .defaults import ATTN_AUTO, ATTN_IMPLEMENTATIONS, RESIZE_MODES
+from .defaults import ATTN_AUTO, ATTN_IMPLEMENTATIONS, RESIZE_MODES, TOKEN_SELECT
 from .errors import ConfigError
 from .util.finite import require_finite
 from .util.fsutil import write_text_atomic
@@ -74,7 +74,8 @@ class ModelConfig:
     template: str = "default"
     system_prompt: str | None = None
     gpt_prefix: str = ""
-    num_visual_tokens: int | None = None
+    num_visual_tokens: int | None = None  # keep N of each image's tokens (None: all; such a model cannot paint)
+    token_select: str = "first"  # which N: first (a leading run) | strided (evenly spread)
     vision_loss: str | None = None  # None: the family's (feature_mse for features, code_ce for codes)
     vision_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
@@ -109,6 +110,8 @@ class ModelConfig:
             raise ConfigError(f"num_task_tokens must be >= 0, got {self.num_task_tokens}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"unknown template {self.template!r}; valid: {', '.join(TEMPLATES)}")
+        if self.token_select not in TOKEN_SELECT:
+            raise ConfigError(f"--token-select must be one of {', '.join(TOKEN_SELECT)}, got {self.token_select!r}")
         if self.num_visual_tokens is not None and self.num_visual_tokens <= 0:
             raise ConfigError(f"num_visual_tokens must be > 0, got {self.num_visual_tokens}")
         # registry names (encoder, adapters, loss) are checked by vision.complete_config

@@ -5,6 +5,7 @@ Plain values with no imports, so the command line can read them without loading 
 # option vocabularies
 ENGINES = ("deepspeed", "accelerate")
 LAUNCHERS = ("deepspeed", "accelerate", "torchrun")
+TOKEN_SELECT = ("first", "strided")  # which of an image's tokens --num-visual-tokens keeps
 RESIZE_MODES = ("stretch", "crop")  # how images reach the encoder's square size (see image/io.py)
 ATTN_AUTO = "auto"  # what transformers picks for the LLM's family: sdpa where it has it, else eager
 ATTN_IMPLEMENTATIONS = (ATTN_AUTO, "sdpa", "eager", "flash_attention_2")  # the LLM's attention

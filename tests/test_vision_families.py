@@ -214,3 +214,26 @@ def test_recon_command_scores_any_family_with_a_decoder(tmp_path):
                           "clip:openai/clip-vit-base-patch32"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --encoder clip has no decoder to reconstruct with; give --decoder FAMILY:SOURCE"]
+
+
+def test_truncated_tokens_first_or_strided(pairs):
+    """``--num-visual-tokens N`` keeps a leading run (``first``) or N tokens spread evenly over all
+    (``strided``, first and last kept); such a model trains and answers in text, and refuses to paint."""
+    root, raw = pairs
+    torch.manual_seed(0)
+    full = LM4LV.from_config(preset_config("tiny")).eval()  # 17 tokens
+    x = _train_batch(full, root, raw).pixels
+    with torch.no_grad():
+        all_tokens = full.encode_images(x)
+    for select, idx in (("first", [0, 1, 2, 3, 4]), ("strided", [0, 4, 8, 12, 16])):
+        torch.manual_seed(0)
+        model = LM4LV.from_config(preset_config("tiny", num_visual_tokens=5, token_select=select))
+        assert model.num_visual_tokens == 5 and model.space.of == 17
+        with torch.no_grad():
+            assert torch.equal(model.encode_images(x), all_tokens[:, idx])
+        out = model.train()(_train_batch(model, root, raw))
+        assert torch.isfinite(out.loss) and out.vision_pred.shape[1] == 5
+    with pytest.raises(ConfigError, match="decoder needs 17 visual tokens"):
+        generate_samples(model.eval(), _gen_samples(root, ["<image> <task>"]), GenerationConfig(mode="image"))
+    with pytest.raises(ConfigError, match="--token-select"):
+        preset_config("tiny", token_select="random")

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 
 MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config", "encoder", "decoder")
 MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss", "adapter", "deadapter",
+                "num_visual_tokens", "token_select",
                 "text_loss_weight", "vision_loss_weight",
                 "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "train_query", "resize",
                 "attn_implementation")

@@ -81,7 +81,8 @@ class LM4LV(nn.Module):
         d_llm = llm.get_input_embeddings().embedding_dim
         complete_config(config, encoder.tokens)
         _check_decoder_fits(encoder, decoder)
-        self.space = encoder.tokens.truncated(config.num_visual_tokens)  # what the LLM sees of an image
+        # what the LLM sees of an image (all of the encoder's tokens, or a truncated share of them)
+        self.space = encoder.tokens.truncated(config.num_visual_tokens, config.token_select)
         self.num_visual_tokens = self.space.num_tokens
         self.adapter = build_adapter(config.adapter, self.space.in_dim, d_llm)
         self.deadapter = build_adapter(config.deadapter, d_llm, self.space.head_dim, partner=self.adapter)
@@ -298,9 +299,9 @@ class LM4LV(nn.Module):
         return output_logits(self.llm, hidden, self.lm_head())
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[M, 3, H, W]`` in [0, 1] → tokens ``[M, N, d_v]`` or codes ``[M, N]`` (first N)."""
+        """``[M, 3, H, W]`` in [0, 1] → tokens ``[M, N, d_v]`` or codes ``[M, N]`` (the kept N)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_encoder):
-            return self.encoder(pixels)[:, : self.num_visual_tokens]
+            return self.space.take(self.encoder(pixels))
 
     def batch_features(self, batch: Batch) -> torch.Tensor | None:
         """The visual features of ``batch``'s images: its precomputed ones, else encoded from its

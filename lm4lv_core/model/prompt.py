@@ -12,7 +12,7 @@ def vision_token_count(cfg: ModelConfig) -> int:
     """Visual tokens per image, as the encoder's family tells from its config."""
     from ..vision import token_space
 
-    return token_space(cfg.encoder).truncated(cfg.num_visual_tokens).num_tokens
+    return token_space(cfg.encoder).truncated(cfg.num_visual_tokens, cfg.token_select).num_tokens
 
 
 def token_view(enc: Encoded, tokenizer) -> str:
@@ -53,7 +53,7 @@ def vision_summary(cfg: ModelConfig) -> str:
     """One line on what the LLM sees of an image: family, token count and kind, adapters, loss."""
     from ..vision import token_space
 
-    space = token_space(cfg.encoder).truncated(cfg.num_visual_tokens)
+    space = token_space(cfg.encoder).truncated(cfg.num_visual_tokens, cfg.token_select)
     kind = f"codes of a codebook of {space.codebook_size}" if space.codebook_size else f"features of width {space.dim}"
     decoder = cfg.decoder.name if cfg.decoder is not None else "none (text answers only)"
     return (f"vision: encoder {cfg.encoder.name}, {space.num_tokens} tokens per image at {space.image_size} px "

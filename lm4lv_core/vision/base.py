@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..defaults import TOKEN_SELECT
+
 FEATURES, CODES = "features", "codes"
 
 
@@ -49,6 +51,8 @@ class TokenSpace:
     dim: int
     image_size: int
     codebook_size: int | None = None
+    of: int | None = None       # truncated: the encoder's own token count the kept ones come from
+    select: str = "first"       # truncated: which ones are kept (see :data:`TOKEN_SELECT`)
 
     @property
     def kind(self) -> str:
@@ -72,9 +76,30 @@ class TokenSpace:
     def default_loss(self) -> str:
         return "code_ce" if self.codebook_size else "feature_mse"
 
-    def truncated(self, n: int | None) -> "TokenSpace":
-        """The first ``n`` tokens of each image (``None``: all)."""
-        return replace(self, num_tokens=min(n or self.num_tokens, self.num_tokens))
+    def truncated(self, n: int | None, select: str = "first") -> "TokenSpace":
+        """``n`` of each image's tokens (``None``: all): the first ``n`` (local), or ``n`` spread
+        evenly over all of them (``strided``; the first and the last kept)."""
+        if select not in TOKEN_SELECT:
+            raise ValueError(f"token selection must be one of {', '.join(TOKEN_SELECT)}, got {select!r}")
+        if not n or n >= self.num_tokens:
+            return self
+        return replace(self, num_tokens=n, of=self.num_tokens, select=select)
+
+    def indices(self) -> list[int] | None:
+        """The kept tokens' positions among the encoder's (``None``: a leading run or all)."""
+        if self.of is None or self.select == "first":
+            return None
+        if self.num_tokens == 1:
+            return [0]
+        step = (self.of - 1) / (self.num_tokens - 1)
+        return [round(i * step) for i in range(self.num_tokens)]
+
+    def take(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The kept tokens of the encoder's ``[B, N_enc(, d)]``."""
+        idx = self.indices()
+        if idx is None:
+            return tokens[:, : self.num_tokens]
+        return tokens[:, torch.tensor(idx, device=tokens.device)]
 
     def adapter_input(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Tokens as the adapter takes them: features in the adapter's dtype, codes as int64."""
