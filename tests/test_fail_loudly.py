@@ -398,8 +398,8 @@ def test_a_bad_input_in_one_of_two_generate_workers_is_one_line(stopped, data, t
 
 
 # ----------------------------------------------------------------------------- README
-def _readme_commands() -> dict[str, list[str]]:
-    """The README's make-data, generate and eval commands of "Real use", as written."""
+def _readme_commands() -> dict[str, list[list[str]]]:
+    """The README's make-data, generate and eval commands of "Real use", as written (in order)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text[text.index("## Real use"):text.index("- **Several nodes**")]
     lines = block.replace("\\\n", " ").splitlines()
@@ -407,7 +407,7 @@ def _readme_commands() -> dict[str, list[str]]:
     for line in lines:
         words = shlex.split(line.strip()) if line.strip().startswith("lm4lv ") else []
         if words and words[1] in ("make-data", "generate", "eval"):
-            cmds[words[1]] = words[1:]
+            cmds.setdefault(words[1], []).append(words[1:])
     return cmds
 
 
@@ -426,7 +426,8 @@ def test_the_readme_dataset_generate_and_eval_commands_work_as_written(tmp_path)
     from lm4lv_core.sources.presets import preset_config
 
     torch.manual_seed(0)
-    LM4LV.from_config(preset_config("tiny")).save_pretrained(tmp_path / "runs" / "denoise" / "final")
+    LM4LV.from_config(preset_config("tiny", restore_prompt="<image> <task>")).save_pretrained(
+        tmp_path / "runs" / "denoise" / "final")
 
     def local(words: list[str], drop: dict[str, int], swap: dict[str, str]) -> list[str]:
         out, skip = [], 0
@@ -440,12 +441,17 @@ def test_the_readme_dataset_generate_and_eval_commands_work_as_written(tmp_path)
             out.append(swap.get(w, str(tmp_path) + w if w.startswith("/data/") else w))
         return out
 
-    make = local(cmds["make-data"], {"--workers": 1}, {"224": "32"})
+    make = local(cmds["make-data"][0], {"--workers": 1}, {"224": "32"})
     assert lm4lv(*make, cwd=tmp_path)[0] == 0
-    gen = local(cmds["generate"], {"--nproc": 1, "--precision": 1}, {})
+    data_gen, input_gen = cmds["generate"]  # a data file, then a folder of photos (--input)
+    gen = local(data_gen, {"--nproc": 1, "--precision": 1}, {})
     code, err, log = lm4lv(*gen, "--max-new-tokens", 2, cwd=tmp_path)
     assert code == 0, log
-    code, err, log = lm4lv(*local(cmds["eval"], {}, {}), cwd=tmp_path)
+    code, err, log = lm4lv(*local(input_gen, {"--nproc": 1, "--precision": 1}, {}), cwd=tmp_path)
+    assert code == 0, log
+    assert sorted(p.relative_to(tmp_path / "restored").as_posix() for p in (tmp_path / "restored").rglob("*.png")) \
+        == sorted(p.relative_to(tmp_path / "photos").as_posix() for p in (tmp_path / "photos").rglob("*.png"))
+    code, err, log = lm4lv(*local(cmds["eval"][0], {}, {}), cwd=tmp_path)
     assert code == 0, log
     assert "degraded" in log and "lm4lv" in log and "without a" not in log
     assert json.loads((tmp_path / "out" / "denoise" / "scores.json").read_text())["predictions"][1]["count"] == 2

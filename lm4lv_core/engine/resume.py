@@ -24,7 +24,7 @@ from ..errors import ConfigError
 MAY_CHANGE = ("out", "resume", "overwrite", "verbose", "stop_after", "max_steps", "epochs", "save_every",
               "keep_checkpoints", "preview_every", "preview_samples", "report_to", "record_order", "num_workers",
               "max_skipped_steps", "gradient_checkpointing", "launcher", "master_port", "hostfile", "nproc",
-              "num_nodes", "data", "image_root")
+              "num_nodes", "node_rank", "master_addr", "node_timeout", "data", "image_root")
 WORLD = "world_size"
 LABELS = {WORLD: "workers (--nproc x --num-nodes)", "data_fingerprint": "data (content of --data)"}
 

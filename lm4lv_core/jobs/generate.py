@@ -121,6 +121,11 @@ def resolve_model(run: str | os.PathLike) -> ModelSource:
     return source
 
 
+def resolve_model_dir(run: str | os.PathLike) -> Path:
+    """The folder of :func:`resolve_model`."""
+    return resolve_model(run).path
+
+
 def _checkpoint(step_dir: Path) -> ModelSource:
     """A training checkpoint: verified, with the model config of its run (``RUN/config.yaml``)."""
     from ..util.checksums import verify

@@ -92,12 +92,17 @@ def check_image_answers(model: ModelConfig, samples: list[Sample], data: str) ->
 
 def complete_for_run(model: ModelConfig, samples: list[Sample]) -> ModelConfig:
     """Fill what the model config leaves to the LLM's family (the ``auto`` attention, LoRA's
-    default targets) and to the data (a learnable query when it holds ``<query>``), so the run
-    records what it uses. A resumed run with a query keeps it."""
+    default targets) and to the data (a learnable query when it holds ``<query>``; the restoration
+    prompt ``generate --input`` uses), so the run records what it uses. A resumed run with a query
+    keeps it."""
     from ..model.families import resolve_llm_options
+    from ..tasks.lm4lv import restoration_prompt
+    from ..vision import complete_config
 
+    complete_config(model)  # adapters and loss that follow from the vision family
     resolve_llm_options(model)
     model.query = model.query or any(s.has_query for s in samples)
+    model.restore_prompt = model.restore_prompt or restoration_prompt(samples)
     return model
 
 

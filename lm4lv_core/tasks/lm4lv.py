@@ -51,7 +51,8 @@ class LM4LVTask(TrainTask):
     def dataset(self) -> Sequence[Any]:
         c = self.train_config
         samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
-        self.model_config.restore_prompt = restoration_prompt(samples)  # saved with the model
+        # saved with the model (the parent records it in the run already; the Python API may not)
+        self.model_config.restore_prompt = self.model_config.restore_prompt or restoration_prompt(samples)
         return _TrainDataset(samples, self.model.builder, self.model.encoder.image_size,
                              resize=self.model_config.resize)
 
