@@ -61,3 +61,19 @@ def write_pairs(root: Path, n: int = 4, size: int = 32, sigma: float = 40.0, see
 @pytest.fixture
 def pairs_file(tmp_path) -> Path:
     return write_pairs(tmp_path / "data")
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``lm4lv ARGS`` in this process (the app's ``main``): exit code and console output."""
+    import sys
+
+    from lm4lv_cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["lm4lv", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import write_pairs
+from conftest import write_pairs, run_cli
 from lm4lv_core.data.format import parse_sample
 from lm4lv_core.data.outputs import image_names, output_stems
 from lm4lv_core.jobs.generate import resolve_model_dir
 
 
-def lm4lv(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from lm4lv_cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["lm4lv", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
+lm4lv = run_cli  # lm4lv ARGS in this process
 
 
 @pytest.fixture(scope="module")

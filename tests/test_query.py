@@ -5,13 +5,12 @@ batches as alone, for features and for codes), saving and reloading, and the com
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import write_pairs
+from conftest import write_pairs, run_cli
 from lm4lv_core.config import ModelConfig, ModuleSpec
 from lm4lv_core.data.dataset import LM4LVDataset, collate
 from lm4lv_core.data.format import as_generation_prompt, load_checked, parse_sample
@@ -258,17 +257,7 @@ def test_query_with_codes_picks_a_code_per_slot(tiny_config, query_data):
 
 
 # ------------------------------------------------------------------ the commands
-def _lm4lv(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from lm4lv_cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["lm4lv", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
+_lm4lv = run_cli  # lm4lv ARGS in this process
 
 
 def test_train_and_generate_with_query(query_data, tmp_path, monkeypatch, capsys):

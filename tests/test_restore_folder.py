@@ -14,23 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from lm4lv_core.data.format import parse_sample
 from lm4lv_core.tasks.lm4lv import restoration_prompt
 
 PROMPT = "<image> restore <task>"
 
 
-def lm4lv(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from lm4lv_cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["lm4lv", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
+lm4lv = run_cli  # lm4lv ARGS in this process
 
 
 def console_script(*args, cwd) -> subprocess.CompletedProcess:
