@@ -17,6 +17,7 @@ from . import options as opt
 console = Console()
 
 
+@opt.with_node_options
 def generate(
     run: Path = typer.Option(..., "--run", help="Training run folder (uses its final/) or a saved model folder."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data file: prompts ending with an empty gpt turn, or training "
@@ -33,13 +34,7 @@ def generate(
     batch_size: int = typer.Option(GENERATE_BATCH_SIZE, "--batch-size", help="Samples per batch and worker."),
     nproc: int = typer.Option(1, "--nproc", help="Workers (processes); each sample is generated exactly once."),
     engine: str = typer.Option("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
-    launcher: Optional[str] = typer.Option(None, "--launcher", help="deepspeed | accelerate | torchrun [the engine's own]."),
-    num_nodes: Optional[int] = opt.NUM_NODES,
-    node_rank: Optional[int] = opt.NODE_RANK,
-    master_addr: Optional[str] = opt.MASTER_ADDR,
-    master_port: Optional[int] = opt.MASTER_PORT,
-    node_timeout: Optional[float] = opt.NODE_TIMEOUT,
-    hostfile: Optional[str] = opt.HOSTFILE,
+    nodes: dict = None,
     precision: str = typer.Option(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only)."),
     mode: str = typer.Option("auto", "--mode", help="image: answers start with <Img> and stop after the image; "
                              "text: free text and images; auto: image when the prompt holds <task>."),
@@ -76,9 +71,7 @@ def generate(
     from lm4lv_core.model.generate import GenerationConfig
     from lm4lv_core.jobs.generate import generate as run_generate, restore_inputs
 
-    workers = Workers(nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes, hostfile=hostfile,
-                      master_port=master_port, node_rank=node_rank, master_addr=master_addr,
-                      **({"node_timeout": node_timeout} if node_timeout is not None else {}))
+    workers = Workers(nproc=nproc, engine=engine, **opt.given(nodes))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size,
                            query=query)

@@ -45,6 +45,7 @@ def show_finetuned(train_cfg, summary) -> None:
                   else f"[green]stopped[/green]: {train_cfg.out} (resume with --resume)")
 
 
+@opt.with_node_options
 def recon_mae(
     images: Path = typer.Argument(..., help="Folder of images to reconstruct (recursive)."),
     out: Path = O(..., "--out", help="Output folder (same relative names, .png)."),
@@ -55,13 +56,7 @@ def recon_mae(
     batch_size: int = O(RECON_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass."),
     nproc: int = O(1, "--nproc", min=1, help="Workers on this node."),
     engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
-    launcher: Optional[str] = opt.LAUNCHER,
-    num_nodes: Optional[int] = opt.NUM_NODES,
-    node_rank: Optional[int] = opt.NODE_RANK,
-    master_addr: Optional[str] = opt.MASTER_ADDR,
-    master_port: Optional[int] = opt.MASTER_PORT,
-    node_timeout: Optional[float] = opt.NODE_TIMEOUT,
-    hostfile: Optional[str] = opt.HOSTFILE,
+    nodes: dict = None,
     crop_border: int = O(CROP_BORDER, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out (replacing only an earlier recon-mae's reconstructions)."),
     verbose: bool = opt.VERBOSE,
@@ -75,10 +70,7 @@ def recon_mae(
     rows = reconstruct(images, out, mae=mae, preset=preset, encoder=encoder, decoder=decoder, batch_size=batch_size,
                        crop_border=crop_border,
                        precision=precision, overwrite=overwrite,
-                       workers=Workers(nproc=nproc, engine=engine, launcher=launcher, num_nodes=num_nodes,
-                                       node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                                       hostfile=hostfile,
-                                       **({"node_timeout": node_timeout} if node_timeout is not None else {})),
+                       workers=Workers(nproc=nproc, engine=engine, **opt.given(nodes)),
                        verbose=verbose)
     table = Table(title=f"{'MAE' if mae else encoder or preset} reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):

@@ -80,24 +80,41 @@ RUN_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def with_run_options(fn: Callable) -> Callable:
-    """Declare ``RUN_OPTIONS`` on a Typer command in place of its ``run_options`` parameter."""
-    sig = inspect.signature(fn, eval_str=True)
-    params: list[inspect.Parameter] = []
-    for p in sig.parameters.values():
-        if p.name != "run_options":
-            params.append(p)
-            continue
-        params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=decl, annotation=typ)
-                   for name, (typ, decl) in RUN_OPTIONS.items()]
+# where the workers of generate / recon run (the node options of RUN_OPTIONS)
+NODE_OPTIONS = {k: RUN_OPTIONS[k] for k in ("launcher", "num_nodes", "node_rank", "master_addr", "master_port",
+                                            "node_timeout", "hostfile")}
 
-    @functools.wraps(fn)
-    def command(**kwargs: Any) -> Any:
-        # a flag left off is "not given" (None), so a saved run's or --config's value stays
-        run = {k: (kwargs.pop(k) or None) if typ is bool else kwargs.pop(k) for k, (typ, _) in RUN_OPTIONS.items()}
-        return fn(**kwargs, run_options=run)
 
-    del command.__wrapped__  # Typer reads the signature below, not the wrapped function's
-    command.__signature__ = sig.replace(parameters=params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    return command
+def _with_options(table: dict[str, tuple[Any, Any]], param: str) -> Callable[[Callable], Callable]:
+    """Declare ``table``'s options on a Typer command in place of its parameter ``param``, which
+    receives their values as a dict (``None`` = not given)."""
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        params: list[inspect.Parameter] = []
+        for p in sig.parameters.values():
+            if p.name != param:
+                params.append(p)
+                continue
+            params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=decl, annotation=typ)
+                       for name, (typ, decl) in table.items()]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            # a flag left off is "not given" (None), so a saved run's or --config's value stays
+            given = {k: (kwargs.pop(k) or None) if typ is bool else kwargs.pop(k) for k, (typ, _) in table.items()}
+            return fn(**kwargs, **{param: given})
+
+        del command.__wrapped__  # Typer reads the signature below, not the wrapped function's
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+    return deco
+
+
+with_run_options = _with_options(RUN_OPTIONS, "run_options")
+with_node_options = _with_options(NODE_OPTIONS, "nodes")
+
+
+def given(options: dict[str, Any]) -> dict[str, Any]:
+    """The options that were given (``None`` left out, so defaults apply)."""
+    return {k: v for k, v in options.items() if v is not None}
