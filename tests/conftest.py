@@ -77,3 +77,18 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
         code = int(e.code or 0)
     cap = capsys.readouterr()
     return code, cap.out + cap.err
+
+
+def overfit(model, batch, steps: int, lr: float = 3e-3, **adamw) -> tuple[float, float]:
+    """Train ``model`` on one ``batch`` for ``steps`` AdamW steps: (first, last) vision loss."""
+    import torch
+
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr, **adamw)
+    first = None
+    for _ in range(steps):
+        out = model(batch)
+        first = first if first is not None else float(out.vision_loss)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return first, float(model(batch).vision_loss)

@@ -1,5 +1,6 @@
 import torch
 
+from conftest import overfit
 from lm4lv_core.config import LoraConfig
 from lm4lv_core.data.dataset import LM4LVDataset, collate
 from lm4lv_core.data.format import load_checked, parse_sample
@@ -36,15 +37,7 @@ def test_tiny_model_overfits_four_pairs(tiny_config, pairs_file):
     torch.manual_seed(0)
     model = LM4LV.from_config(tiny_config)
     batch = _batch(model, pairs_file)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    first = None
-    for _ in range(150):
-        out = model(batch)
-        first = first if first is not None else float(out.vision_loss)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    last = float(model(batch).vision_loss)
+    first, last = overfit(model, batch, 150, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     assert last <= 0.5 * first, (first, last)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import write_pairs, run_cli
+from conftest import write_pairs, run_cli, overfit
 from lm4lv_core.config import ModelConfig, ModuleSpec
 from lm4lv_core.data.dataset import LM4LVDataset, collate
 from lm4lv_core.data.format import as_generation_prompt, load_checked, parse_sample
@@ -99,15 +99,7 @@ def test_query_model_learns_its_images(query_data):
     start = model.query_tokens.detach().clone()
     batch = _train_batch(model, query_data)
     assert int(batch.query_mask.sum()) == 4 * model.num_visual_tokens and not batch.target_mask.any()
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    first = None
-    for _ in range(100):
-        out = model(batch)
-        first = first if first is not None else float(out.vision_loss)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    last = float(model(batch).vision_loss)
+    first, last = overfit(model, batch, 100, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     assert last <= 0.5 * first, (first, last)
     assert not torch.equal(model.query_tokens, start)
     # --freeze-query: the queries stay as built
@@ -234,15 +226,8 @@ def test_query_with_codes_picks_a_code_per_slot(tiny_config, query_data):
     model = LM4LV.from_config(ModelConfig(llm=tiny_config.llm, encoder=spec, decoder=spec, query=True))
     assert model.config.vision_loss == "code_ce" and model.space.head_dim == 12
     batch = _train_batch(model, query_data)
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    first = None
-    for _ in range(30):
-        out = model(batch)
-        first = first if first is not None else float(out.vision_loss)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    assert float(model(batch).vision_loss) < 0.5 * first
+    first, last = overfit(model, batch, 30, lr=1e-2)
+    assert last < 0.5 * first
     model.eval()
     prompts = _prompts(query_data, ["<image> <task>", "Restore the image <image> <task> please: remove the noise"])
     greedy = generate_samples(model, prompts, GenerationConfig(), batch_size=2)
