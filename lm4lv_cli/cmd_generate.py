@@ -78,7 +78,8 @@ def generate(
     if paths:
         show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
                                      generation=gen, workers=workers, overwrite=overwrite, compile=compile,
-                                     attn_implementation=attn_implementation, verbose=verbose))
+                                     attn_implementation=attn_implementation, verbose=verbose,
+                                     on_note=show_note))
         return
     res = run_generate(run, data, out, image_root=image_root, batch_size=batch_size, precision=precision,
                        generation=gen, workers=workers, overwrite=overwrite, compile=compile,

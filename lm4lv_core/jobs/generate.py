@@ -316,10 +316,11 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
                    prompt: str | None = None, batch_size: int = GENERATE_BATCH_SIZE, precision: str = FP32,
                    generation: GenerationConfig | None = None, workers: Workers | None = None,
                    overwrite: bool = False, compile: bool = False, attn_implementation: str | None = None,
-                   verbose: bool = False) -> RestoreSummary:
+                   verbose: bool = False, on_note=None) -> RestoreSummary:
     """Parent side of ``lm4lv generate --input``: restore image files and folders into ``out``
     (mirrored paths, see :func:`lm4lv_core.data.outputs.plan_restore`) with the run's recorded
-    restoration prompt (or ``prompt``); re-runs skip restored images, ``overwrite`` redoes them."""
+    restoration prompt (or ``prompt``); re-runs skip restored images, ``overwrite`` redoes them.
+    ``on_note(text)`` receives notes for the user (e.g. which checkpoint restores)."""
     from ..data.format import find_image_problems
     from ..data.outputs import prepare_restore_out, plan_restore, restore_manifest
     from ..model.restore import image_config, restore_prompt, restore_samples
@@ -327,6 +328,8 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
 
     gen = image_config(generation)
     source = resolve_model(run)
+    if source.note and on_note:
+        on_note(source.note)
     saved = source.model
     gen.resize = gen.resize or saved.resize
     out = Path(out).resolve()

@@ -82,12 +82,12 @@ def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tupl
 
 def check_image_answers(model: ModelConfig, samples: list[Sample], data: str) -> None:
     """One-line error when the data asks for image answers that the model cannot paint."""
-    if model.decoder is not None:
-        return
+    from ..vision import cannot_paint
+
     bad = next((i for i, s in enumerate(samples) if "gpt" in s.image_turns()), None)
-    if bad is not None:
-        raise ConfigError(f"{data}: sample {bad} answers with an image, but encoder {model.encoder.name} has no "
-                          "decoder (text answers only); give --decoder FAMILY:SOURCE or use text answers")
+    why = cannot_paint(model) if bad is not None else None
+    if why is not None:
+        raise ConfigError(f"{data}: sample {bad} answers with an image, but {why}")
 
 
 def complete_for_run(model: ModelConfig, samples: list[Sample]) -> ModelConfig:
@@ -134,7 +134,8 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
     if not Path(model.llm).is_dir():
         raise ConfigError(f"llm {model.llm}: folder not found")
     for part in ("encoder", "decoder"):
-        path = getattr(model, part).kwargs.get("path")
+        spec = getattr(model, part)
+        path = spec.kwargs.get("path") if spec is not None else None
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"{part} {path}: folder not found")
     complete_for_run(model, samples)
@@ -190,6 +191,7 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     if gpu_memory is not None and not (0 < gpu_memory < float("inf")):
         raise ConfigError(f"--gpu-memory must be a finite number > 0 (GiB), got {gpu_memory}")
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
+    check_image_answers(model, samples, cfg.data)
     complete_for_run(model, samples)
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()

@@ -88,18 +88,32 @@ def resolve_attn_implementation(requested: str, config, where: str = "") -> str:
     return requested
 
 
-def default_lora_targets(config, where: str = "") -> list[str] | str:
+def default_lora_targets(config, where: str = "", llm=None) -> list[str] | str:
     """LoRA's target modules when none are given: PEFT's per-architecture default, else the
-    family's quirk; a family with neither is a one-line error asking for ``--lora-targets``.
+    family's quirk, else every linear layer of the transformer (PEFT's ``all-linear``: the output
+    head left out), named in one note line. ``llm``: the model (default: built on the meta device).
     (A string is a regular expression over full module names, as PEFT reads it.)"""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
     kind = model_type(config)
     targets = PEFT_TARGETS.get(kind) or list(quirks(config).lora_targets)
+    if targets:
+        return targets if isinstance(targets, str) else list(targets)
+    if llm is None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(config)
+    targets = linear_leaf_names(llm.get_decoder())
     if not targets:
-        raise ConfigError(f"--lora: neither PEFT nor lm4lv knows default LoRA targets for {kind or 'this'} "
-                          f"models{where}; name them with --lora-targets")
-    return targets if isinstance(targets, str) else list(targets)
+        raise ConfigError(f"--lora: {kind or 'this'} models{where} have no linear layers for LoRA; "
+                          "name the modules with --lora-targets")
+    from ..util.logs import say
+
+    say(f"note: --lora on {kind or 'this'} models{where}: no default targets in PEFT's table, so every linear "
+        f"layer of the transformer (all-linear): {', '.join(targets)}")
+    return targets
 
 
 def linear_leaf_names(module) -> list[str]:
@@ -137,8 +151,9 @@ def resolve_llm_options(cfg, config=None):
     where = f" in {cfg.llm}"
     cfg.attn_implementation = resolve_attn_implementation(cfg.attn_implementation, config, where)
     if cfg.lora.enabled:
-        if cfg.lora.target_modules is None:
-            cfg.lora.target_modules = default_lora_targets(config, where)
         with torch.device("meta"):
-            check_lora_targets(AutoModelForCausalLM.from_config(config), cfg.lora.target_modules, where)
+            llm = AutoModelForCausalLM.from_config(config)
+        if cfg.lora.target_modules is None:
+            cfg.lora.target_modules = default_lora_targets(config, where, llm)
+        check_lora_targets(llm, cfg.lora.target_modules, where)
     return cfg

@@ -121,6 +121,7 @@ class LM4LV(nn.Module):
         if config.lora.enabled:
             llm = _wrap_lora(llm, config)
         encoder = build_encoder(config.encoder, trainable_dtype if config.train_encoder else dtype)
+        complete_config(config, encoder.tokens)  # (a truncated model keeps no decoder)
         decoder = build_decoder(config.decoder, trainable_dtype if config.train_decoder else dtype)
         model = cls(config, llm, tokenizer, encoder, decoder)
         cast_by_trainability(model, dtype, trainable_dtype)
@@ -417,7 +418,7 @@ def _wrap_lora(llm: nn.Module, config: ModelConfig) -> nn.Module:
     lc = config.lora
     where = f" in {config.llm}"
     if lc.target_modules is None:
-        lc.target_modules = default_lora_targets(llm.config, where)
+        lc.target_modules = default_lora_targets(llm.config, where, llm)
     check_lora_targets(llm, lc.target_modules, where)
     targets = lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules)
     peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.dataset import Batch, Item, LM4LVDataset, collate, tensor_to_uint8
-from ..data.format import IMAGE_TOKEN, TASK_TOKEN, Sample, load_checked
+from ..data.format import IMAGE_TOKEN, QUERY_TOKEN, TASK_TOKEN, Sample, load_checked
 from ..engine.config import TrainConfig
 from ..engine.task import Gather, TrainTask, no_gather
 from ..errors import ConfigError
@@ -137,13 +137,14 @@ class LM4LVTask(TrainTask):
 def restoration_prompt(samples: Sequence[Sample]) -> str | None:
     """The human turn of the first restoration sample: a ``conversation`` sample that opens with
     a human turn holding ``<task>`` and exactly one ``<image>`` (the degraded input), answered by
-    a ``gpt`` turn holding an ``<image>``. ``None`` when no sample is one."""
+    a ``gpt`` turn holding an ``<image>`` (or a ``<query>``, read in one pass). ``None`` when no
+    sample is one."""
     for s in samples:
         if s.task_type != "conversation" or len(s.turns) < 2:
             continue
         ask, answer = s.turns[0], s.turns[1]
         if (ask.role == "human" and TASK_TOKEN in ask.value and ask.value.count(IMAGE_TOKEN) == 1
-                and answer.role == "gpt" and IMAGE_TOKEN in answer.value):
+                and answer.role == "gpt" and (IMAGE_TOKEN in answer.value or QUERY_TOKEN in answer.value)):
             return ask.value
     return None
 

@@ -205,7 +205,11 @@ class TimmEncoder(_Normalised):
             raise ConfigError(f"timm:{model}: cannot build this timm model ({str(e).splitlines()[0]})") from None
         if checkpoint and not _meta:
             sd = {k: v for k, v in read_timm_checkpoint(checkpoint).items() if not k.startswith(("head.", "fc."))}
-            missing, unexpected = net.load_state_dict(sd, strict=False)
+            try:
+                missing, unexpected = net.load_state_dict(sd, strict=False)
+            except RuntimeError as e:  # tensors of other shapes: another model's checkpoint
+                why = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+                raise ConfigError(f"timm checkpoint {checkpoint}: does not fit timm:{model} ({why})") from None
             if missing or unexpected:
                 raise ConfigError(f"timm checkpoint {checkpoint}: does not fit timm:{model} (missing "
                                   f"{', '.join(missing[:3]) or '-'}; unexpected {', '.join(unexpected[:3]) or '-'})")
