@@ -1,7 +1,7 @@
 """The BEiT family: ``beit`` encoder and ``beit-dvae`` decoder.
 
 * ``beit:SOURCE``: a ``BeitForMaskedImageModeling`` folder or Hugging Face id; tokens are the
-  hidden states of ``layer`` (default: the last; the reference's ``feature_type``) through the
+  hidden states of ``layer`` (default: the last, as the reference's ``layer``) through the
   masked-image-modelling layernorm, ``[B, 1 + (S/P)², d]`` (CLS first). Pixels are normalised
   with the checkpoint's ``preprocessor_config.json`` statistics, else 0.5 / 0.5 (BEiT's own
   processor and the reference).
