@@ -54,7 +54,7 @@ def test_lora_dropout_follows_the_mode(pairs_file):
 
 def test_imagenet_statistics_stay_fp32_in_a_bf16_model(tiny_config):
     from lm4lv_core.vision import build_decoder, build_encoder
-    from lm4lv_core.vision.mae import IMAGENET_MEAN, IMAGENET_STD
+    from lm4lv_core.vision.constants import IMAGENET_MEAN, IMAGENET_STD
 
     enc = build_encoder(tiny_config.encoder).to(torch.bfloat16)
     dec = build_decoder(tiny_config.decoder).to(torch.bfloat16)

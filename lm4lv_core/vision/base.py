@@ -39,6 +39,29 @@ def require(module: str, extra: str, family: str):
                           f"pip install 'lm4lv[{extra}]'") from None
 
 
+def preprocessor_config(folder: str | None) -> dict:
+    """A checkpoint folder's ``preprocessor_config.json`` (empty when it has none)."""
+    import json
+    from pathlib import Path
+
+    f = Path(folder) / "preprocessor_config.json" if folder else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+
+
+def checkpoint_stats(folder: str | None, default: tuple) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)``: the checkpoint's own ``image_mean`` / ``image_std`` where its folder has a
+    preprocessor config, else ``default`` (the family's published statistics, :mod:`.constants`)."""
+    pre = preprocessor_config(folder)
+    return tuple(pre.get("image_mean") or default[0]), tuple(pre.get("image_std") or default[1])
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """Pixels in [0, 1] → ``(x - mean) / std`` in float32 (statistics never rounded to bf16)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() - m) / s
+
+
 @dataclass(frozen=True)
 class TokenSpace:
     """The visual tokens of one image.

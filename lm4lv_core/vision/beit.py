@@ -1,8 +1,10 @@
 """The BEiT family: ``beit`` encoder and ``beit-dvae`` decoder.
 
 * ``beit:SOURCE``: a ``BeitForMaskedImageModeling`` folder or Hugging Face id; tokens are the
-  hidden states of ``layer`` (default: the last; the reference's ``feature_type``) through the
-  masked-image-modelling layernorm, ``[B, 1 + (S/P)², d]`` (CLS first).
+  hidden states of ``layer`` (default: the last, as the reference's ``layer``) through the
+  masked-image-modelling layernorm, ``[B, 1 + (S/P)², d]`` (CLS first). Pixels are normalised
+  with the checkpoint's ``preprocessor_config.json`` statistics, else 0.5 / 0.5 (BEiT's own
+  processor and the reference).
 * ``beit-dvae:BEIT_SOURCE,DVAE``: BEiT's masked-image-modelling head reads those features, its
   argmax over the visual vocabulary gives one DALL-E code per patch, and the DALL-E dVAE decoder
   (:mod:`.dalle_dvae`; OpenAI's ``decoder.pkl`` read safely, or a converted folder) paints them:
@@ -16,8 +18,8 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
-from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder
-from .mae import IMAGENET_MEAN, IMAGENET_STD
+from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, checkpoint_stats, normalize
+from .constants import HALF
 
 HF_CLASS = "BeitForMaskedImageModeling"
 
@@ -68,6 +70,7 @@ class BeitEncoder(_BeitPart, VisionEncoder):
         super().__init__()
         self.path, self.layer = path, layer
         model = model if model is not None else load_beit(path, dtype)
+        self.mean, self.std = checkpoint_stats(_folder(path), HALF)
         self.beit, self.layernorm = model.beit, model.layernorm
         self._geometry(model.config)
         self.image_size = model.config.image_size
@@ -88,9 +91,7 @@ class BeitEncoder(_BeitPart, VisionEncoder):
         return PlanShape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, self.num_tokens)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
-        x = ((pixels.float() - mean) / std).to(self.layernorm.weight.dtype)
+        x = normalize(pixels, self.mean, self.std).to(self.layernorm.weight.dtype)
         out = self.beit(pixel_values=x, output_hidden_states=True)
         return self.layernorm(out.hidden_states[self.layer])
 

@@ -2,9 +2,13 @@
 
 ``MAEAutoencoder`` pairs both for decoder fine-tuning and reconstruction.
 
-The encoder runs with mask ratio 0 and keeps patch order (``noise = arange(N)``), so its output is
-``[B, 1 + N, d_v]`` (CLS first). The decoder maps such features back to pixels: decoder
-transformer → unpatchify → de-normalisation with the ImageNet statistics the MAE was trained on.
+The encoder keeps patch order (``noise = arange(N)``): with ``mask_ratio`` r (default 0, as the
+reference) it keeps the first ``int(N·(1 − r))`` patches in raster order, so its output is
+``[B, 1 + int(N·(1 − r)), d_v]`` (CLS first; ``[B, 1 + N, d_v]`` at r = 0). The decoder maps such
+features back to pixels: decoder transformer (the dropped patches read its mask token; a decoder
+built with the same ``mask_ratio`` takes the shorter sequence) → unpatchify → de-normalisation.
+Pixels are normalised with the checkpoint's ``preprocessor_config.json`` statistics where the
+folder has one, else ImageNet's (:mod:`.constants`).
 """
 
 from __future__ import annotations
@@ -16,15 +20,25 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
-from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder
+from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, checkpoint_stats, normalize
+from .constants import IMAGENET, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (IMAGENET_*: public names)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+def check_mask_ratio(mask_ratio: float) -> float:
+    r = float(mask_ratio)
+    if not 0.0 <= r < 1.0:
+        raise ConfigError(f"mae: mask_ratio must be in [0, 1), got {mask_ratio}")
+    return r
+
+
+def kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """How many patches ViTMAE keeps at ``mask_ratio`` (its own rounding: ``int(N·(1 − r))``)."""
+    return int(num_patches * (1 - mask_ratio))
 
 
 def load_mae(path: str, dtype: torch.dtype | None = None):
     """Load a ``ViTMAEForPreTraining`` folder (or hub id, see :mod:`lm4lv_core.sources.hub`) with mask
-    ratio 0, its weights read in ``dtype`` (default float32)."""
+    ratio 0 (an encoder sets its own), its weights read in ``dtype`` (default float32)."""
     from transformers import ViTMAEForPreTraining
     from transformers.utils import logging as hf_logging
 
@@ -49,52 +63,50 @@ def mae_config(path: str):
 
 
 class _MAEPart(nn.Module):
-    """What the MAE encoder and decoder share: loading, the geometry and the ImageNet
-    statistics its pixels are normalised with.
+    """What the MAE encoder and decoder share: loading, the geometry (tokens kept at
+    ``mask_ratio``) and the statistics its pixels are normalised with.
 
     The statistics are not buffers: a model cast to bf16 (``.to(dtype)``, DeepSpeed's bf16) would
     round them. Normalisation and de-normalisation always run in fp32.
     """
 
-    def _setup(self, path: str | None, mae, dtype: torch.dtype | None = None):
+    def _setup(self, path: str | None, mae, dtype: torch.dtype | None = None, mask_ratio: float = 0.0):
         """Load (or take) the MAE, record its geometry; return it for the subclass to keep a part."""
         mae = mae if mae is not None else load_mae(path, dtype)
         cfg = self.mae_config = mae.config
         self.path = path
+        self.mask_ratio = check_mask_ratio(mask_ratio)
         self.patch_size = cfg.patch_size
         self.dim = cfg.hidden_size
         self.image_size = cfg.image_size
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.num_tokens = 1 + self.num_patches
+        self.num_tokens = 1 + kept_patches(self.num_patches, self.mask_ratio)
+        folder = path if path is not None and Path(path).is_dir() else getattr(cfg, "_name_or_path", None)
+        self.mean, self.std = checkpoint_stats(folder if folder and Path(folder).is_dir() else None, IMAGENET)
         return mae
 
     @classmethod
-    def token_space(cls, path: str | None = None, **_) -> TokenSpace:
+    def token_space(cls, path: str | None = None, mask_ratio: float = 0.0, **_) -> TokenSpace:
         c = mae_config(path)
-        return TokenSpace(1 + (c.image_size // c.patch_size) ** 2, c.hidden_size, c.image_size)
+        n = 1 + kept_patches((c.image_size // c.patch_size) ** 2, check_mask_ratio(mask_ratio))
+        return TokenSpace(n, c.hidden_size, c.image_size)
 
     @classmethod
-    def meta(cls, path: str | None = None, **_) -> "_MAEPart":
+    def meta(cls, path: str | None = None, mask_ratio: float = 0.0, **_) -> "_MAEPart":
         from transformers import ViTMAEForPreTraining
 
-        part = cls(mae=ViTMAEForPreTraining(mae_config(path)))
+        part = cls(mae=ViTMAEForPreTraining(mae_config(path)), mask_ratio=mask_ratio)
         part.path = path
         return part
 
-    @staticmethod
-    def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        return mean, std
-
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] → ImageNet-normalised fp32."""
-        mean, std = self._stats(pixels.device)
-        return (pixels.float() - mean) / std
+        """Pixels in [0, 1] → normalised fp32 (the statistics are never rounded to bf16)."""
+        return normalize(pixels, self.mean, self.std)
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """ImageNet-normalised values → fp32 pixels (nominally in [0, 1])."""
-        mean, std = self._stats(x.device)
+        """Normalised values → fp32 pixels (nominally in [0, 1])."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         return x.float() * std + mean
 
 
@@ -104,11 +116,14 @@ def _patch_order_noise(batch: int, n: int, device: torch.device) -> torch.Tensor
 
 @ENCODERS.register("mae")
 class MAEEncoder(_MAEPart, VisionEncoder):
-    """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
+    """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared).
+    ``mask_ratio``: drop that share of the patches, keeping the first ones in raster order."""
 
-    def __init__(self, path: str | None = None, mae=None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, path: str | None = None, mae=None, dtype: torch.dtype | None = None,
+                 mask_ratio: float = 0.0) -> None:
         super().__init__()
-        self.vit = self._setup(path, mae, dtype).vit
+        self.vit = self._setup(path, mae, dtype, mask_ratio).vit
+        self.vit.config.mask_ratio = self.mask_ratio  # ViTMAE reads the ratio from its config
 
     def plan_shape(self) -> PlanShape:
         c = self.mae_config
@@ -122,11 +137,14 @@ class MAEEncoder(_MAEPart, VisionEncoder):
 
 @DECODERS.register("mae")
 class MAEDecoder(_MAEPart, VisionDecoder):
-    """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared)."""
+    """``path``: an MAE folder; or ``mae``: an already loaded ``ViTMAEForPreTraining`` (shared).
+    ``mask_ratio``: take the tokens of an encoder with that ratio (the dropped patches are
+    painted from the decoder's mask token)."""
 
-    def __init__(self, path: str | None = None, mae=None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, path: str | None = None, mae=None, dtype: torch.dtype | None = None,
+                 mask_ratio: float = 0.0) -> None:
         super().__init__()
-        self.decoder = self._setup(path, mae, dtype).decoder
+        self.decoder = self._setup(path, mae, dtype, mask_ratio).decoder
 
     def plan_shape(self) -> PlanShape:
         c = self.mae_config
@@ -162,8 +180,8 @@ class MAEAutoencoder(nn.Module):
         hf = load_mae(path, torch.float32 if train else dtype)
         self.path = path
         object.__setattr__(self, "_hf", hf)  # not a submodule: its parts are registered below
-        self.encoder = MAEEncoder(mae=hf)
-        self.decoder = MAEDecoder(mae=hf)
+        self.encoder = MAEEncoder(path, mae=hf)
+        self.decoder = MAEDecoder(path, mae=hf)
         self.image_size = self.encoder.image_size
         self.train_encoder = train_encoder
         for p in self.encoder.parameters():
