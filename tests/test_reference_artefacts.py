@@ -332,3 +332,99 @@ def test_train_yaml_dry_run_and_command_line_wins(monkeypatch, capsys, pairs_fil
     assert code == 0, out
     assert "the reference's train config" in out
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- delta checkpoint
+class _ReferenceModel(nn.Module):
+    """The reference model's trainable attributes, by its names (src/model/LM4LV.py): ``adapter``,
+    ``deadapter`` (Linear_Adapter), ``learnable_task_token`` [1, K, d] in bf16, and a trained
+    ``visual_encoder`` (MAE_Encoder: a ViTMAEModel under ``model``)."""
+
+    def __init__(self, d_v: int, d_llm: int, k: int, mae_folder: Path) -> None:
+        super().__init__()
+        from transformers import ViTMAEModel
+
+        self.adapter = nn.Linear(d_v, d_llm)
+        self.deadapter = nn.Linear(d_llm, d_v)
+        self.learnable_task_token = nn.Parameter(torch.zeros(1, k, d_llm, dtype=torch.bfloat16))
+        self.visual_encoder = nn.Module()
+        self.visual_encoder.model = ViTMAEModel.from_pretrained(str(mae_folder), mask_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """An lm4lv model with a trained encoder saved as a folder, and the same weights written as the
+    reference's pytorch_model.pt."""
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
+
+    root = tmp_path_factory.mktemp("delta")
+    torch.manual_seed(3)
+    lm = LM4LV.from_config(preset_config("tiny", train_encoder=True))
+    with torch.no_grad():
+        lm.task_tokens.copy_(lm.task_tokens.to(torch.bfloat16).float())  # the reference keeps them in bf16
+        for p in lm.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lm.save_pretrained(root / "lm4lv")
+    ref = _ReferenceModel(32, 64, 10, preset_dir("tiny") / "mae")
+    ref.adapter.load_state_dict(lm.adapter.state_dict())
+    ref.deadapter.load_state_dict(lm.deadapter.state_dict())
+    ref.visual_encoder.model.load_state_dict(lm.encoder.vit.state_dict())
+    with torch.no_grad():
+        ref.learnable_task_token.copy_(lm.task_tokens[None].to(torch.bfloat16))
+    torch.save(OrderedDict((k, v.detach()) for k, v in ref.named_parameters()), root / "pytorch_model_ep2.pt")
+    return root
+
+
+def test_import_reference_generates_what_lm4lv_generates(monkeypatch, capsys, written, pairs_file, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+    import numpy as np
+
+    code, out = run_cli(monkeypatch, capsys, "import-reference", written / "pytorch_model_ep2.pt", "--preset", "tiny",
+                        "--out", tmp_path / "imported")
+    assert code == 0, out
+    assert "loaded adapter (2), deadapter (2), task_tokens, encoder" in out and "fresh: nothing" in out, out
+    want, got = load_file(written / "lm4lv" / "trainable.safetensors"), load_file(tmp_path / "imported" / "trainable.safetensors")
+    assert set(want) == set(got)
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    images = []
+    for name, model in (("a", written / "lm4lv"), ("b", tmp_path / "imported")):
+        code, out = run_cli(monkeypatch, capsys, "generate", "--run", model, "--data", pairs_file, "--out", tmp_path / name)
+        assert code == 0, out
+        images.append(sorted((tmp_path / name / "images").rglob("*.png")))
+    assert images[0] and len(images[0]) == len(images[1])
+    for a, b in zip(*images):
+        diff = np.abs(np.asarray(Image.open(a), np.float32) - np.asarray(Image.open(b), np.float32)) / 255
+        assert diff.max() <= 1e-5, (a, b)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.mark.parametrize("content", ["not a tensor", "code"])
+def test_delta_checkpoint_is_read_safely(monkeypatch, capsys, tmp_path, content):
+    pt = tmp_path / "pytorch_model.pt"
+    extra = 3 if content == "not a tensor" else _Payload()
+    torch.save(OrderedDict([("adapter.weight", torch.zeros(64, 32)), ("step", extra)]), pt)
+    code, out = run_cli(monkeypatch, capsys, "import-reference", pt, "--preset", "tiny", "--out", tmp_path / "m")
+    assert code == 2 and "pickled code ran" not in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {pt}: not a delta checkpoint"), out
+    assert not (tmp_path / "m").exists()
+
+
+def test_to_lm4lv_names():
+    from lm4lv_core.sources.reference import to_lm4lv_names
+
+    names = {"adapter.weight": 0, "task_tokens": 0, "encoder.vit.encoder.layer.0.output.dense.weight": 0,
+             "decoder.decoder.decoder_pred.weight": 0,
+             "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": 0}
+    sd = {"adapter.weight": torch.zeros(1), "learnable_task_token": torch.zeros(1, 10, 4),
+          "visual_encoder.model.encoder.layer.0.output.dense.weight": torch.zeros(1),
+          "decoder.decoder.decoder_pred.weight": torch.zeros(1),
+          "llama_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(1)}
+    got = to_lm4lv_names(sd, names, "x.pt")
+    assert set(got) == set(names) and got["task_tokens"].shape == (10, 4)

@@ -28,6 +28,7 @@ import torch
 from ..errors import ConfigError
 
 LORA_DIR = "lora"
+ORDER = ("adapter", "deadapter", "task_tokens", "query_tokens", "lora", "encoder", "decoder")  # of the summary
 
 
 @dataclass
@@ -79,7 +80,9 @@ def _counted(names: list[str]) -> str:
     groups: dict[str, int] = {}
     for n in names:
         groups[_group(n)] = groups.get(_group(n), 0) + 1
-    return ", ".join(f"{g} ({c})" if c > 1 else g for g, c in groups.items()) or "nothing"
+    rank = {g: i for i, g in enumerate(ORDER)}
+    ordered = sorted(groups.items(), key=lambda gc: (rank.get(gc[0], len(ORDER)), gc[0]))
+    return ", ".join(f"{g} ({c})" if c > 1 else g for g, c in ordered) or "nothing"
 
 
 def match(source: InitSource, params: dict[str, Any], saved: list[str],
