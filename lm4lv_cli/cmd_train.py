@@ -50,6 +50,7 @@ def train(
     lora_dropout: Optional[float] = O(None, "--lora-dropout", help="LoRA dropout [0.05]."),
     lora_targets: Optional[str] = O(None, "--lora-targets", help="Comma-separated LLM module names [the LLM family's: PEFT's default targets, e.g. q_proj,v_proj for Llama]."),
     train_query: Optional[bool] = O(None, "--train-query/--freeze-query", help="Train the learnable query of <query> answers [train, when the data holds <query>]."),
+    init_from: Optional[str] = O(None, "--init-from", help="Start from the trained weights of a run, RUN/checkpoints/step-N, a saved model or a reference pytorch_model*.pt (loaded where names and shapes match; step 0, fresh optimizer; not over --resume)."),
     run_options: dict = None,
     cache_features: Optional[bool] = O(None, "--cache-features/--no-cache-features", help="Encode each image once (frozen encoder only)."),
     dry_run: bool = O(False, "--dry-run", help="Validate data, images and config, show the first prompt, exit."),

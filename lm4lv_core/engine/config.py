@@ -67,6 +67,9 @@ class TrainConfig:
     verbose: bool = False  # show third-party warnings and logs on the console (train.log has them always)
     gradient_checkpointing: bool = False  # recompute transformer layers in the backward pass
     max_skipped_steps: int = 3  # stop after this many steps in a row skipped for a non-finite loss or gradient
+    # start from the trained weights of another run (RUN, RUN/checkpoints/step-N, a saved model or a
+    # reference pytorch_model*.pt) at step 0 with a fresh optimizer; never applied over --resume
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -84,7 +87,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         need(self.keep_checkpoints >= 0, f"keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         need(self.preview_samples >= 0, f"preview_samples must be >= 0, got {self.preview_samples}")
-        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(self.max_steps is None or self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}")
         need(self.stop_after is None or self.stop_after >= 1, f"--stop-after must be >= 1, got {self.stop_after}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

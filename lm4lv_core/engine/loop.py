@@ -98,10 +98,12 @@ class Trainer:
         n = len(self.dataset)
         self.global_batch = cfg.micro_batch * cfg.grad_accum * self.world
         self.steps_per_epoch = math.ceil(n / self.global_batch)
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
         self.identity[resume.WORLD] = self.world
         self.step = 0
         found = self._checkpoint_to_resume() if cfg.resume else None
+        if found is None:
+            self.task.initialize(model)  # e.g. --init-from: never over a checkpoint a run resumes from
         self.segments = self._schedule_segments(found[1] if found else None)
         self.warmup_steps = warmup_steps_for(cfg.lr_schedule, self.segments[0][1], cfg.warmup_ratio)
         self.backend.wrap(model, chained_lambda(cfg.lr_schedule, self.segments, cfg.warmup_ratio))

@@ -3,7 +3,8 @@
 Precedence, lowest first: built-in defaults, the run folder's ``config.yaml`` (with ``--resume``),
 ``--config FILE.yaml``, then options given on the command line. A config file holds any option
 by its name (``micro-batch`` or ``micro_batch``), or is a run's own ``config.yaml``
-(``{task, train, <task's config>}``), whose run-specific options (``RUN_ONLY``) are not taken.
+(``{task, train, <task's config>}``), whose run-specific options (``RUN_ONLY``) are not taken,
+or the reference's ``train_*.yaml`` (recognised by its keys, see ``lm4lv_core.sources.reference``).
 Each command turns the merged flat options into its typed job (``lm4lv_core.jobs``).
 """
 
@@ -43,6 +44,14 @@ def normalise(options: dict[str, Any], valid: Iterable[str], source: str) -> dic
 def _from_file(path: Path | str, source: str, valid: set[str],
                flat_sections: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
     data = load_yaml(path)
+    from ..sources.reference import is_reference_train_config, train_options
+
+    if is_reference_train_config(data):  # the reference's train_*.yaml: its keys mapped onto ours
+        from ..util.logs import say
+
+        flat, line = train_options(data, source, valid)
+        say(line)
+        return flat, {}
     if not isinstance(data.get("train"), dict):  # a file of flat options
         return normalise(data, valid, source), {}
     flat: dict[str, Any] = {}

@@ -10,6 +10,8 @@ metrics, checkpoints and exact resume. A task owns everything specific to one mo
 ``dataset()``               an indexable dataset (``len`` + ``__getitem__``); the engine shards
                             and orders it
 ``collate(items)``          a batch object with a ``.to(device)`` method
+``initialize(model)``      optional, once per worker on a run that starts at step 0 (not on a
+                            resumed one), before the backend wraps the model (e.g. --init-from)
 ``prepare(model, ds, dev)`` optional, once per worker before training (e.g. cache features)
 ``loss(model, batch)``      ``{"loss": scalar to minimise, other named scalars ...}``; every
                             key in ``metric_names`` is averaged over ranks into metrics.csv
@@ -64,6 +66,10 @@ class TrainTask:
         raise NotImplementedError
 
     # ---- optional
+    def initialize(self, model: nn.Module) -> None:
+        """Called once per worker when the run starts at step 0 (never over a resumed checkpoint),
+        before the backend wraps the model."""
+
     def prepare(self, model: nn.Module, dataset: Sequence[Any], device: torch.device) -> None:
         """Called once per worker before the first step."""
 

@@ -25,7 +25,7 @@ MAE_KEYS = ("mae", "preset", "lpips_weight", "lpips_net", "lpips_weights", "trai
 
 def option_names() -> set[str]:
     """Every option ``lm4lv ft-mae`` (and its ``--config`` file) takes."""
-    return train_config_keys() | set(MAE_KEYS)
+    return (train_config_keys() - {"init_from"}) | set(MAE_KEYS)  # --init-from is lm4lv train's
 
 
 @dataclass(kw_only=True)

@@ -139,6 +139,8 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"{part} {path}: folder not found")
     complete_for_run(model, samples)
+    if cfg.init_from:
+        _check_init_from(cfg, model)
     require_gpu_for(cfg.precision)
     check_attn_implementation(model.attn_implementation, dtype=compute_dtype(cfg.precision))
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
@@ -152,6 +154,18 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
     cfg.image_root = str(Path(cfg.image_root if cfg.image_root is not None else Path(cfg.data).parent).resolve())
     cfg.data = str(Path(cfg.data).resolve())
     return samples
+
+
+def _check_init_from(cfg: TrainConfig, model: ModelConfig) -> str | None:
+    """``--init-from``: its weights must fit the new model (checked before anything is written);
+    a run resumed from a checkpoint does not use them. The line saying what will load."""
+    from ..engine import checkpoint as ckpt
+    from ..model.init_from import check_source
+
+    cfg.init_from = str(Path(cfg.init_from).resolve())
+    if cfg.resume and ckpt.latest(Path(cfg.out) / "checkpoints") is not None:
+        return None
+    return check_source(cfg.init_from, model)
 
 
 def data_fingerprint(samples: list[Sample]) -> str:
@@ -193,6 +207,7 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
     check_image_answers(model, samples, cfg.data)
     complete_for_run(model, samples)
+    init = _check_init_from(cfg, model) if cfg.init_from else None
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
     from ..engine.backends import checked_deepspeed_overrides
@@ -200,4 +215,4 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
     overrides = checked_deepspeed_overrides(cfg, cfg.world_size()) if cfg.deepspeed_config else None
     plan = plan_training(cfg, model, samples, gpu, deepspeed_overrides=overrides)
     return DryRun(len(samples), cfg.data, text, tokens, counts, vision_summary(model) + "\n" + format_plan(plan),
-                  llm_summary(model))
+                  llm_summary(model) + (f"\n{init}" if init else ""))

@@ -219,13 +219,16 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
     ``encoder`` / ``decoder`` are ``FAMILY:SOURCE`` (``--mae X`` is ``--encoder mae:X --decoder
     mae:X``); an encoder whose family also decodes brings that decoder unless ``decoder`` is given
     (``none``: no decoder). A vision YAML may hold ``encoder``, ``decoder``, ``adapter`` and
-    ``deadapter`` entries, each ``{name: ..., kwargs: {...}}``. ``adapter`` / ``deadapter``
+    ``deadapter`` entries, each ``{name: ..., kwargs: {...}}``, or be the reference's
+    ``stage2_*.yaml`` form (``{target: ..., params: ...}`` entries, see :mod:`.reference`). ``adapter`` / ``deadapter``
     overrides may be plain names. ``overrides`` with value ``None`` are ignored.
     """
     from ..vision import has_decoder, parse_part
 
     from ..config import load_yaml
+    from ..util.logs import say
     from .hub import resolve_model
+    from .reference import is_reference_vision_config, vision_fields
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if preset:
@@ -242,6 +245,14 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
             base["decoder"] = ModuleSpec("mae", {"path": str(mae)})
     if vision_config:
         vc = load_yaml(vision_config)
+    if vision_config and is_reference_vision_config(vc):  # the reference's stage2_*.yaml form
+        fields, notes = vision_fields(vc, vision_config)
+        if "vision_loss" in fields:  # --vision-loss given on the command line wins
+            overrides.setdefault("vision_loss", fields.pop("vision_loss"))
+        base.update(fields)
+        if notes:
+            say(f"note: --vision-config {vision_config} (the reference's form): " + "; ".join(notes))
+    elif vision_config:
         for key in ("encoder", "decoder", "adapter", "deadapter"):
             if key in vc:
                 base[key] = ModuleSpec(**vc[key]) if isinstance(vc[key], dict) else ModuleSpec(str(vc[key]))

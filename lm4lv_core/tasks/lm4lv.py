@@ -48,6 +48,18 @@ class LM4LVTask(TrainTask):
         self.model.train()
         return self.model
 
+    def initialize(self, model: nn.Module) -> None:
+        """``--init-from``: another run's trained weights, loaded where the names and shapes match."""
+        if not self.train_config.init_from:
+            return
+        from ..model.init_from import load_into, read_source
+
+        line = load_into(model, read_source(self.train_config.init_from))
+        if dist.is_main():
+            from ..util import logs
+
+            logs.say(line)
+
     def dataset(self) -> Sequence[Any]:
         c = self.train_config
         samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
