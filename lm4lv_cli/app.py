@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import typer
 
@@ -45,6 +46,10 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="A module name or .py file that registers "
+                                               "your own vision parts, degradations or metrics; repeatable, and "
+                                               "accepted after any command too (also: LM4LV_PLUGINS, entry points "
+                                               "lm4lv.plugins)."),
 ) -> None:
     """LM4LV: restore images (and caption, generate) with a frozen LLM, a vision encoder / decoder and two adapters."""
 
@@ -56,6 +61,10 @@ def main() -> None:
     from lm4lv_core.util.signals import EXIT_ABORTED, EXIT_INTERRUPTED
 
     try:
+        from lm4lv_core import plugins
+
+        sys.argv[1:], specs = take_plugins(sys.argv[1:])
+        plugins.load_all(specs)
         code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt (a second signal)
         if code == EXIT_ABORTED:
             typer.echo("aborted", err=True)
@@ -90,6 +99,26 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def take_plugins(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--plugin X`` / ``--plugin=X`` anywhere on the command line (before or after the command)
+    → the other arguments and the plugins, so they load before any option names their parts."""
+    rest, specs, it = [], [], iter(argv)
+    for arg in it:
+        if arg == "--":
+            rest += [arg, *it]
+            break
+        if arg == "--plugin":
+            value = next(it, None)
+            if value is None:
+                raise LM4LVError("--plugin needs a module name or a .py file")
+            specs.append(value)
+        elif arg.startswith("--plugin="):
+            specs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return rest, specs
 
 
 if __name__ == "__main__":

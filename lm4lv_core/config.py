@@ -87,7 +87,6 @@ class ModelConfig:
     resize: str = "stretch"  # size policy of every image (stretch, as the reference, or crop)
     # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.sources.hub)
     hub: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "sdpa"  # the LLM's attention: sdpa | eager | flash_attention_2
     restore_prompt: str | None = None  # recorded by training (the data's restoration prompt)
     # the LLM's attention: auto (what transformers picks for the family; a run records the result) |
     # sdpa | eager | flash_attention_2
@@ -96,8 +95,14 @@ class ModelConfig:
     # model generates in one forward pass; set when the training data holds <query>
     query: bool = False
     train_query: bool = True  # train the query embeddings (--train-query / --freeze-query)
+    # plugins the run loaded (lm4lv_core.plugins.records: module names; a file's path and sha256),
+    # imported again wherever this config is read back
+    plugins: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from .plugins import restore
+
+        restore(self.plugins)  # before any of its parts is looked up
         for part in ("encoder", "decoder", "adapter", "deadapter"):
             spec = getattr(self, part)
             if isinstance(spec, dict):

@@ -19,10 +19,13 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str, *, hint: str = "",
-                 normalize: Callable[[str], str] | None = None) -> None:
+                 normalize: Callable[[str], str] | None = None,
+                 interface: tuple[str, ...] = (), base: str = "") -> None:
         self.kind = kind
         self.hint = hint
         self.normalize = normalize
+        self.interface = interface  # attributes an entry must have (checked for ``module:Class`` targets)
+        self.base = base            # what to subclass to get them, named in the error
         self._items: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
 
@@ -40,13 +43,30 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The entry of ``name`` (or of an alias); an unknown name raises a one-line
         ``ConfigError`` listing the valid names."""
+        from . import plugins
+
         key = self.normalize(name) if self.normalize else name
         key = self._aliases.get(key, key)
-        try:
+        if key in self._items:
             return self._items[key]
-        except KeyError:
-            hint = f" ({self.hint})" if self.hint else ""
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._items)}{hint}") from None
+        hint = f" ({self.hint})" if self.hint else ""
+        if not plugins.is_target(name):
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._items)}{hint}, "
+                              "or a package.module:Class of your own")
+        try:
+            entry = plugins.resolve_target(name)
+        except ConfigError as e:
+            raise ConfigError(f"{self.kind} {name}: {e} (registered {self.kind}s: {', '.join(self._items)})") from None
+        self.check(entry, name)
+        return entry
+
+    def check(self, entry: object, name: str) -> None:
+        """One-line error when ``entry`` lacks an attribute of this registry's interface."""
+        missing = [a for a in self.interface if not hasattr(entry, a)]
+        if missing:
+            base = f" (subclass {self.base})" if self.base else ""
+            raise ConfigError(f"{self.kind} {name} does not answer the {self.kind} interface: missing "
+                              f"{', '.join(missing)}{base}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
@@ -62,7 +82,12 @@ class Registry(Generic[T]):
         return list(self._items.values())
 
 
-ENCODERS: Registry[Callable] = Registry("vision encoder")
-DECODERS: Registry[Callable] = Registry("vision decoder")
+# the vision parts' interface (lm4lv_core.vision.base): what a user's class must answer
+_PART = ("source_kwargs", "token_space", "meta", "plan_shape", "forward")
+ENCODERS: Registry[Callable] = Registry("vision encoder", interface=_PART,
+                                        base="lm4lv_core.vision.VisionEncoder")
+DECODERS: Registry[Callable] = Registry("vision decoder", interface=_PART + ("differentiable",),
+                                        base="lm4lv_core.vision.VisionDecoder")
 ADAPTERS: Registry[Callable] = Registry("adapter")
-VISION_LOSSES: Registry[Callable] = Registry("vision loss")
+VISION_LOSSES: Registry[Callable] = Registry("vision loss", interface=("tokens", "uses_decoder", "__call__"),
+                                             base="lm4lv_core.vision.VisionLoss")

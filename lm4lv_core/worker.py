@@ -26,7 +26,7 @@ from .jobs import ft_mae, generate, recon_mae, train  # noqa: F401  (registers t
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lm4lv-worker")
-    parser.add_argument("kind", help="registered job kind (train, ft-mae, generate, recon-mae, probe)")
+    parser.add_argument("kind", help="registered job kind (train, ft-mae, generate, restore, recon-mae, probe)")
     parser.add_argument("job", help="job YAML written by the lm4lv command")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None)  # added by deepspeed
     args = parser.parse_args(argv)
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             stopped, result = None, None
             try:
+                from .plugins import load_environment
+
+                load_environment()  # the parent's plugins (it exports them in LM4LV_PLUGINS)
                 spec = JOBS.get(args.kind)
                 result = spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
             except Interrupted as e:

@@ -172,7 +172,11 @@ def _run_jobs(jobs: list[_Job], workers: int,
                 progress(done, total)
         return
     # spawn: never fork a parent that may run threads (progress bar, torch)
-    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context("spawn"))
+    from ..plugins import load_environment
+
+    # (each process loads the plugins of LM4LV_PLUGINS: a plugin's degradations are known there too)
+    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context("spawn"),
+                               initializer=load_environment)
     try:
         pending: deque = deque()
         it = iter(chunks)

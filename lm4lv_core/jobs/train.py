@@ -90,6 +90,15 @@ def check_image_answers(model: ModelConfig, samples: list[Sample], data: str) ->
         raise ConfigError(f"{data}: sample {bad} answers with an image, but {why}")
 
 
+def merged_plugins(recorded: list[dict]) -> list[dict]:
+    """The plugins a run records: those it recorded before (a resumed run) and those loaded now."""
+    from ..plugins import records
+
+    out = {r.get("file") or r["module"]: r for r in recorded}
+    out.update({r.get("file") or r["module"]: r for r in records()})
+    return list(out.values())
+
+
 def complete_for_run(model: ModelConfig, samples: list[Sample]) -> ModelConfig:
     """Fill what the model config leaves to the LLM's family (the ``auto`` attention, LoRA's
     default targets) and to the data (a learnable query when it holds ``<query>``; the restoration
@@ -101,6 +110,7 @@ def complete_for_run(model: ModelConfig, samples: list[Sample]) -> ModelConfig:
 
     complete_config(model)  # adapters and loss that follow from the vision family
     resolve_llm_options(model)
+    model.plugins = merged_plugins(model.plugins)
     model.query = model.query or any(s.has_query for s in samples)
     model.restore_prompt = model.restore_prompt or restoration_prompt(samples)
     return model

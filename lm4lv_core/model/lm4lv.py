@@ -362,10 +362,14 @@ class LM4LV(nn.Module):
         hs = [states[mask] for states, mask, _ in reads if mask.any()]
         if hs:
             n = self.num_visual_tokens
-            pred = self.deadapter(torch.cat(hs).to(self.adapter_dtype)).view(-1, n, self.space.head_dim)
+            hidden = torch.cat(hs)
+            pred = self.deadapter(hidden.to(self.adapter_dtype)).view(-1, n, self.space.head_dim)
             img_ids = torch.cat([ids[mask].view(-1, n)[:, 0] for _, mask, ids in reads if mask.any()])
             target = feats[img_ids]
-            vision_loss = self.vision_loss_fn(pred, target, batch.pixels[img_ids], self.decoder)
+            vision_loss = self.vision_loss_fn(
+                pred=pred, target=target, target_pixels=batch.pixels[img_ids], decoder=self.decoder,
+                hidden=hidden.view(-1, n, h.shape[-1]), adapter=self.adapter, deadapter=self.deadapter,
+                space=self.space)
         else:
             pred = img_ids = None
             vision_loss = self._touch(self.deadapter, h.shape[-1], h.device)

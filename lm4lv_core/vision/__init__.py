@@ -1,16 +1,26 @@
 """Vision families: encoders, decoders, adapters and vision losses, built by name from the
-registries, and the questions the rest of lm4lv asks about them (see :mod:`.base`)."""
+registries, and the questions the rest of lm4lv asks about them (see :mod:`.base`).
+
+Every module of this package is imported here, so a new built-in family is one file that
+registers its parts; a user's own parts come from plugins (:mod:`lm4lv_core.plugins`)."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 
 import torch
 
 from ..config import ModelConfig, ModuleSpec
 from ..errors import ConfigError
+from ..plugins import split_target
 from ..registry import ADAPTERS, DECODERS, ENCODERS
-from . import adapters, beit, losses, mae, sdvae, understanding, vqgan  # noqa: F401  (registers the built-in parts)
+
+for _m in pkgutil.iter_modules(__path__):  # registers the built-in parts
+    importlib.import_module(f"{__name__}.{_m.name}")
+del _m
+
 from .base import CODES, FEATURES, PlanShape, TokenSpace, VisionDecoder, VisionEncoder
 from .losses import VisionLoss, vision_loss
 
@@ -48,13 +58,14 @@ def build_adapter(spec: ModuleSpec, in_dim: int, out_dim: int, partner=None):
 
 
 def parse_part(text: str, part: str) -> ModuleSpec | None:
-    """``FAMILY:SOURCE`` (``--encoder`` / ``--decoder``) → a registry spec; ``none`` → no part.
-    The family reads its own SOURCE (a folder or hub id; ``timm:MODEL[:CHECKPOINT]``)."""
+    """``FAMILY:SOURCE`` or ``package.module:Class:SOURCE`` (``--encoder`` / ``--decoder``) → a
+    registry spec; ``none`` → no part. The family reads its own SOURCE (a folder or hub id;
+    ``timm:MODEL[:CHECKPOINT]``)."""
     if part == "decoder" and text.strip().lower() == "none":
         return None
-    family, _, source = text.partition(":")
-    cls = (ENCODERS if part == "encoder" else DECODERS).get(family.strip())
-    return ModuleSpec(family.strip(), cls.source_kwargs(source.strip()))
+    reg = ENCODERS if part == "encoder" else DECODERS
+    family, source = split_target(text, lambda name: name in reg)
+    return ModuleSpec(family, reg.get(family).source_kwargs(source))
 
 
 def has_decoder(family: str) -> bool:
