@@ -162,15 +162,21 @@ def _lm4lv(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("adapter,deadapter", [("identity", "linear"), ("linear", "pseudo_inverse")])
-def test_cli_trains_then_generates_in_a_new_process(adapter, deadapter, tmp_path):
-    from conftest import write_pairs
+def test_cli_trains_then_generates_in_a_new_process(adapter, deadapter, tmp_path, monkeypatch, capsys):
+    """``lm4lv train`` (in this process, for speed), then ``lm4lv generate`` in a new one: the
+    saved run alone rebuilds the weightless adapter and paints."""
+    from conftest import run_cli, write_pairs
 
     data = write_pairs(tmp_path / "data", n=2)
     run = tmp_path / "run"
     model = ["--preset", "tiny"] + (["--encoder", f"mae:{wide_mae(tmp_path)}"] if adapter == "identity" else [])
-    res = _lm4lv("train", "--data", data, "--out", run, *model, "--adapter", adapter, "--deadapter", deadapter,
-                 "--max-steps", "2", "--save-every", "2", "--micro-batch", "1", cwd=tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
+    args = ["--data", data, *model, "--adapter", adapter, "--deadapter", deadapter, "--max-steps", "2",
+            "--micro-batch", "1"]
+    code, log = run_cli(monkeypatch, capsys, "train", *args, "--out", tmp_path / "dry", "--dry-run", "--gpu-memory", "10")
+    flat = " ".join(log.split())  # the console wraps long lines
+    assert code == 0 and f"adapter {adapter}, deadapter {deadapter}" in flat and "FITS in 10 GiB" in flat, log  # memory plan
+    code, log = run_cli(monkeypatch, capsys, "train", *args, "--out", run, "--save-every", "2")
+    assert code == 0, log
     test = data.parent / "test.json"
     test.write_text(json.dumps([{"image": [f"lq/{i}.png"], "conversations": [
         {"from": "human", "value": "<image> <task>"}, {"from": "gpt", "value": ""}]} for i in range(2)]))
@@ -192,3 +198,18 @@ def test_cli_adapter_help_lists_every_adapter_for_the_roles_it_declares():
         want = {n for n in ADAPTERS if role in adapter_traits(ADAPTERS.get(n)).roles}
         assert want <= listed, (role, want - listed)
         assert not (set(BUILT_IN) - want) & listed, role  # none listed for a role it does not serve
+
+
+@pytest.mark.parametrize("adapter,deadapter,message", [
+    ("pseudo_inverse", "linear", "--adapter pseudo_inverse serves only as --deadapter"),
+    ("linear", "embedding", "--deadapter embedding serves only as --adapter"),
+])
+def test_cli_refuses_a_role_an_adapter_does_not_serve_in_one_line(adapter, deadapter, message, tmp_path,
+                                                                   monkeypatch, capsys):
+    from conftest import run_cli, write_pairs
+
+    data = write_pairs(tmp_path / "data", n=1)
+    code, log = run_cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "run", "--preset", "tiny",
+                        "--adapter", adapter, "--deadapter", deadapter, "--max-steps", "1")
+    assert code == 2 and message in " ".join(log.split()) and "Traceback" not in log, log
+    assert not (tmp_path / "run").exists()
