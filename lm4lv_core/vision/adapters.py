@@ -50,7 +50,7 @@ def declare_adapter(*, accepts: tuple[str, ...] = (FEATURES,), roles: tuple[str,
                     inverts: tuple[str, ...] = ()) -> Callable:
     """Decorator recording an adapter's :class:`AdapterTraits` on its function (``fn.adapter_traits``);
     put it under ``@ADAPTERS.register(...)`` or over it, the function is returned unchanged."""
-    accepts, roles, inverts = tuple(accepts), tuple(roles), tuple(inverts)
+    accepts, roles, inverts = ((v,) if isinstance(v, str) else tuple(v) for v in (accepts, roles, inverts))
     bad = [k for k in accepts if k not in TOKEN_KINDS] + [r for r in roles if r not in ROLES]
     if bad or not roles:
         raise ValueError(f"declare_adapter: accepts takes {', '.join(TOKEN_KINDS)} and roles takes "
