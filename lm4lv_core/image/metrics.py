@@ -25,6 +25,7 @@ from PIL import Image
 from ..defaults import CROP_BORDER
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import write_json_atomic, write_text_atomic
+from ..util.params import parameter_device
 from .io import load_rgb, pair_images
 from ..registry import Registry
 
@@ -180,7 +181,7 @@ def build_lpips(net: str = "alex", weights: str | os.PathLike | None = None,
 def lpips_score(module: LPIPSModule, gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER) -> float:
     """LPIPS of two HxWx3 uint8 RGB images with a module from :func:`build_lpips`."""
     a, b = _prepare(gt, pred, crop_border, False)
-    dev = next(module.parameters()).device
+    dev = parameter_device(module)
     ta = torch.from_numpy(a / 255.0).permute(2, 0, 1)[None].float().to(dev)
     tb = torch.from_numpy(b / 255.0).permute(2, 0, 1)[None].float().to(dev)
     with torch.inference_mode():

@@ -16,6 +16,7 @@ import weakref
 import torch
 
 from ..errors import ConfigError
+from ..util.params import parameter_device
 
 LENGTH_STEP = 64
 _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, CompiledDecode]" = weakref.WeakKeyDictionary()
@@ -51,7 +52,7 @@ class CompiledDecode:
     def __init__(self, model) -> None:
         backbone = model.backbone()
         self.config = backbone.config
-        device = next(backbone.parameters()).device
+        device = parameter_device(backbone)
         check_compile_available(device)
         mode = "reduce-overhead" if device.type == "cuda" else None
         self._fn = torch.compile(lambda emb, mask, pos, cache: eager_step(backbone, emb, mask, pos, cache),

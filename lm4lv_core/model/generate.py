@@ -45,6 +45,7 @@ from ..data.sequence import IMG_START, SLOT_TEXT
 from ..defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
 from ..errors import ConfigError
 from ..image.io import OUTPUT_SIZES, check_resize, resize_to, restored_size
+from ..util.params import parameter_device
 
 TEXT, IMAGE, DONE = 0, 1, 2
 MODES = ("auto", "image", "text")
@@ -511,7 +512,8 @@ def build_items(model, samples: Sequence[Sample], mode: str, loader=None, resize
 
 
 def model_device(model) -> torch.device:
-    return next(model.adapter.parameters()).device
+    """Where the model computes: its adapters' device, else (weightless adapters) the task tokens'."""
+    return parameter_device(model.adapter, model.deadapter, model.task_tokens)
 
 
 def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | None = None, *,

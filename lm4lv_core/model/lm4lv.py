@@ -29,6 +29,7 @@ from .logits import check_output_logits, output_logits
 from .loading import check_attn_implementation
 from .losses import text_cross_entropy, zero_touching
 from ..precision import cast_by_trainability
+from ..util.params import parameter_dtype
 from ..vision import build_adapter, build_decoder, build_encoder, complete_config, vision_loss
 
 CONFIG_FILE = MODEL_CONFIG
@@ -332,9 +333,9 @@ class LM4LV(nn.Module):
 
     @property
     def adapter_dtype(self) -> torch.dtype:
-        """The dtype the adapters compute in (their weights'; the task tokens' for weightless ones)."""
-        p = next(self.adapter.parameters(), None)
-        return p.dtype if p is not None else self.task_tokens.dtype
+        """The dtype the adapters compute in: the input adapter's weights', else (a weightless
+        adapter) the deadapter's, else the task tokens'."""
+        return parameter_dtype(self.adapter, self.deadapter, self.task_tokens)
 
     def hidden_states(self, batch: Batch, features: torch.Tensor | None) -> torch.Tensor:
         emb = self.embed(batch.input_ids, batch.slot_type, batch.slot_image, batch.slot_pos, features)
@@ -394,8 +395,7 @@ class LM4LV(nn.Module):
             raise ConfigError(f"encoder {self.config.encoder.name} has no vision decoder in this model: "
                               "it answers in text only (give --decoder FAMILY:SOURCE to paint images)")
         if features.is_floating_point():
-            p = next(self.decoder.parameters(), None)
-            features = features.to(p.dtype if p is not None else torch.float32)
+            features = features.to(parameter_dtype(self.decoder))
         return self.decoder(features).float()
 
 

@@ -21,6 +21,7 @@ for _m in pkgutil.iter_modules(__path__):  # registers the built-in parts
     importlib.import_module(f"{__name__}.{_m.name}")
 del _m
 
+from .adapters import ADAPTER, DEADAPTER, AdapterTraits, adapter_traits, declare_adapter
 from .base import CODES, FEATURES, PlanShape, TokenSpace, VisionDecoder, VisionEncoder
 from .losses import VisionLoss, vision_loss
 
@@ -92,6 +93,28 @@ def cannot_paint(cfg: ModelConfig, space: TokenSpace | None = None) -> str | Non
     return None
 
 
+def check_adapters(adapter: str, deadapter: str, kind: str, encoder: str = "") -> None:
+    """One-line ``ConfigError`` unless the adapters' declarations (:func:`.adapters.declare_adapter`)
+    allow ``adapter`` as the input adapter of ``kind`` tokens and ``deadapter`` as the output one."""
+    fa, fd = ADAPTERS.get(adapter), ADAPTERS.get(deadapter)
+    ta, td = adapter_traits(fa), adapter_traits(fd)
+    if ADAPTER not in ta.roles:
+        raise ConfigError(f"--adapter {adapter} serves only as --deadapter; give it as --deadapter and "
+                          f"pick an --adapter for {kind}")
+    if kind not in ta.accepts:
+        takes = " or ".join(ta.accepts) or "no tokens"
+        want = [n for n in ADAPTERS if ADAPTER in adapter_traits(ADAPTERS.get(n)).roles
+                and kind in adapter_traits(ADAPTERS.get(n)).accepts]
+        of = f" of encoder {encoder}" if encoder else ""
+        raise ConfigError(f"--adapter {adapter} does not take {kind}{of} (it takes {takes}); "
+                          f"use {' | '.join(want) or 'an adapter that accepts ' + kind}")
+    if DEADAPTER not in td.roles:
+        raise ConfigError(f"--deadapter {deadapter} serves only as --adapter; use e.g. --deadapter linear")
+    if td.inverts and fa not in [ADAPTERS.get(n) for n in td.inverts]:
+        raise ConfigError(f"--deadapter {deadapter} inverts the input adapter and needs --adapter "
+                          f"{' | '.join(td.inverts)}, got {adapter}")
+
+
 def complete_config(cfg: ModelConfig, space: TokenSpace | None = None) -> ModelConfig:
     """Fill what follows from the family (adapters, loss) where ``cfg`` leaves it open, and check
     that the parts fit together; returns ``cfg`` (changed in place), so a run records what it uses.
@@ -105,16 +128,11 @@ def complete_config(cfg: ModelConfig, space: TokenSpace | None = None) -> ModelC
         cfg.deadapter = ModuleSpec("linear")
     if cfg.vision_loss is None:
         cfg.vision_loss = space.default_loss
-    ADAPTERS.get(cfg.adapter.name)
-    ADAPTERS.get(cfg.deadapter.name)
+    check_adapters(cfg.adapter.name, cfg.deadapter.name, space.kind, cfg.encoder.name)
     loss = vision_loss(cfg.vision_loss)
     if loss.tokens != space.kind:
         raise ConfigError(f"--vision-loss {loss.name} compares {loss.tokens} but encoder {cfg.encoder.name} "
                           f"gives {space.kind}; use {space.default_loss}")
-    if (space.kind == CODES) != (cfg.adapter.name == "embedding"):
-        want = space.default_adapter
-        raise ConfigError(f"--adapter {cfg.adapter.name} does not take {space.kind} of encoder "
-                          f"{cfg.encoder.name}; use {want}")
     if loss.uses_decoder and cfg.decoder is None:
         raise ConfigError(f"--vision-loss {loss.name} decodes predictions but the model has no decoder")
     if loss.uses_decoder and not DECODERS.get(cfg.decoder.name).differentiable:
@@ -127,4 +145,5 @@ def complete_config(cfg: ModelConfig, space: TokenSpace | None = None) -> ModelC
 
 __all__ = ["VisionEncoder", "VisionDecoder", "TokenSpace", "PlanShape", "VisionLoss", "FEATURES", "CODES",
            "build_encoder", "build_decoder", "build_adapter", "meta_part", "token_space", "vision_loss",
-           "complete_config", "cannot_paint", "parse_part", "has_decoder"]
+           "complete_config", "cannot_paint", "parse_part", "has_decoder", "check_adapters", "declare_adapter",
+           "adapter_traits", "AdapterTraits", "ADAPTER", "DEADAPTER"]

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
+from ..util.params import parameter_dtype
 from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, VisionPart, conv_plan_shape, require
 
 FAMILY = "sd-vae"
@@ -111,7 +112,7 @@ class SDVAEEncoder(_VAEPart, VisionEncoder):
         self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = (pixels.float() * 2 - 1).to(next(self.encoder.parameters()).dtype)
+        x = (pixels.float() * 2 - 1).to(parameter_dtype(self.encoder))
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
@@ -130,7 +131,7 @@ class SDVAEDecoder(_VAEPart, VisionDecoder):
         if tokens.shape[1] != self.num_tokens:
             raise ValueError(f"sd-vae decoder expects {self.num_tokens} tokens, got {tokens.shape[1]}")
         z = unpatchify(tokens.float(), self.grid) / self.scale + self.shift
-        z = z.to(next(self.decoder.parameters()).dtype)
+        z = z.to(parameter_dtype(self.decoder))
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         x = (self.decoder(z).float() + 1) / 2

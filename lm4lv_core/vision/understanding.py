@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import ENCODERS
+from ..util.params import parameter_dtype
 from .base import PlanShape, VisionEncoder, checkpoint_stats, normalize, preprocessor_config, require
 from .constants import HALF, IMAGENET, OPENAI_CLIP
 
@@ -144,7 +145,7 @@ class _HFEncoder(_Normalised):
         return PlanShape(c.hidden_size, c.num_hidden_layers, c.intermediate_size, self.num_tokens)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(pixels).to(next(self.model.parameters()).dtype)
+        x = self.normalize(pixels).to(parameter_dtype(self.model))
         if x.shape[-1] != self.image_size:
             x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
                                                 align_corners=False)
@@ -331,5 +332,5 @@ class TimmEncoder(_Normalised):
         return PlanShape(self.dim, len(blocks), inter, self.num_tokens)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(pixels).to(next(self.net.parameters()).dtype)
+        x = self.normalize(pixels).to(parameter_dtype(self.net))
         return self.net.forward_features(x)
