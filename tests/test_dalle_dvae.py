@@ -77,7 +77,8 @@ def test_safetensors_conversion_round_trips(no_dall_e, tmp_path, expected):
         state = model.state_dict()
         assert list(state) == list(original) and all(torch.equal(state[k], original[k]) for k in original)
         with torch.no_grad():
-            assert torch.equal(model.decode_codes(expected["codes"]), expected["pixels"])
+            # (the same weights: the same decode, to float rounding of this CPU's kernels)
+            assert (model.decode_codes(expected["codes"]) - expected["pixels"]).abs().max().item() <= 1e-5
 
 
 class _Shell:
