@@ -146,7 +146,7 @@ def paper_plans(root: Path, data: Path) -> dict:
     from lm4lv_core.data.format import load_samples
     from lm4lv_core.engine.config import TrainConfig
     from lm4lv_core.model.memplan import plan_training
-    from lm4lv_core.sources.presets import resolve_model_config
+    from lm4lv_core.model.options import resolve_model_config
 
     llm, mae = build_folders(root, 32, weights=False)
     model = resolve_model_config(llm=str(llm), mae=str(mae))

@@ -20,8 +20,61 @@ C = TypeVar("C")
 TEMPLATES = ("default", "vicuna_v1.1", "llama2", "simple", "chat_template")  # rendered by data/sequence.py
 
 
+class Frozen:
+    """A config that can be frozen once resolved: setting a field of a frozen config (or of a
+    config inside it) raises, so everything downstream of resolution reads the same record.
+    ``copy.deepcopy`` of a frozen config is frozen; :func:`thawed` gives a changeable copy."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"{type(self).__name__} is resolved and frozen: {name} cannot change "
+                                 "(change a copy from lm4lv_core.config.thawed)")
+        object.__setattr__(self, name, value)
+
+
+def freeze(obj: Any) -> Any:
+    """Freeze ``obj`` and every config inside it (fields, lists, dicts); returns ``obj``."""
+    if isinstance(obj, Frozen):
+        for f in fields(obj):  # type: ignore[arg-type]
+            freeze(getattr(obj, f.name))
+        obj.__dict__["_frozen"] = True
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            freeze(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            freeze(v)
+    return obj
+
+
+def is_frozen(obj: Any) -> bool:
+    return bool(getattr(obj, "__dict__", {}).get("_frozen"))
+
+
+def thawed(obj: C) -> C:
+    """A changeable deep copy of ``obj`` (a config, frozen or not)."""
+    import copy
+
+    out = copy.deepcopy(obj)
+    _thaw(out)
+    return out
+
+
+def _thaw(obj: Any) -> None:
+    if isinstance(obj, Frozen):
+        obj.__dict__.pop("_frozen", None)
+        for f in fields(obj):  # type: ignore[arg-type]
+            _thaw(getattr(obj, f.name))
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _thaw(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _thaw(v)
+
+
 @dataclass
-class ModuleSpec:
+class ModuleSpec(Frozen):
     """A registered vision part: its registry ``name`` and constructor keyword arguments."""
 
     name: str
@@ -29,7 +82,7 @@ class ModuleSpec:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Frozen):
     enabled: bool = False
     r: int = 8
     alpha: int = 16
@@ -50,7 +103,7 @@ class LoraConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Frozen):
     """Where the frozen parts come from and what trains.
 
     ``resize`` is how images reach the encoder's square size (``stretch`` | ``crop``, see

@@ -11,7 +11,7 @@ import torch
 from conftest import write_pairs, run_cli
 from lm4lv_core.data.format import parse_sample
 from lm4lv_core.data.outputs import image_names, output_stems
-from lm4lv_core.jobs.generate import resolve_model_dir
+from lm4lv_core.engine.model_source import resolve_model_dir
 
 
 lm4lv = run_cli  # lm4lv ARGS in this process

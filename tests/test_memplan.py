@@ -21,7 +21,8 @@ def config_only_7b(tmp_path_factory):
     """Llama-2-7B and MAE-Large *configurations* (no weights), with the tiny preset's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, ViTMAEConfig
 
-    from lm4lv_core.sources.presets import preset_dir, resolve_model_config
+    from lm4lv_core.model.options import resolve_model_config
+    from lm4lv_core.sources.presets import preset_dir
 
     root = tmp_path_factory.mktemp("config7b")
     tok = AutoTokenizer.from_pretrained(preset_dir("tiny") / "llm")

@@ -157,7 +157,7 @@ def test_stage2_mae_yaml_dry_run(monkeypatch, capsys, pairs_file, tmp_path):
     code, out = _dry_run(monkeypatch, capsys, pairs_file, vc)
     assert code == 0, out
     assert "the reference's form" in out and "derived from the models: adapter.in_features" in out
-    from lm4lv_core.sources.presets import resolve_model_config
+    from lm4lv_core.model.options import resolve_model_config
 
     cfg = resolve_model_config(preset="tiny", vision_config=str(vc))
     assert (cfg.encoder.name, cfg.encoder.kwargs) == ("mae", {"path": str(mae)})
@@ -173,7 +173,7 @@ def test_stage2_beit_yaml_dry_run(monkeypatch, capsys, pairs_file, tmp_path, bei
     assert code == 0, out
     assert "MAE_FeatLoss is not defined in the reference's code: read as feature MSE" in out
     assert "ignored: encoder.feature_type=local" in " ".join(out.split())
-    from lm4lv_core.sources.presets import resolve_model_config
+    from lm4lv_core.model.options import resolve_model_config
 
     cfg = resolve_model_config(preset="tiny", vision_config=str(vc))
     assert (cfg.encoder.name, cfg.decoder.name, cfg.decoder.kwargs["dvae"]) == ("beit", "beit-dvae", str(dvae))
@@ -184,7 +184,7 @@ def test_stage2_vqgan_yaml_dry_run(monkeypatch, capsys, pairs_file, tmp_path, ld
     vc.write_text(STAGE2_VQGAN.format(vq=ldm_vq_folder))
     code, out = _dry_run(monkeypatch, capsys, pairs_file, vc)
     assert code == 0, out
-    from lm4lv_core.sources.presets import resolve_model_config
+    from lm4lv_core.model.options import resolve_model_config
 
     cfg = resolve_model_config(preset="tiny", vision_config=str(vc))
     assert (cfg.encoder.name, cfg.encoder.kwargs) == ("vqgan", {"path": str(ldm_vq_folder), "image_size": 32})

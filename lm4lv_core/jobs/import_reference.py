@@ -22,7 +22,7 @@ from ..errors import ConfigError
 def model_config(options: dict[str, Any], config_from: str | None) -> ModelConfig:
     """The model around the checkpoint: ``config_from``'s (a run, checkpoint or saved model) with
     ``options``' model fields over it, or the model options alone (as ``lm4lv train`` reads them)."""
-    from ..sources.presets import resolve_model_config
+    from ..model.options import resolve_model_config
     from .train import LORA, MODEL_FIELDS, MODEL_SOURCE
 
     opts = {k: v for k, v in options.items() if v is not None}
@@ -30,10 +30,10 @@ def model_config(options: dict[str, Any], config_from: str | None) -> ModelConfi
     if config_from:
         if any(opts.get(k) for k in MODEL_SOURCE):
             raise ConfigError("use either --config-from or model options (--preset, --llm, --vision-config, ...), not both")
-        from .generate import resolve_model
+        from ..engine.model_source import find_model
 
         try:
-            cfg = copy.deepcopy(resolve_model(config_from).model)
+            cfg = copy.deepcopy(find_model(config_from).model)
         except ConfigError as e:
             raise ConfigError(str(e).replace("--run ", "--config-from ", 1)) from None
         cfg = ModelConfig(**{**vars(cfg), **fields})
@@ -68,7 +68,7 @@ def import_reference(pt: str, out: str, options: dict[str, Any], config_from: st
     """Write the saved model folder ``out`` from reference checkpoint ``pt``; the summary line."""
     import torch
 
-    from ..model.init_from import InitSource, match
+    from ..tasks.init_from import InitSource, match
     from ..model.lm4lv import LM4LV
     from ..sources.reference import read_delta_checkpoint
     from ..util.fsutil import temp_dir, user_entries, writing

@@ -52,7 +52,7 @@ register_job("train", TrainJob)(train_in_worker)
 def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tuple[TrainConfig, ModelConfig]:
     """Flat options (``None`` = not given) over ``--config`` over a resumed run's ``config.yaml``
     → both configs. A resumed run keeps its saved model; model options given now override its fields."""
-    from ..sources.presets import resolve_model_config
+    from ..model.options import resolve_model_config
     from ..vision import complete_config
 
     lay = layer_options(cli, config_file, valid=option_names(), required=("data", "out"))
@@ -170,7 +170,7 @@ def _check_init_from(cfg: TrainConfig, model: ModelConfig) -> str | None:
     """``--init-from``: its weights must fit the new model (checked before anything is written);
     a run resumed from a checkpoint does not use them. The line saying what will load."""
     from ..engine import checkpoint as ckpt
-    from ..model.init_from import check_source
+    from ..tasks.init_from import check_source
 
     cfg.init_from = str(Path(cfg.init_from).resolve())
     if cfg.resume and ckpt.latest(Path(cfg.out) / "checkpoints") is not None:

@@ -52,7 +52,7 @@ class LM4LVTask(TrainTask):
         """``--init-from``: another run's trained weights, loaded where the names and shapes match."""
         if not self.train_config.init_from:
             return
-        from ..model.init_from import load_into, read_source
+        from .init_from import load_into, read_source
 
         line = load_into(model, read_source(self.train_config.init_from))
         if dist.is_main():

@@ -22,21 +22,9 @@ import torch
 from torch import nn
 
 from ..defaults import TOKEN_SELECT
+from ..util.optional import require  # noqa: F401  (families import it from here)
 
 FEATURES, CODES = "features", "codes"
-
-
-def require(module: str, extra: str, family: str):
-    """Import ``module`` for ``family``; a missing one is one line naming the extra to install."""
-    import importlib
-
-    from ..errors import ConfigError
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"the {family} vision family needs the {module} package: "
-                          f"pip install 'lm4lv[{extra}]'") from None
 
 
 def preprocessor_config(folder: str | None) -> dict:

@@ -55,10 +55,10 @@ def read_source(spec: str, option: str = "--init-from") -> InitSource:
             return InitSource(str(path), read_delta_checkpoint(path), reference=True)
         raise ConfigError(f"{option} {spec}: a file, but not a reference delta checkpoint (pytorch_model*.pt); "
                           "give a run, a checkpoint RUN/checkpoints/step-N or a saved model folder")
-    from ..jobs.generate import resolve_model
+    from ..engine.model_source import find_model
 
     try:
-        source = resolve_model(path)
+        source = find_model(path)
     except ConfigError as e:
         raise ConfigError(str(e).replace("--run ", f"{option} ", 1)) from None
     weights = load_file(str(source.path / WEIGHTS_FILE))
@@ -127,7 +127,7 @@ def check_source(spec: str, model_config) -> str:
     (built on the meta device, no weights read); the line the workers will print."""
     import copy
 
-    from .memplan import build_meta_model
+    from ..model.memplan import build_meta_model
 
     source = read_source(spec)
     model, _ = build_meta_model(copy.deepcopy(model_config))
