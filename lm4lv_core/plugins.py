@@ -141,6 +141,14 @@ def records() -> list[dict[str, Any]]:
     return [dict(r) for r in _loaded.values()]
 
 
+def merge_records(recorded: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The plugins a config records: those it recorded before (a resumed run, a saved model) and
+    those loaded in this process."""
+    out = {r.get("file") or r["module"]: r for r in recorded or []}
+    out.update({r.get("file") or r["module"]: dict(r) for r in _loaded.values()})
+    return list(out.values())
+
+
 def restore(recorded: list[dict[str, Any]] | None, where: str = "the run") -> None:
     """Import the plugins ``recorded`` by a run again; a missing one, or a file whose content
     changed since, is one error line naming it."""

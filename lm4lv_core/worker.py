@@ -18,7 +18,9 @@ import re
 import signal
 import sys
 
-from .config import from_dict, load_yaml
+from dataclasses import fields
+
+from .config import freeze, from_dict, load_yaml
 from .engine.launch import JOBS
 from .errors import LM4LVError
 from .jobs import ft_mae, generate, recon_mae, train  # noqa: F401  (registers the command jobs)
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
 
                 load_environment()  # the parent's plugins (it exports them in LM4LV_PLUGINS)
                 spec = JOBS.get(args.kind)
-                result = spec.run(from_dict(spec.job_type, load_yaml(args.job), source=args.job))
+                job_obj = from_dict(spec.job_type, load_yaml(args.job), source=args.job)
+                for f in fields(job_obj):  # the parent resolved the job: workers read it as it is
+                    freeze(getattr(job_obj, f.name))
+                result = spec.run(job_obj)
             except Interrupted as e:
                 stopped = str(e)
             # every worker learns whether any stopped on request and rank 0's return value (what an

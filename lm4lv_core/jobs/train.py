@@ -90,30 +90,17 @@ def check_image_answers(model: ModelConfig, samples: list[Sample], data: str) ->
         raise ConfigError(f"{data}: sample {bad} answers with an image, but {why}")
 
 
-def merged_plugins(recorded: list[dict]) -> list[dict]:
-    """The plugins a run records: those it recorded before (a resumed run) and those loaded now."""
-    from ..plugins import records
-
-    out = {r.get("file") or r["module"]: r for r in recorded}
-    out.update({r.get("file") or r["module"]: r for r in records()})
-    return list(out.values())
-
-
 def complete_for_run(model: ModelConfig, samples: list[Sample]) -> ModelConfig:
-    """Fill what the model config leaves to the LLM's family (the ``auto`` attention, LoRA's
-    default targets) and to the data (a learnable query when it holds ``<query>``; the restoration
-    prompt ``generate --input`` uses), so the run records what it uses. A resumed run with a query
-    keeps it."""
-    from ..model.families import resolve_llm_options
-    from ..tasks.lm4lv import restoration_prompt
-    from ..vision import complete_config
+    """Resolve the run's model config once and freeze it (:func:`lm4lv_core.model.resolve.resolve_config`),
+    after filling what follows from the data: a learnable query when it holds ``<query>``, and the
+    restoration prompt ``generate --input`` uses. A resumed run with a query keeps it."""
+    from ..config import is_frozen
+    from ..model.resolve import resolve_config
+    from ..tasks.lm4lv import complete_from_data
 
-    complete_config(model)  # adapters and loss that follow from the vision family
-    resolve_llm_options(model)
-    model.plugins = merged_plugins(model.plugins)
-    model.query = model.query or any(s.has_query for s in samples)
-    model.restore_prompt = model.restore_prompt or restoration_prompt(samples)
-    return model
+    if not is_frozen(model):
+        complete_from_data(model, samples)
+    return resolve_config(model)
 
 
 def llm_summary(model: ModelConfig) -> str:
@@ -128,9 +115,10 @@ def llm_summary(model: ModelConfig) -> str:
                if model.query else ""))
 
 
-def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
-    """Everything that can be checked before workers start; makes the data and image paths
-    absolute and returns the parsed samples."""
+def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | None]:
+    """Everything that can be checked before workers start (the real run and ``--dry-run`` alike);
+    resolves and freezes the model config, makes the data and image paths absolute and returns the
+    parsed samples and the line saying what ``--init-from`` loads."""
     from ..sources.hub import resolve_model
     from ..model.loading import check_attn_implementation
     from ..precision import compute_dtype
@@ -149,8 +137,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"{part} {path}: folder not found")
     complete_for_run(model, samples)
-    if cfg.init_from:
-        _check_init_from(cfg, model)
+    init = _check_init_from(cfg, model) if cfg.init_from else None
     require_gpu_for(cfg.precision)
     check_attn_implementation(model.attn_implementation, dtype=compute_dtype(cfg.precision))
     if cfg.hostfile and not Path(cfg.hostfile).is_file():
@@ -163,7 +150,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> list[Sample]:
         checked_deepspeed_overrides(cfg, cfg.world_size())
     cfg.image_root = str(Path(cfg.image_root if cfg.image_root is not None else Path(cfg.data).parent).resolve())
     cfg.data = str(Path(cfg.data).resolve())
-    return samples
+    return samples, init
 
 
 def _check_init_from(cfg: TrainConfig, model: ModelConfig) -> str | None:
@@ -189,7 +176,7 @@ def data_fingerprint(samples: list[Sample]) -> str:
 
 def train(cfg: TrainConfig, model: ModelConfig) -> Any:
     """Train LM4LV: check data, images and config, then run the workers."""
-    samples = check(cfg, model)
+    samples, _ = check(cfg, model)
     return run_training("train", TrainJob(train=cfg, model=model, data_fingerprint=data_fingerprint(samples)))
 
 
@@ -214,15 +201,12 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
 
     if gpu_memory is not None and not (0 < gpu_memory < float("inf")):
         raise ConfigError(f"--gpu-memory must be a finite number > 0 (GiB), got {gpu_memory}")
-    samples = load_checked(cfg.data, image_root=cfg.image_root, mode="train")
-    check_image_answers(model, samples, cfg.data)
-    complete_for_run(model, samples)
-    init = _check_init_from(cfg, model) if cfg.init_from else None
+    samples, init = check(cfg, model)
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
     from ..engine.backends import checked_deepspeed_overrides
 
-    overrides = checked_deepspeed_overrides(cfg, cfg.world_size()) if cfg.deepspeed_config else None
+    overrides = checked_deepspeed_overrides(cfg, cfg.world_size()) if cfg.deepspeed_config else None  # (checked)
     plan = plan_training(cfg, model, samples, gpu, deepspeed_overrides=overrides)
     return DryRun(len(samples), cfg.data, text, tokens, counts, vision_summary(model) + "\n" + format_plan(plan),
                   llm_summary(model) + (f"\n{init}" if init else ""))

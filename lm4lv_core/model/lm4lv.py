@@ -80,7 +80,7 @@ class LM4LV(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         d_llm = llm.get_input_embeddings().embedding_dim
-        complete_config(config, encoder.tokens)
+        complete_config(config, encoder.tokens)  # checks that the parts fit (a resolved config is complete)
         _check_decoder_fits(encoder, decoder)
         # what the LLM sees of an image (all of the encoder's tokens, or a truncated share of them)
         self.space = encoder.tokens.truncated(config.num_visual_tokens, config.token_select)
@@ -105,24 +105,24 @@ class LM4LV(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype | None = None,
-                    trainable_dtype: torch.dtype | None = None) -> "LM4LV":
+                    trainable_dtype: torch.dtype | None = None, lora_weights: str | Path | None = None) -> "LM4LV":
         """Build from ``config``: frozen parts are read from disk directly in ``dtype`` (default
         float32), trainable parameters are kept in ``trainable_dtype`` (default ``dtype``; float32
-        master weights when training in bf16/fp16)."""
+        master weights when training in bf16/fp16). A config not resolved yet is resolved (and
+        frozen) here (:func:`lm4lv_core.model.resolve.resolve_config`); ``lora_weights``: a saved
+        PEFT adapter folder to wrap the LLM with instead of fresh LoRA weights."""
+        from .resolve import resolve_config
+
         dtype = dtype or torch.float32
         trainable_dtype = trainable_dtype or dtype
-        from ..sources.hub import resolve_model
-
-        resolve_model(config)  # hub ids -> snapshot folders in the Hugging Face cache
+        config = resolve_config(config)
         llm, tokenizer = load_llm(config.llm, dtype, config.attn_implementation)
-        config.attn_implementation = llm.config._attn_implementation  # auto: recorded as resolved
         check_output_logits(llm, config.llm)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if config.lora.enabled:
-            llm = _wrap_lora(llm, config)
+            llm = _wrap_lora(llm, config, lora_weights)
         encoder = build_encoder(config.encoder, trainable_dtype if config.train_encoder else dtype)
-        complete_config(config, encoder.tokens)  # (a truncated model keeps no decoder)
         decoder = build_decoder(config.decoder, trainable_dtype if config.train_decoder else dtype)
         model = cls(config, llm, tokenizer, encoder, decoder)
         cast_by_trainability(model, dtype, trainable_dtype)
@@ -138,25 +138,21 @@ class LM4LV(nn.Module):
         ``config`` given: ``path`` is a training checkpoint (its ``trainable.safetensors`` holds every
         trained weight, LoRA's included, under the model's names) and ``config`` its run's model.
         Weights holding a NaN or an infinity are refused."""
+        from ..config import thawed
+
         path = Path(path)
         checkpoint = config is not None
         if checkpoint:
-            config = copy.deepcopy(config)
+            config = thawed(config)
         elif not (path / CONFIG_FILE).is_file():
             raise ConfigError(f"{path}: not an lm4lv model folder (no {CONFIG_FILE})")
         else:
             config = from_dict(ModelConfig, load_yaml(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
         if attn_implementation:
             config.attn_implementation = attn_implementation
-        lora = config.lora.enabled and not checkpoint
-        config.lora.enabled = config.lora.enabled and checkpoint  # a saved adapter is loaded below instead
-        model = cls.from_config(config, dtype, trainable_dtype)
-        if lora:
-            from peft import PeftModel
-
-            config.lora.enabled = True
-            model.llm = PeftModel.from_pretrained(model.llm, str(path / LORA_DIR), is_trainable=True)
-            model._apply_trainability()
+        # a saved model's LoRA weights are PEFT's adapter folder; a checkpoint's are in its weights file
+        lora_weights = path / LORA_DIR if config.lora.enabled and not checkpoint else None
+        model = cls.from_config(config, dtype, trainable_dtype, lora_weights=lora_weights)
         weights = load_file(str(path / WEIGHTS_FILE))
         model.load_trainable_state_dict(weights, strict=False)
         saved = set(model.saved_parameter_names())
@@ -412,18 +408,17 @@ def _check_decoder_fits(encoder, decoder) -> None:
         raise ConfigError(f"encoder width {enc.dim} and decoder width {dec.dim} differ")
 
 
-def _wrap_lora(llm: nn.Module, config: ModelConfig) -> nn.Module:
-    """LoRA on ``llm``: the configured targets, or the family's defaults (recorded in ``config``)."""
+def _wrap_lora(llm: nn.Module, config: ModelConfig, weights: str | Path | None = None) -> nn.Module:
+    """LoRA on ``llm`` at the resolved config's targets: fresh, or a saved PEFT adapter folder."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
-    from .families import check_lora_targets, default_lora_targets
+    from .families import check_lora_targets
 
+    if weights is not None:
+        return PeftModel.from_pretrained(llm, str(weights), is_trainable=True)
     lc = config.lora
-    where = f" in {config.llm}"
-    if lc.target_modules is None:
-        lc.target_modules = default_lora_targets(llm.config, where, llm)
-    check_lora_targets(llm, lc.target_modules, where)
+    check_lora_targets(llm, lc.target_modules, f" in {config.llm}")
     targets = lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules)
     peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                               target_modules=targets, task_type="CAUSAL_LM")

@@ -125,7 +125,9 @@ def build_meta_model(cfg: ModelConfig):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .lm4lv import LM4LV, _wrap_lora
+    from .resolve import resolve_config
 
+    cfg = resolve_config(cfg)
     try:
         llm_cfg = AutoConfig.from_pretrained(cfg.llm)
         tokenizer = AutoTokenizer.from_pretrained(cfg.llm)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, is_frozen
 from ..data.dataset import Batch, Item, LM4LVDataset, collate, tensor_to_uint8
 from ..data.format import IMAGE_TOKEN, QUERY_TOKEN, TASK_TOKEN, Sample, load_checked
 from ..engine.config import TrainConfig
@@ -40,6 +40,10 @@ class LM4LVTask(TrainTask):
 
         from ..precision import compute_dtype
 
+        if not is_frozen(self.model_config):  # the Python API: the data's share is decided here
+            c = self.train_config
+            complete_from_data(self.model_config, load_checked(c.data, image_root=c.image_root, mode="train",
+                                                               check_files=False))
         # frozen parts in the compute dtype from the first byte; trainables keep float32 masters
         self.model = LM4LV.from_config(self.model_config, compute_dtype(self.train_config.precision),
                                        trainable_dtype=torch.float32)
@@ -63,8 +67,6 @@ class LM4LVTask(TrainTask):
     def dataset(self) -> Sequence[Any]:
         c = self.train_config
         samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
-        # saved with the model (the parent records it in the run already; the Python API may not)
-        self.model_config.restore_prompt = self.model_config.restore_prompt or restoration_prompt(samples)
         return _TrainDataset(samples, self.model.builder, self.model.encoder.image_size,
                              resize=self.model_config.resize)
 
@@ -144,6 +146,15 @@ class LM4LVTask(TrainTask):
 
     def save_final(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         model.save_pretrained(out_dir, state_dict=state_dict)
+
+
+def complete_from_data(model: ModelConfig, samples: Sequence[Sample]) -> ModelConfig:
+    """What a model config takes from its training data (before it is resolved): a learnable
+    query when the data holds ``<query>`` (a resumed run with one keeps it), and the restoration
+    prompt ``generate --input`` uses."""
+    model.query = model.query or any(s.has_query for s in samples)
+    model.restore_prompt = model.restore_prompt or restoration_prompt(samples)
+    return model
 
 
 def restoration_prompt(samples: Sequence[Sample]) -> str | None:

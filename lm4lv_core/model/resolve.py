@@ -1,0 +1,28 @@
+"""Resolving a model config once: everything a config leaves open is decided here and recorded,
+then the config is frozen (:func:`lm4lv_core.config.freeze`), so the workers, the model
+constructor, the memory plan, the prompt preview and generation all read the same record.
+
+Decided here: hub ids → snapshot folders (and their commits), the vision family's adapters and
+loss (and no decoder for a truncated model), the LLM's ``auto`` attention and LoRA's default
+targets, and the plugins in use. A training run decides the data's share first (a learnable query,
+the restoration prompt: :func:`lm4lv_core.jobs.train.complete_for_run`)."""
+
+from __future__ import annotations
+
+from ..config import ModelConfig, freeze, is_frozen
+
+
+def resolve_config(cfg: ModelConfig) -> ModelConfig:
+    """Complete ``cfg`` in place and freeze it (a frozen config is returned as it is)."""
+    if is_frozen(cfg):
+        return cfg
+    from ..plugins import merge_records
+    from ..sources.hub import resolve_model
+    from ..vision import complete_config
+    from .families import resolve_llm_options
+
+    resolve_model(cfg)
+    complete_config(cfg)
+    resolve_llm_options(cfg)
+    cfg.plugins = merge_records(cfg.plugins)
+    return freeze(cfg)
