@@ -27,7 +27,7 @@ def train(
     mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining): a folder or a Hugging Face id org/name[@revision]."),
     mae_decoder: Optional[str] = O(None, "--mae-decoder", help="MAE folder or Hugging Face id for the decoder (default: --mae)."),
     vision_config: Optional[str] = O(None, "--vision-config", help="YAML naming encoder/decoder/adapters."),
-    encoder: Optional[str] = O(None, "--encoder", help="Vision encoder FAMILY:SOURCE, e.g. mae:facebook/vit-mae-large, vqgan-codes:./vq-f16, clip:ID, timm:NAME[:CHECKPOINT] (see the README's Vision modules)."),
+    encoder: Optional[str] = O(None, "--encoder", help="Vision encoder FAMILY:SOURCE, e.g. mae:facebook/vit-mae-large, vqgan-codes:./vq-f16, clip:ID, timm:NAME[:CHECKPOINT] (see docs/vision.md)."),
     decoder: Optional[str] = O(None, "--decoder", help="Vision decoder FAMILY:SOURCE, or none (text answers only) [the encoder's family when it decodes]."),
     adapter: Optional[str] = O(None, "--adapter", help="Input adapter: linear | mlp | lowrank | identity (features; identity: the visual width must equal the LLM's) | embedding (codes) [the family's: linear for features, embedding for codes]."),
     num_visual_tokens: Optional[int] = O(None, "--num-visual-tokens", help="Keep N of each image's visual tokens (understanding; a truncated model cannot paint) [all]."),

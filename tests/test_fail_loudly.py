@@ -1,5 +1,5 @@
 """Fail loudly, never silently: divergence, resume with other options, outputs that exist, errors
-inside workers, generating from a checkpoint, the README's commands."""
+inside workers, generating from a checkpoint, the commands of docs/real-use.md."""
 
 from __future__ import annotations
 
@@ -397,11 +397,11 @@ def test_a_bad_input_in_one_of_two_generate_workers_is_one_line(stopped, data, t
                    "contents when reading image file)"], log
 
 
-# ----------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------- docs/real-use.md
 def _readme_commands() -> dict[str, list[list[str]]]:
-    """The README's make-data, generate and eval commands of "Real use", as written (in order)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text[text.index("## Real use"):text.index("- **Several nodes**")]
+    """The make-data, generate and eval commands of the docs' "Real use" recipe, as written (in order)."""
+    text = (ROOT / "docs" / "real-use.md").read_text(encoding="utf-8")
+    block = text[text.index("# Real use"):text.index("- **Several nodes**")]
     lines = block.replace("\\\n", " ").splitlines()
     cmds = {}
     for line in lines:
@@ -412,7 +412,7 @@ def _readme_commands() -> dict[str, list[list[str]]]:
 
 
 def test_the_readme_dataset_generate_and_eval_commands_work_as_written(tmp_path):
-    """make-data, generate and eval as the README writes them; only what needs a GPU or real
+    """make-data, generate and eval as docs/real-use.md writes them; only what needs a GPU or real
     weights changes: the image size and workers (make-data), the trained model, --nproc and
     --precision (generate)."""
     cmds = _readme_commands()

@@ -1,4 +1,4 @@
-"""A user's own vision module (the README's example, run as written) through the installed ``lm4lv``
+"""A user's own vision module (the example of docs/vision.md, run as written) through the installed ``lm4lv``
 command: trained on two workers and on two localhost nodes, resumed, generated from in new
 processes without ``--plugin`` (the run records it), and a missing or edited plugin file, an unknown
 module, a missing class or a class that does not answer the interface are one ``error:`` line.
@@ -24,8 +24,8 @@ LM4LV = Path(sys.executable).parent / "lm4lv"
 
 
 def readme_example() -> str:
-    """The Python block of the README's "Your own vision module" section."""
-    text = (ROOT / "README.md").read_text()
+    """The Python block of the "Your own vision module" section of docs/vision.md."""
+    text = (ROOT / "docs" / "vision.md").read_text()
     section = text[text.index("## Your own vision module"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 

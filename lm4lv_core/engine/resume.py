@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError
 
-# train options a resumed run may change (README: "Options that may change on resume")
+# train options a resumed run may change (docs/long-runs.md: "These may change on resume")
 MAY_CHANGE = ("out", "resume", "overwrite", "verbose", "stop_after", "max_steps", "epochs", "save_every",
               "keep_checkpoints", "preview_every", "preview_samples", "report_to", "record_order", "num_workers",
               "max_skipped_steps", "gradient_checkpointing", "launcher", "master_port", "hostfile", "nproc",
