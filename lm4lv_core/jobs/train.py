@@ -119,8 +119,9 @@ def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | Non
     """Everything that can be checked before workers start (the real run and ``--dry-run`` alike);
     resolves and freezes the model config, makes the data and image paths absolute and returns the
     parsed samples and the line saying what ``--init-from`` loads."""
-    from ..sources.hub import resolve_model
+    from ..config import is_frozen
     from ..model.loading import check_attn_implementation
+    from ..sources.hub import resolve_model
     from ..precision import compute_dtype
     from ..tasks.lm4lv import check_cache_allowed
 
@@ -128,7 +129,8 @@ def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | Non
     check_image_answers(model, samples, cfg.data)
     if cfg.cache_features:
         check_cache_allowed(model)
-    resolve_model(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
+    if not is_frozen(model):
+        resolve_model(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
     if not Path(model.llm).is_dir():
         raise ConfigError(f"llm {model.llm}: folder not found")
     for part in ("encoder", "decoder"):
