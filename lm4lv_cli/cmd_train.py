@@ -78,6 +78,10 @@ def train(
 def show_trained(cfg, summary) -> None:
     skipped = (summary or {}).get("skipped_steps")
     skipped = f"; {skipped} step(s) skipped for a non-finite loss or gradient, see metrics.csv" if skipped else ""
+    if summary and summary.get("finished") is False:  # --stop-after: a checkpoint, more steps to go
+        console.print(f"[yellow]stopped[/yellow] at step {summary['step']} of {summary['total_steps']} "
+                      f"(--stop-after){skipped}: {cfg.out}; continue with the same command and --resume")
+        return
     console.print(f"[green]done[/green]: {cfg.out}" + (f" (step {summary['step']}{skipped})" if summary else ""))
 
 

@@ -68,6 +68,11 @@ class Registry(Generic[T]):
             raise ConfigError(f"{self.kind} {name} does not answer the {self.kind} interface: missing "
                               f"{', '.join(missing)}{base}")
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a registered name or alias (``normalize`` applied)."""
+        key = self.normalize(name) if self.normalize else name
+        return key in self._items or key in self._aliases
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 

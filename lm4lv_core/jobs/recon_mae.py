@@ -22,7 +22,7 @@ from ..sources.presets import mae_path
 from ..util.fsutil import user_entries
 from ..util.progress import rank0_progress
 
-LOG_FILE = "recon-mae.log"
+LOG_FILE = "recon.log"
 RESULTS = "recon.json"
 
 
@@ -158,7 +158,7 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
                 workers: Workers | None = None, overwrite: bool = False,
                 verbose: bool = False) -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon`` / ``recon-mae``: check, then run the reconstruction workers
-    (third-party output goes to ``out/recon-mae.log``). On several nodes (one launcher each) ``out`` is on the
+    (third-party output goes to ``out/recon.log``). On several nodes (one launcher each) ``out`` is on the
     shared filesystem and holds the job folder; node 0 checks that it may write there."""
     from ..precision import compute_dtype
     from ..util.runlock import hold

@@ -59,6 +59,7 @@ def resolve_options(cli: dict[str, Any], config_file: str | None = None) -> tupl
     opts, saved_model = lay.options, lay.saved.get("model")
     train = from_dict(TrainConfig, {k: v for k, v in opts.items() if k in train_config_keys()},
                       source="train options")
+    train.out = str(Path(train.out).resolve())  # recorded absolute, like the data
     fields = {k: opts[k] for k in MODEL_FIELDS if k in opts}
     sources = any(opts.get(k) for k in MODEL_SOURCE)
     if saved_model is not None and (lay.given.get("resume") or not sources):

@@ -41,7 +41,7 @@ import torch
 from ..config import ModelConfig
 from ..precision import precision
 from ..errors import ConfigError
-from ..vision import complete_config, meta_part, vision_loss
+from ..vision import meta_part, vision_loss
 
 GiB = 1024 ** 3
 # what --gpu-memory leaves aside: CUDA context, NCCL buffers, allocator fragmentation
@@ -229,9 +229,9 @@ def run_shape(train, model: ModelConfig, deepspeed_overrides: dict | None = None
     return RunShape(
         world=world, engine=train.engine, zero_stage=stage, precision=train.precision,
         micro_batch=train.micro_batch, gradient_checkpointing=bool(getattr(train, "gradient_checkpointing", False)),
-        attn_implementation=getattr(model, "attn_implementation", "sdpa"),
+        attn_implementation=model.attn_implementation,
         lora_dropout=model.lora.dropout if model.lora.enabled else 0.0, train_encoder=model.train_encoder,
-        train_decoder=model.train_decoder, pixel_loss=vision_loss(complete_config(model).vision_loss).uses_decoder,
+        train_decoder=model.train_decoder, pixel_loss=vision_loss(model.vision_loss).uses_decoder,
         cache_features=train.cache_features, reduce_bucket=int(float(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET))),
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
         overlap_comm=bool(zero.get("overlap_comm", stage == 3)))
@@ -393,9 +393,9 @@ def plan_training(train, model: ModelConfig, samples: Sequence[Any], gpu_memory_
                   seq_len: int | None = None, deepspeed_overrides: dict | None = None) -> Plan:
     """The plan of ``lm4lv train`` with ``train`` / ``model`` on ``samples`` (``seq_len`` overrides
     the longest rendered sample's length; ``deepspeed_overrides``: the checked ``--deepspeed-config``)."""
-    from .families import resolve_llm_options
+    from .resolve import resolve_config
 
-    resolve_llm_options(model)  # the attention transformers picks, LoRA's default targets
+    model = resolve_config(model)  # (a run's config is resolved already: the attention, LoRA's targets)
     d = data_shape(model, samples)
     if seq_len is not None:
         d.seq_len = seq_len

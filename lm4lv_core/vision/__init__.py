@@ -88,14 +88,20 @@ def cannot_paint(cfg: ModelConfig, space: TokenSpace | None = None) -> str | Non
                 f"{space.num_tokens} tokens of encoder {cfg.encoder.name}, and a truncated model cannot paint "
                 "(text answers only)")
     if cfg.decoder is None:
-        return (f"encoder {cfg.encoder.name} has no decoder (text answers only); "
-                "give --decoder FAMILY:SOURCE")
+        return ("the model has no vision decoder (--decoder none, or an encoder family that cannot paint): "
+                "it answers in text only; give --decoder FAMILY:SOURCE")
     return None
 
 
 def check_adapters(adapter: str, deadapter: str, kind: str, encoder: str = "") -> None:
     """One-line ``ConfigError`` unless the adapters' declarations (:func:`.adapters.declare_adapter`)
     allow ``adapter`` as the input adapter of ``kind`` tokens and ``deadapter`` as the output one."""
+    for name, role, flag in ((adapter, ADAPTER, "--adapter"), (deadapter, DEADAPTER, "--deadapter")):
+        if not ADAPTERS.knows(name) and ":" not in name:  # unknown: list the ones that serve this role
+            fit = [n for n in ADAPTERS if role in adapter_traits(ADAPTERS.get(n)).roles
+                   and (role == DEADAPTER or kind in adapter_traits(ADAPTERS.get(n)).accepts)]
+            raise ConfigError(f"unknown {flag} {name!r}; valid here: {', '.join(fit)}, or a package.module:function "
+                              "of your own")
     fa, fd = ADAPTERS.get(adapter), ADAPTERS.get(deadapter)
     ta, td = adapter_traits(fa), adapter_traits(fd)
     if ADAPTER not in ta.roles:
