@@ -12,19 +12,22 @@ from . import logs
 class progress_bar:
     """``with progress_bar(label, total) as bar: ... bar.advance(n)`` (or ``bar.update(done, total)``).
 
-    Columns: ``label`` (rich markup allowed), the bar, ``done/total``, the time remaining and, with
+    Columns: ``label`` (rich markup allowed), the bar, ``done/total``, (``rate=True``: items per
+    second), the time remaining and, with
     ``info=True``, a free text set by ``update(..., info=...)``. ``total=None`` is unknown until
     the first ``update``; ``transient`` removes the bar when done. ``show=False`` draws nothing.
     Outside a ``with`` block, ``start()`` / ``close()`` do the same.
     """
 
     def __init__(self, label: str, total: int | None = None, *, show: bool = True, transient: bool = True,
-                 completed: int = 0, info: bool = False) -> None:
+                 completed: int = 0, info: bool = False, rate: bool = False) -> None:
         self.bar = None
         if show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+            if rate:  # items per second, for long folder jobs
+                columns.insert(3, _rate_column())
             if info:
                 columns.append(TextColumn("{task.fields[info]}"))
             self.bar = Progress(*columns, console=logs.console(), transient=transient)
@@ -55,6 +58,18 @@ class progress_bar:
             if total is not None:
                 fields["total"] = total
             self.bar.update(self.task, completed=completed, **fields)
+
+
+def _rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f}/s" if speed else "-/s", style="progress.data.speed")
+
+    return RateColumn()
 
 
 @contextlib.contextmanager
