@@ -56,6 +56,8 @@ def make_data(
     list_: bool = typer.Option(False, "--list", help="List the degradations and exit."),
     resize: str = typer.Option("stretch", "--resize", help="stretch: SIZE x SIZE whatever the aspect ratio "
                                "(as the reference); crop: shorter side to SIZE, centre square."),
+    on_error: str = typer.Option("stop", "--on-error", help="stop: an unreadable image is one error and nothing "
+                                 "is written; skip: make the rest, list the failures in DATA_DIR/failures.csv, exit 3."),
 ) -> None:
     """Build a restoration dataset: hq/, lq/<degradation>/, train.json, test.json, manifest.json.
 
@@ -72,10 +74,11 @@ def make_data(
     cfg = MakeDataConfig(out=out, clean_dir=clean_dir, degradations=degradation, size=size,
                          seed=seed, test_fraction=test_fraction, test_dir=test_dir,
                          prompt=prompt, workers=workers, overwrite=overwrite, lq_dir=lq,
-                         hq_dir=hq, resize=resize)
-    with progress_bar("make-data") as bar:
+                         hq_dir=hq, resize=resize, on_error=on_error)
+    with progress_bar("make-data", rate=True) as bar:
         res = build(cfg, progress=bar.update)
     show_make_data(res)
+    report_failures(len(res.failures), res.out / "failures.csv", "made")
 
 
 def show_make_data(res) -> None:
@@ -90,6 +93,8 @@ def show_make_data(res) -> None:
         console.print(f"{res.n_images} images x {len(res.degradations)} degradation(s) -> "
                       f"{res.n_train} train, {res.n_test} test samples "
                       f"({', '.join(res.degradations)})")
+    if res.resumed:
+        console.print(f"continued an interrupted run: {res.resumed} image(s) were already made")
     console.print(f"wrote {res.out}")
 
 

@@ -4,6 +4,7 @@ image turned into one line naming the stage and the file (never a ``MemoryError`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Iterator
 
@@ -44,11 +45,16 @@ def check_allocation(need: int, what: str) -> None:
 DECODE_BYTES_PER_PIXEL = 3 * 4
 
 
+_STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("lm4lv_stage", default="")
+
+
 def check_image_size(path: str | os.PathLike, width: int, height: int,
                      bytes_per_pixel: int = DECODE_BYTES_PER_PIXEL) -> None:
-    """Before decoding: refuse an image whose decoded size (from its header) cannot fit in memory."""
+    """Before decoding: refuse an image whose decoded size (from its header) cannot fit in memory
+    (the message names the stage of :func:`named_errors` around it, the file and the size)."""
+    stage = _STAGE.get()
     check_allocation(int(width) * int(height) * bytes_per_pixel,
-                     f"{path}: decoding this {width}x{height} image")
+                     f"{stage + ': ' if stage else ''}{path}: decoding this {width}x{height} image")
 
 
 @contextlib.contextmanager
@@ -56,6 +62,7 @@ def named_errors(stage: str, path: str | os.PathLike) -> Iterator[None]:
     """Inside: an ``LM4LVError`` that does not name ``path`` gets it as a prefix, and a
     ``MemoryError`` becomes one ``LM4LVError`` naming ``stage`` and ``path``."""
     p = str(path)
+    token = _STAGE.set(stage)
     try:
         yield
     except MemoryError:
@@ -64,3 +71,5 @@ def named_errors(stage: str, path: str | os.PathLike) -> Iterator[None]:
         if p in str(e):
             raise
         raise LM4LVError(f"{p}: {e}") from None
+    finally:
+        _STAGE.reset(token)
