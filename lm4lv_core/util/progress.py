@@ -73,7 +73,7 @@ def _rate_column():
 
 
 @contextlib.contextmanager
-def rank0_progress(label: str, total: int, show: bool = True) -> Iterator[Callable[[int], None]]:
+def rank0_progress(label: str, total: int, show: bool = True, rate: bool = False) -> Iterator[Callable[[int], None]]:
     """``with rank0_progress(label, total, show=rank == 0) as advance: ... advance(n)``."""
-    with progress_bar(label, total, show=show) as bar:
+    with progress_bar(label, total, show=show, rate=rate) as bar:
         yield bar.advance
