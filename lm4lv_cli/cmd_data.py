@@ -56,6 +56,8 @@ def make_data(
     list_: bool = typer.Option(False, "--list", help="List the degradations and exit."),
     resize: str = typer.Option("stretch", "--resize", help="stretch: SIZE x SIZE whatever the aspect ratio "
                                "(as the reference); crop: shorter side to SIZE, centre square."),
+    on_error: str = typer.Option("stop", "--on-error", help="stop: an unreadable image is one error and nothing "
+                                 "is written; skip: make the rest, list the failures in DATA_DIR/failures.csv, exit 3."),
 ) -> None:
     """Build a restoration dataset: hq/, lq/<degradation>/, train.json, test.json, manifest.json.
 
@@ -72,10 +74,11 @@ def make_data(
     cfg = MakeDataConfig(out=out, clean_dir=clean_dir, degradations=degradation, size=size,
                          seed=seed, test_fraction=test_fraction, test_dir=test_dir,
                          prompt=prompt, workers=workers, overwrite=overwrite, lq_dir=lq,
-                         hq_dir=hq, resize=resize)
-    with progress_bar("make-data") as bar:
+                         hq_dir=hq, resize=resize, on_error=on_error)
+    with progress_bar("make-data", rate=True) as bar:
         res = build(cfg, progress=bar.update)
     show_make_data(res)
+    report_failures(len(res.failures), res.out / "failures.csv", "made")
 
 
 def show_make_data(res) -> None:
@@ -90,6 +93,8 @@ def show_make_data(res) -> None:
         console.print(f"{res.n_images} images x {len(res.degradations)} degradation(s) -> "
                       f"{res.n_train} train, {res.n_test} test samples "
                       f"({', '.join(res.degradations)})")
+    if res.resumed:
+        console.print(f"continued an interrupted run: {res.resumed} image(s) were already made")
     console.print(f"wrote {res.out}")
 
 
@@ -115,18 +120,47 @@ def evaluate(
                                          "(default: their shortest distinct paths)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --json/--csv/--grid files an earlier "
                                    "lm4lv eval wrote (other existing files are never replaced)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes scoring in parallel (default: the "
+                                          "machine's cores, at most 8; 1 for small folders). Rows do not depend on it."),
+    device: str = typer.Option("auto", "--device", help="Where LPIPS runs: auto (the GPU when one is present), "
+                               "cpu, cuda, cuda:K."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from the scores it streamed "
+                                "beside --csv / --json (same settings only)."),
+    on_error: str = typer.Option("stop", "--on-error", help="stop: the first unreadable / unscorable pair is "
+                                 "one error; skip: score the rest, list the failures in failures.csv, exit 3."),
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""
     from lm4lv_core.jobs.evaluate import evaluate as score
 
     names = [s.strip() for s in labels.split(",")] if labels else None
-    with progress_bar("eval") as bar:
+    failures = failures_path([csv_file, json_file, grid])
+    with progress_bar("eval", rate=True) as bar:
         cmp = score(metric, gt, pred, labels=names, json_file=json_file, csv_file=csv_file, grid=grid,
                     grid_rows=grid_rows, overwrite=overwrite, crop_border=crop_border, y_channel=y_channel,
                     resize_to_smaller=resize_to_smaller, lpips_net=lpips_net, lpips_weights=lpips_weights,
-                    progress=bar.update)
+                    progress=bar.update, workers=workers, device=device, resume=resume, on_error=on_error,
+                    failures_file=failures)
     show_eval(cmp, crop_border=crop_border, y_channel=y_channel, grid=grid)
+    report_failures(len(cmp.failures), failures, "scored")
+
+
+def failures_path(outputs) -> Path:
+    """``failures.csv`` beside the first output file (else in the current folder)."""
+    for o in outputs:
+        if o:
+            return Path(o).resolve().parent / "failures.csv"
+    return Path("failures.csv").resolve()
+
+
+EXIT_FAILURES = 3  # some images failed under --on-error skip; the rest were done
+
+
+def report_failures(n: int, path: Path, done: str) -> None:
+    """Under ``--on-error skip``: one line with the count of failed images, exit code 3."""
+    if n:
+        typer.secho(f"{n} image(s) could not be {done}; see {path}", fg="yellow", err=True)
+        raise typer.Exit(EXIT_FAILURES)
 
 
 def show_eval(cmp, *, crop_border: int, y_channel: bool = False, grid: Optional[Path] = None) -> None:

@@ -52,6 +52,8 @@ def generate(
     query: bool = typer.Option(True, "--query/--no-query", help="A model trained with <query>: read each image-only "
                                "answer from its learnable query in one forward pass (--no-query: one visual token per step)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step of image-only batches (static KV cache); pays off on a GPU."),
+    on_error: str = typer.Option("stop", "--on-error", help="With --input: stop: an unreadable input refuses the job, "
+                                 "naming it; skip: restore the rest, list the failures in OUT/failures.csv, exit 3."),
     attn_implementation: str = typer.Option("auto", "--attn-implementation", help="The LLM's attention: auto (sdpa where the LLM's family has it, else eager) | sdpa | eager | flash_attention_2."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model, or restore image files and
@@ -79,7 +81,7 @@ def generate(
         show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
                                      generation=gen, workers=workers, overwrite=overwrite, compile=compile,
                                      attn_implementation=attn_implementation, verbose=verbose,
-                                     on_note=show_note))
+                                     on_note=show_note, on_error=on_error))
         return
     res = run_generate(run, data, out, image_root=image_root, batch_size=batch_size, precision=precision,
                        generation=gen, workers=workers, overwrite=overwrite, compile=compile,
@@ -99,6 +101,9 @@ def show_generated(res) -> None:
 
 
 def show_restored(res) -> None:
+    from .cmd_data import report_failures
+
     skipped = f", {res.before} already done" if res.before else ""
     console.print(f"{res.after}/{res.total} images restored ({res.after - res.before} now{skipped}); "
                   f"wrote {res.out}", soft_wrap=True)
+    report_failures(len(res.failures), res.out / "failures.csv", "restored")

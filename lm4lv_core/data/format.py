@@ -169,6 +169,9 @@ def find_image_problems(samples: Iterable[Sample], limit: int = 10) -> list[str]
     """Open every image once (header only) and list up to ``limit`` problems with sample indices."""
     from PIL import Image
 
+    from ..util.memory import DECODE_BYTES_PER_PIXEL, available_bytes, gib
+
+    have = available_bytes()
     problems: list[str] = []
     seen: dict[str, str | None] = {}
     for s in samples:
@@ -180,7 +183,12 @@ def find_image_problems(samples: Iterable[Sample], limit: int = 10) -> list[str]
                 else:
                     try:
                         with Image.open(p) as im:
+                            w, h = im.size
                             im.verify()
+                        need = w * h * DECODE_BYTES_PER_PIXEL  # from the header: checked before decoding
+                        if have is not None and need > have:
+                            err = (f"decoding this {w}x{h} image needs about {gib(need)} of memory, more than "
+                                   f"the {gib(have)} available on this machine")
                     except Exception as e:  # noqa: BLE001 - any decoder error is a bad image
                         err = f"unreadable image ({e.__class__.__name__}: {e})"
                 seen[p] = err

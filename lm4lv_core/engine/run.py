@@ -26,6 +26,8 @@ LOG_FILE = "train.log"  # third-party output of every run (the console shows lm4
 # everything lm4lv writes into a run folder; --overwrite replaces only these
 OWN_ENTRIES = ("checkpoints", "final", "previews", "metrics.csv", "loss.png", "data_order.csv", "run.json",
                RUN_CONFIG, JOB_DIR, ".final.tmp", LOG_FILE, "tensorboard", "wandb")
+# inside these, --overwrite removes only what matches (lm4lv's names); anything else is refused
+OWN_PATTERNS = {"checkpoints": r"step-\d+", "previews": r"step-\d+\.png"}
 
 
 @dataclass(kw_only=True)
@@ -84,7 +86,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
         raise ConfigError(f"--out {out}: the run folder is not empty; pass --resume to continue it "
                           "or --overwrite to replace lm4lv's files in it")
     if overwrite and out.is_dir():
-        remove_entries(out, [e for e in OWN_ENTRIES if e not in keep])
+        remove_entries(out, [e for e in OWN_ENTRIES if e not in keep], OWN_PATTERNS)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -38,7 +38,10 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     EXIF orientation is applied; grayscale, RGBA (composited on black is *not* done: alpha is
     dropped), palette and 16-bit images are converted to 8-bit RGB.
     """
+    from ..util.memory import check_image_size
+
     with _opened(Path(path)) as im:
+        check_image_size(path, *im.size)  # from the header, before decoding
         im.load()
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..defaults import CROP_BORDER
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import write_json_atomic, write_text_atomic
-from ..util.params import parameter_device
 from .io import load_rgb, pair_images
 from ..registry import Registry
 
@@ -95,11 +93,15 @@ def lpips_backbone_file(net: str) -> str:
 
 def lpips_cache_dir() -> Path:
     """``$TORCH_HOME/hub/checkpoints`` (torch hub cache; ``~/.cache/torch`` by default)."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def _load_backbone(lp: Any, net: str, weights: Path) -> None:
     """Copy a torchvision ``alexnet``/``vgg16`` state dict (``features.*``) into LPIPS."""
+    import torch
+
     try:
         sd = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is the user's file
@@ -118,27 +120,66 @@ def _load_backbone(lp: Any, net: str, weights: Path) -> None:
     lp.net.load_state_dict(new)
 
 
-class LPIPSModule(torch.nn.Module):
-    """Frozen LPIPS distance; see :func:`build_lpips`."""
+def _lpips_module_class() -> type:
+    """:class:`LPIPSModule`, defined on first use: torch is imported only when LPIPS is scored
+    (PSNR / SSIM workers of ``lm4lv eval`` start without it)."""
+    global _LPIPSModule
+    if _LPIPSModule is not None:
+        return _LPIPSModule
+    import torch
 
-    def __init__(self, lp: torch.nn.Module, net: str) -> None:
-        super().__init__()
-        self.lpips = lp
-        self.net_name = net
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.eval()
+    class LPIPSModule(torch.nn.Module):
+        """Frozen LPIPS distance; see :func:`build_lpips`."""
 
-    def train(self, mode: bool = True) -> "LPIPSModule":  # always eval: dropout stays off
-        return super().train(False)
+        def __init__(self, lp: torch.nn.Module, net: str) -> None:
+            super().__init__()
+            self.lpips = lp
+            self.net_name = net
+            for p in self.parameters():
+                p.requires_grad_(False)
+            self.eval()
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) images in [0, 1] -> per-sample distance (N,)."""
-        return self.lpips(pred, target, normalize=True).reshape(pred.shape[0])
+        def train(self, mode: bool = True) -> "LPIPSModule":  # always eval: dropout stays off
+            return super().train(False)
+
+        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            """(N, 3, H, W) images in [0, 1] -> per-sample distance (N,)."""
+            return self.lpips(pred, target, normalize=True).reshape(pred.shape[0])
+
+    LPIPSModule.__qualname__ = "LPIPSModule"
+    _LPIPSModule = LPIPSModule
+    return LPIPSModule
+
+
+_LPIPSModule: type | None = None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LPIPSModule":
+        return _lpips_module_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lpips_weights_file(net: str, weights: str | os.PathLike | None = None) -> Path:
+    """The backbone weights LPIPS (``net``) loads: ``weights``, or the torch hub cache's file;
+    a one-line error when it is missing (nothing is downloaded)."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise LM4LVError(f"{path}: LPIPS backbone weights file not found")
+        return path
+    name = lpips_backbone_file(net)
+    path = lpips_cache_dir() / name
+    if not path.is_file():
+        raise LM4LVError(
+            f"LPIPS ({net}) needs the ImageNet backbone weights {name}, which are not in "
+            f"{path.parent} and cannot be downloaded offline: copy {name} into that "
+            f"folder (or set TORCH_HOME), or pass --lpips-weights FILE")
+    return path
 
 
 def build_lpips(net: str = "alex", weights: str | os.PathLike | None = None,
-                random_backbone: bool = False) -> LPIPSModule:
+                random_backbone: bool = False) -> Any:
     """A frozen LPIPS module usable as a metric or a loss.
 
     ``module(pred, target)`` takes two float tensors of shape (N, 3, H, W) **in [0, 1]** and
@@ -155,31 +196,22 @@ def build_lpips(net: str = "alex", weights: str | os.PathLike | None = None,
 
     if net not in LPIPS_NETS:
         raise ConfigError(f"unknown LPIPS network {net!r}; valid: {', '.join(LPIPS_NETS)}")
-    path: Path | None = None
-    if not random_backbone:
-        if weights is not None:
-            path = Path(weights)
-            if not path.is_file():
-                raise LM4LVError(f"{path}: LPIPS backbone weights file not found")
-        else:
-            name = lpips_backbone_file(net)
-            path = lpips_cache_dir() / name
-            if not path.is_file():
-                raise LM4LVError(
-                    f"LPIPS ({net}) needs the ImageNet backbone weights {name}, which are not in "
-                    f"{path.parent} and cannot be downloaded offline: copy {name} into that "
-                    f"folder (or set TORCH_HOME), or pass --lpips-weights FILE")
+    path = None if random_backbone else lpips_weights_file(net, weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lp = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     if path is not None:
         _load_backbone(lp, net, path)
 
-    return LPIPSModule(lp, net)
+    return _lpips_module_class()(lp, net)
 
 
-def lpips_score(module: LPIPSModule, gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER) -> float:
+def lpips_score(module: Any, gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER) -> float:
     """LPIPS of two HxWx3 uint8 RGB images with a module from :func:`build_lpips`."""
+    import torch
+
+    from ..util.params import parameter_device
+
     a, b = _prepare(gt, pred, crop_border, False)
     dev = parameter_device(module)
     ta = torch.from_numpy(a / 255.0).permute(2, 0, 1)[None].float().to(dev)
@@ -264,33 +296,62 @@ def _match_sizes(gt: np.ndarray, pred: np.ndarray, resize_to_smaller: bool,
     return fit(gt), fit(pred)
 
 
+def score_pair(g: str | os.PathLike, p: str | os.PathLike, metrics: Sequence[str], crop_border: int,
+               y_channel: bool, resize_to_smaller: bool, lpips_module: Any = None) -> dict[str, Any]:
+    """The row of one (gt, pred) pair; any error about it (unreadable, too small, out of memory)
+    is one ``LM4LVError`` naming the prediction's path (and the ground truth's when it is at fault)."""
+    from ..util.memory import named_errors
+
+    with named_errors("eval", p):
+        gt_img = np.asarray(load_rgb(g))
+        pr_img = np.asarray(load_rgb(p))
+        gt_img, pr_img = _match_sizes(gt_img, pr_img, resize_to_smaller, str(p))
+        row: dict[str, Any] = {"name": Path(p).name, "gt": str(g), "pred": str(p)}
+        for m in metrics:
+            row[m] = METRICS.get(m).score(gt_img, pr_img, crop_border, y_channel, lpips_module)
+    return row
+
+
+ON_ERROR = ("stop", "skip")
+
+
+def check_on_error(value: str) -> str:
+    if value not in ON_ERROR:
+        raise ConfigError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {value!r}")
+    return value
+
+
 def score_pairs(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]],
                 metrics: Sequence[str] = ("psnr", "ssim"), crop_border: int = CROP_BORDER,
                 y_channel: bool = False, resize_to_smaller: bool = False,
                 lpips_net: str = "alex", lpips_weights: str | os.PathLike | None = None,
                 lpips_module: Any = None,
-                progress: Callable[[int, int], None] | None = None) -> EvalReport:
-    """Score (gt, pred) image file pairs. LPIPS ignores ``y_channel`` (it needs RGB)."""
+                progress: Callable[[int, int], None] | None = None, *, workers: int | None = 1,
+                device: str | None = None, on_error: str = "stop",
+                failures: list[tuple[str, str]] | None = None, done: dict[int, dict] | None = None,
+                on_row: Callable[[int, dict], None] | None = None, _scorer: Any = None) -> EvalReport:
+    """Score (gt, pred) image file pairs. LPIPS ignores ``y_channel`` (it needs RGB).
+
+    ``workers``: processes scoring in parallel (see :mod:`lm4lv_core.image.scoring`; rows keep the
+    order of ``pairs``). ``on_error="skip"`` leaves a failed pair out and appends ``(path, reason)``
+    to ``failures``; ``done``: rows by pair index already scored (``--resume``), not scored again;
+    ``on_row(i, row)`` sees every newly scored row as it arrives."""
+    from .scoring import Scorer
+
     metrics = validate_metrics(metrics)
     pairs = list(pairs)
-    if "lpips" in metrics and lpips_module is None:
-        lpips_module = build_lpips(lpips_net, lpips_weights)
-    rows = []
-    for i, (g, p) in enumerate(pairs):
-        name = Path(p).name
-        gt_img = np.asarray(load_rgb(g))
-        pr_img = np.asarray(load_rgb(p))
-        gt_img, pr_img = _match_sizes(gt_img, pr_img, resize_to_smaller, str(p))
-        row: dict[str, Any] = {"name": name, "gt": str(g), "pred": str(p)}
-        for m in metrics:
-            row[m] = METRICS.get(m).score(gt_img, pr_img, crop_border, y_channel, lpips_module)
-        rows.append(row)
-        if progress:
-            progress(i + 1, len(pairs))
     settings = {"crop_border": crop_border, "y_channel": y_channel,
                 "resize_to_smaller": resize_to_smaller}
+    scorer = _scorer or Scorer(metrics, settings, lpips_net=lpips_net, lpips_weights=lpips_weights,
+                               lpips_module=lpips_module, workers=workers, device=device)
+    try:
+        rows = scorer.score(pairs, progress=progress, on_error=on_error, failures=failures, done=done,
+                            on_row=on_row)
+    finally:
+        if _scorer is None:
+            scorer.close()
     if "lpips" in metrics:
-        settings["lpips_net"] = getattr(lpips_module, "net_name", lpips_net)
+        settings["lpips_net"] = scorer.lpips_net
     return EvalReport(list(metrics), rows, settings=settings)
 
 
@@ -312,11 +373,9 @@ def validate_metrics(metrics: Sequence[str] | str) -> list[str]:
     return out
 
 
-def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: str | os.PathLike,
-                   **kwargs: Any) -> EvalReport:
-    """Score two files, or two folders paired by relative path / stem (see
-    :func:`lm4lv_core.image.io.pair_images`). Keyword arguments go to :func:`score_pairs`."""
-    metrics = validate_metrics(metrics)
+def plan_pairs(gt: str | os.PathLike, pred: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
+    """``(name, gt file, pred file)`` of two files or two folders (paired by relative path / stem,
+    see :func:`lm4lv_core.image.io.pair_images`), and the unmatched names of each folder."""
     gt, pred = Path(gt), Path(pred)
     for p in (gt, pred):
         if not p.exists():
@@ -324,16 +383,30 @@ def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: st
     if gt.is_file() != pred.is_file():
         raise LM4LVError("GT and PRED must both be files or both be folders")
     if gt.is_file():
-        report = score_pairs([(gt, pred)], metrics, **kwargs)
-        report.rows[0]["name"] = pred.name
-        return report
+        return [(pred.name, gt, pred)], [], []
     pairing = pair_images(gt, pred)
     if not pairing.pairs:
         raise LM4LVError(f"no image in {pred} matches one in {gt} by relative path or name "
                          f"({len(pairing.only_a)} GT, {len(pairing.only_b)} predicted images)")
-    report = score_pairs([(a, b) for _, a, b in pairing.pairs], metrics, **kwargs)
-    for row, (key, _, _) in zip(report.rows, pairing.pairs):
-        row["name"] = key
-    report.unmatched_gt = [p.relative_to(gt).as_posix() for p in pairing.only_a]
-    report.unmatched_pred = [p.relative_to(pred).as_posix() for p in pairing.only_b]
+    return (pairing.pairs, [p.relative_to(gt).as_posix() for p in pairing.only_a],
+            [p.relative_to(pred).as_posix() for p in pairing.only_b])
+
+
+def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: str | os.PathLike,
+                   **kwargs: Any) -> EvalReport:
+    """Score two files, or two folders paired by relative path / stem (see
+    :func:`lm4lv_core.image.io.pair_images`). Keyword arguments go to :func:`score_pairs`."""
+    metrics = validate_metrics(metrics)
+    planned, only_gt, only_pred = plan_pairs(gt, pred)
+    return report_of(metrics, planned, only_gt, only_pred, **kwargs)
+
+
+def report_of(metrics: Sequence[str], planned: Sequence[tuple[str, Path, Path]], only_gt: list[str],
+              only_pred: list[str], **kwargs: Any) -> EvalReport:
+    """Score planned pairs (:func:`plan_pairs`); rows are named by their pairing key."""
+    report = score_pairs([(a, b) for _, a, b in planned], metrics, **kwargs)
+    names = {str(b): key for key, _, b in planned}
+    for row in report.rows:
+        row["name"] = names[row["pred"]]
+    report.unmatched_gt, report.unmatched_pred = only_gt, only_pred
     return report

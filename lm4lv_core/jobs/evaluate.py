@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import write_json_atomic, write_text_atomic
-from ..image.metrics import METRICS, EvalReport, build_lpips, evaluate_paths, validate_metrics
+from ..image.metrics import METRICS, EvalReport, check_on_error, plan_pairs, report_of, validate_metrics
 
 GRID_TILE_MAX = 256  # larger images are shown reduced in grids
 GRID_SOFTWARE = "lm4lv eval"  # the PNG text chunk "Software" of a grid: tells --overwrite it is ours
@@ -41,6 +41,8 @@ class Comparison:
     paths: list[str]
     reports: list[EvalReport]
     metrics: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped by --on-error skip
+    _index: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -55,7 +57,11 @@ class Comparison:
         return [r["name"] for r in self.reports[0].rows if all(r["name"] in s for s in sets)]
 
     def row(self, k: int, name: str) -> dict[str, Any]:
-        return next(r for r in self.reports[k].rows if r["name"] == name)
+        """Folder ``k``'s row of image ``name`` (a dictionary join, built once per folder)."""
+        index = self._index.get(k)
+        if index is None or len(index) != len(self.reports[k].rows):
+            index = self._index[k] = {r["name"]: r for r in self.reports[k].rows}
+        return index[name]
 
     def difference(self, k: int) -> dict[str, float]:
         """Mean over the images both folders scored of (folder ``k`` − first folder)."""
@@ -90,9 +96,19 @@ class Comparison:
 
 def compare_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequence[str | os.PathLike],
                   labels: Sequence[str] | None = None,
-                  progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> Comparison:
-    """Score every folder (or file) of ``preds`` against ``gt`` like :func:`evaluate_paths`."""
+                  progress: Callable[[int, int], None] | None = None, *, workers: int | None = 1,
+                  device: str | None = None, on_error: str = "stop", journal: "Journal | None" = None,
+                  **kwargs: Any) -> Comparison:
+    """Score every folder (or file) of ``preds`` against ``gt`` like
+    :func:`lm4lv_core.image.metrics.evaluate_paths`, with one pool of ``workers`` processes for all.
+
+    ``on_error``: ``stop`` (the first failed pair is one error naming it) or ``skip`` (failed pairs
+    are left out and listed in ``Comparison.failures``). ``journal``: streams every row as it is
+    scored and hands back the rows of an interrupted run (:class:`Journal`)."""
+    from ..image.scoring import Scorer
+
     metrics = validate_metrics(metrics)
+    check_on_error(on_error)
     if not preds:
         raise ConfigError("give at least one prediction folder")
     labels = list(labels) if labels else default_labels(preds)
@@ -103,18 +119,127 @@ def compare_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Se
     for p in [gt, *preds]:  # fail before scoring anything
         if not Path(p).exists():
             raise LM4LVError(f"{p}: no such file or folder")
-    if "lpips" in metrics and kwargs.get("lpips_module") is None:
-        kwargs["lpips_module"] = build_lpips(kwargs.pop("lpips_net", "alex"), kwargs.pop("lpips_weights", None))
-    reports, done = [], 0
-    for p in preds:
-        def step(i: int, n: int, base: int = done) -> None:
-            if progress:
-                progress(base + i, base + n)
+    plans = [plan_pairs(gt, p) for p in preds]
+    total = sum(len(pl[0]) for pl in plans)
+    settings = {k: kwargs[k] for k in ("crop_border", "y_channel", "resize_to_smaller") if k in kwargs}
+    lpips_opts = {k: kwargs.pop(k) for k in ("lpips_net", "lpips_weights", "lpips_module") if k in kwargs}
+    from ..defaults import CROP_BORDER
 
-        rep = evaluate_paths(metrics, gt, p, progress=step, **kwargs)
-        done += rep.count
-        reports.append(rep)
-    return Comparison(str(gt), labels, [str(p) for p in preds], reports, list(metrics))
+    settings = {"crop_border": settings.get("crop_border", CROP_BORDER), "y_channel": settings.get("y_channel", False),
+                "resize_to_smaller": settings.get("resize_to_smaller", False)}
+    reports, failures, base = [], [], 0
+    with Scorer(metrics, settings, workers=workers, device=device, **lpips_opts) as scorer:
+        for k, (planned, only_gt, only_pred) in enumerate(plans):
+            def step(i: int, n: int, b: int = base) -> None:
+                if progress:
+                    progress(b + i, total)
+
+            done = journal.done(k, planned) if journal else None
+            on_row = (lambda i, row, k=k: journal.add(k, i, row)) if journal else None
+            rep = report_of(metrics, planned, only_gt, only_pred, progress=step, workers=workers, device=device,
+                            on_error=on_error, failures=failures, done=done, on_row=on_row, _scorer=scorer,
+                            **kwargs)
+            base += len(planned)
+            reports.append(rep)
+    return Comparison(str(gt), labels, [str(p) for p in preds], reports, list(metrics), failures)
+
+
+class Journal:
+    """The rows of an ``lm4lv eval`` in progress, streamed to ``FILE.partial.jsonl`` beside its first
+    output file as they are scored (one JSON line each, flushed), so that ``--resume`` after an
+    interruption scores only the rest. The first line records what is scored (metrics, folders,
+    labels, settings); a resume with anything else is refused. Removed once the outputs are written."""
+
+    FORMAT = "lm4lv-eval-partial"
+
+    def __init__(self, path: Path, identity: dict[str, Any], resume: bool, overwrite: bool) -> None:
+        self.path = path
+        self.identity = identity
+        self.rows: dict[tuple[int, str], dict] = {}
+        if path.exists() and resume:
+            self._read()
+        elif path.exists() and not overwrite:
+            raise ConfigError(f"{path}: an interrupted lm4lv eval left its scores here; pass --resume to "
+                              "continue it or --overwrite to start again")
+        self.f = None
+
+    def _read(self) -> None:
+        import json
+
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            head = {}
+        if head.get("format") != self.FORMAT:
+            raise ConfigError(f"--resume: {self.path} is not the record of an interrupted lm4lv eval; "
+                              "remove it or pass --overwrite")
+        old = head.get("identity", {})
+        changed = [k for k in self.identity if old.get(k) != self.identity[k]]
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"--resume: {self.path} was scored with other settings ({k} {old.get(k)!r}, now "
+                              f"{self.identity[k]!r}); run with the same settings, or pass --overwrite to start again")
+        for line in lines[1:]:
+            if not line.endswith("\n"):
+                continue  # torn by the interruption
+            try:
+                rec = json.loads(line)
+                self.rows[(int(rec["k"]), rec["row"]["pred"])] = rec["row"]
+            except (ValueError, KeyError, TypeError):
+                continue
+
+    def open(self) -> "Journal":
+        import json
+
+        from ..util.fsutil import writing
+
+        with writing(self.path):
+            if self.rows:  # rewrite: drop a torn last line, keep what was scored
+                lines = [json.dumps({"format": self.FORMAT, "identity": self.identity})]
+                lines += [json.dumps({"k": k, "row": r}, ensure_ascii=False) for (k, _), r in self.rows.items()]
+                write_text_atomic(self.path, "\n".join(lines) + "\n")
+                self.f = open(self.path, "a", encoding="utf-8")
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.f = open(self.path, "w", encoding="utf-8")
+                self.f.write(json.dumps({"format": self.FORMAT, "identity": self.identity}) + "\n")
+                self.f.flush()
+        return self
+
+    def done(self, k: int, planned: Sequence[tuple[str, Path, Path]]) -> dict[int, dict]:
+        """Rows of folder ``k`` scored before, by pair index (the same gt and pred files only)."""
+        out = {}
+        for i, (_, g, p) in enumerate(planned):
+            r = self.rows.get((k, str(p)))
+            if r is not None and r.get("gt") == str(g):
+                out[i] = r
+        return out
+
+    def add(self, k: int, i: int, row: dict) -> None:
+        import json
+
+        from ..util.fsutil import writing
+
+        with writing(self.path):
+            self.f.write(json.dumps({"k": k, "row": row}, ensure_ascii=False) + "\n")
+            self.f.flush()
+
+    def close(self, remove: bool = False) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+def journal_path(outputs: Sequence[str | os.PathLike | None]) -> Path | None:
+    """Where the rows of a run in progress are streamed: beside its first output file."""
+    for o in outputs:
+        if o:
+            p = Path(o).resolve()
+            return p.with_name(p.name + ".partial.jsonl")
+    return None
 
 
 def grid_names(cmp: Comparison, rows: int | None = None) -> list[tuple[str, str]]:
@@ -235,13 +360,41 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], overwrite: bool 
 def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequence[str | os.PathLike], *,
              labels: Sequence[str] | None = None, json_file: str | os.PathLike | None = None,
              csv_file: str | os.PathLike | None = None, grid: str | os.PathLike | None = None,
-             grid_rows: int | None = None, overwrite: bool = False, **scoring: Any) -> Comparison:
+             grid_rows: int | None = None, overwrite: bool = False, resume: bool = False,
+             failures_file: str | os.PathLike | None = None, **scoring: Any) -> Comparison:
     """``lm4lv eval``: score ``preds`` against ``gt`` (``scoring``: the keyword options of
     :func:`compare_paths`) and write the requested files, which must not exist (``overwrite``:
     earlier outputs of ``lm4lv eval`` are replaced). One prediction folder is written as its own
-    report, several as the comparison."""
-    check_outputs({"--json": json_file, "--csv": csv_file, "--grid": grid}, overwrite)
-    cmp = compare_paths(metrics, gt, preds, labels=labels, **scoring)
+    report, several as the comparison.
+
+    Rows are streamed to a journal beside the first of ``--csv`` / ``--json`` as they are scored;
+    ``resume`` continues an interrupted run from it (same settings only). Under
+    ``on_error="skip"`` the failed pairs are written to ``failures_file`` (``path,reason``)."""
+    metrics_list = validate_metrics(metrics)
+    check_on_error(scoring.get("on_error", "stop"))
+    jpath = journal_path([csv_file, json_file])
+    if resume and jpath is None:
+        raise ConfigError("--resume continues the scores streamed beside --csv / --json: give the same --csv or --json")
+    outs = {"--json": json_file, "--csv": csv_file, "--grid": grid}
+    check_outputs(outs, overwrite)
+    journal = None
+    if jpath is not None:
+        identity = {"metrics": metrics_list, "gt": str(Path(gt).resolve()),
+                    "preds": [str(Path(p).resolve()) for p in preds], "labels": list(labels) if labels else None,
+                    **{k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in sorted(scoring.items())
+                       if k in ("crop_border", "y_channel", "resize_to_smaller", "lpips_net", "lpips_weights")}}
+        journal = Journal(jpath, identity, resume, overwrite)
+    if journal is not None:
+        journal.open()
+    try:
+        cmp = compare_paths(metrics_list, gt, preds, labels=labels, journal=journal, **scoring)
+    except Exception:  # an error: nothing is kept (an interruption keeps the journal for --resume)
+        if journal is not None:
+            journal.close(remove=True)
+        raise
+    finally:
+        if journal is not None:
+            journal.close()
     out = cmp.reports[0] if len(cmp.reports) == 1 else cmp
     if json_file:
         out.write_json(json_file)
@@ -249,4 +402,18 @@ def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequenc
         out.write_csv(csv_file)
     if grid:
         write_grid(cmp, grid, grid_rows)
+    if cmp.failures and failures_file:
+        write_failures(failures_file, cmp.failures)
+    if journal is not None:
+        journal.close(remove=True)
     return cmp
+
+
+def write_failures(path: str | os.PathLike, failures: Sequence[tuple[str, str]]) -> Path:
+    """``failures.csv``: one ``path,reason`` row per image that failed under ``--on-error skip``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    w.writerows(failures)
+    write_text_atomic(path, buf.getvalue())
+    return Path(path)

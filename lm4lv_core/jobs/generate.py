@@ -239,16 +239,20 @@ class RestoreSummary:
     after: int
     total: int
     out: Path
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out by on_error="skip"
 
 
 def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike, *,
                    prompt: str | None = None, batch_size: int = GENERATE_BATCH_SIZE, precision: str = FP32,
                    generation: GenerationConfig | None = None, workers: Workers | None = None,
                    overwrite: bool = False, compile: bool = False, attn_implementation: str | None = None,
-                   verbose: bool = False, on_note=None) -> RestoreSummary:
+                   verbose: bool = False, on_note=None, on_error: str = "stop") -> RestoreSummary:
     """Parent side of ``lm4lv generate --input``: restore image files and folders into ``out``
     (mirrored paths, see :func:`lm4lv_core.data.outputs.plan_restore`) with the run's recorded
     restoration prompt (or ``prompt``); re-runs skip restored images, ``overwrite`` redoes them.
+    Every input is checked first (readable, decodable in this machine's memory): ``on_error="stop"``
+    refuses the job naming the bad files, ``"skip"`` restores the rest and lists them in
+    ``OUT/failures.csv`` (``RestoreSummary.failures``).
     ``on_note(text)`` receives notes for the user (e.g. which checkpoint restores)."""
     from ..data.format import find_image_problems
     from ..data.outputs import prepare_restore_out, plan_restore, restore_manifest
@@ -270,21 +274,43 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
     if workers.per_node:
         raise ConfigError("generate --input runs on one node (--nproc workers); for several nodes give the "
                           "images as a --data file")
+    if on_error not in ("stop", "skip"):
+        raise ConfigError(f"--on-error must be one of stop, skip, got {on_error!r}")
     items = plan_restore(inputs, out)
-    problems = find_image_problems(restore_samples(items, job.prompt), limit=10)
-    if problems:  # "sample K: PATH: cause" -> "PATH: cause"
+    skip = on_error == "skip"
+    problems = find_image_problems(restore_samples(items, job.prompt), limit=len(items) if skip else 10)
+    failures: list[tuple[str, str]] = []
+    if problems and not skip:  # "sample K: PATH: cause" -> "PATH: cause"
         more = " (the first 10)" if len(problems) >= 10 else ""
         raise ConfigError(f"--input: {len(problems)} unreadable image(s){more}: "
                           + "; ".join(p.split(": ", 1)[1] for p in problems))
+    if problems:
+        by_key = {str(it.key): it for it in items}
+        for prob in problems:  # "sample K: PATH: cause"
+            key, _, rest = prob.removeprefix("sample ").partition(": ")
+            it = by_key.get(key)
+            if it is not None and rest.startswith(it.src + ": "):
+                failures.append((it.src, rest[len(it.src) + 2:]))
+        bad = {p for p, _ in failures}
+        items = [it for it in items if it.src not in bad]
     with hold(out, "generate"):
         new = restore_manifest(job.model, job.precision, to_dict(gen), job.prompt, [str(p) for p in inputs])
-        todo = prepare_restore_out(out, new, items, overwrite, (JOB_DIR, LOG_FILE))
+        todo = prepare_restore_out(out, new, items, overwrite, (JOB_DIR, LOG_FILE, FAILURES_FILE))
+        if failures:
+            from .evaluate import write_failures
+
+            write_failures(out / FAILURES_FILE, failures)
+        else:
+            (out / FAILURES_FILE).unlink(missing_ok=True)
         job.items, job.total = [vars(it) for it in todo], len(items)
         if todo:
             launch.run_job("restore", job, job_dir=out / JOB_DIR, workers=workers,
                            log_file=out / LOG_FILE, verbose=verbose)
     after = sum((out / it.dst).is_file() for it in items)
-    return RestoreSummary(len(items) - len(todo), after, len(items), out)
+    return RestoreSummary(len(items) - len(todo), after, len(items) + len(failures), out, failures)
+
+
+FAILURES_FILE = "failures.csv"  # generate --input --on-error skip: path,reason of the inputs left out
 
 
 @register_job("restore", RestoreJob)
@@ -310,7 +336,7 @@ def restore_job(job: RestoreJob) -> dict[str, int]:
         load.done("generate", model, dtype)
         model = model.to(dist.device()).eval()
         label = "restore" + (f" (rank 0 of {world})" if world > 1 else "")
-        with rank0_progress(label, len(mine), show=rank == 0) as advance:
+        with rank0_progress(label, len(mine), show=rank == 0, rate=True) as advance:
             def after_batch(n: int) -> None:
                 advance(n)
                 if signals.requested():

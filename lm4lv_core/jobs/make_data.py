@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -50,7 +51,11 @@ from ..image.io import (RESIZE_POLICIES, check_resize, require_images, load_rgb,
                       to_square)
 
 SIZE_POLICY = "SIZE x SIZE as --resize says; SIZE 0 keeps the original size"
-OUR_ENTRIES = ("hq", "lq", "test", "train.json", "test.json", "manifest.json")
+OUR_ENTRIES = ("hq", "lq", "test", "train.json", "test.json", "manifest.json", "failures.csv")
+PARTIAL_PREFIX = ".lm4lv-partial-"  # PARENT/.lm4lv-partial-NAME: a dataset being built, kept when interrupted
+PARTIAL_SETTINGS = ".lm4lv-settings.json"
+# bytes per pixel of one image in flight (uint8 copies and the float working copies of degradations)
+BYTES_PER_PIXEL = 3 * 8 * 3
 _SPLIT_TAG = 0x5B1A
 
 
@@ -72,6 +77,7 @@ class MakeDataConfig:
     lq_dir: Path | None = None
     hq_dir: Path | None = None
     resize: str = "stretch"
+    on_error: str = "stop"  # skip: leave out images that fail, list them in DATA_DIR/failures.csv
 
     def __post_init__(self) -> None:
         for name in ("out", "clean_dir", "test_dir", "lq_dir", "hq_dir"):
@@ -93,6 +99,8 @@ class MakeDataConfig:
         if self.size < 0:
             raise ConfigError(f"--size must be >= 0, got {self.size}")
         check_resize(self.resize)
+        if self.on_error not in ("stop", "skip"):
+            raise ConfigError(f"--on-error must be one of stop, skip, got {self.on_error!r}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.test_fraction <= 1.0:
@@ -120,6 +128,8 @@ class MakeDataResult:
     degradations: list[str]
     unmatched_lq: list[str] = field(default_factory=list)
     unmatched_hq: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) under on_error="skip"
+    resumed: int = 0  # images an interrupted run had finished, not made again
 
 
 # --------------------------------------------------------------------------- per image
@@ -146,57 +156,86 @@ class _Job:
     seed: int
     pipelines: tuple[tuple[str, Pipeline], ...]
     resize: str = "stretch"
+    skip_errors: bool = False
+
+    def outputs(self) -> list[Path]:
+        return [self.root / f"{self.prefix}hq" / self.key,
+                *(self.root / f"{self.prefix}lq" / slug / self.key for slug, _ in self.pipelines)]
 
 
-def _process(jobs: list[_Job]) -> int:
+def _process(jobs: list[_Job]) -> list[tuple[str, str]]:
+    """Make the outputs of ``jobs`` (one image in memory at a time; jobs whose outputs all exist,
+    from an interrupted run, are skipped); returns the ``(path, reason)`` of failed images when
+    errors are skipped (their partial outputs removed)."""
+    from ..util.memory import named_errors
+
+    failed = []
     for job in jobs:
-        hq = apply_size_policy(load_rgb(job.src), job.size, job.resize)
-        save_png(hq, job.root / f"{job.prefix}hq" / job.key)
-        for i, (slug, pipe) in enumerate(job.pipelines):
-            lq = pipe(hq, image_rng(job.seed, job.prefix + job.key, i))
-            save_png(lq, job.root / f"{job.prefix}lq" / slug / job.key)
-    return len(jobs)
+        outs = job.outputs()
+        if all(o.is_file() for o in outs):
+            continue
+        try:
+            with named_errors("make-data", job.src):
+                hq = apply_size_policy(load_rgb(job.src), job.size, job.resize)
+                save_png(hq, outs[0])
+                for i, ((slug, pipe), dst) in enumerate(zip(job.pipelines, outs[1:])):
+                    lq = pipe(hq, image_rng(job.seed, job.prefix + job.key, i))
+                    save_png(lq, dst)
+        except LM4LVError as e:
+            if not job.skip_errors:
+                raise
+            for o in outs:
+                o.unlink(missing_ok=True)
+            msg, p = str(e), str(job.src)
+            failed.append((p, msg[len(p) + 2:] if msg.startswith(p + ": ") else msg))
+    return failed
 
 
 def _run_jobs(jobs: list[_Job], workers: int,
-              progress: Callable[[int, int], None] | None) -> None:
+              progress: Callable[[int, int], None] | None) -> list[tuple[str, str]]:
     """Run jobs in this process or in ``workers`` spawned processes (a bounded window of
-    chunks in flight); the first error cancels the rest and is re-raised."""
+    chunks in flight); the first error cancels the rest and is re-raised. Returns the failures
+    of jobs that skip errors."""
     total, done = len(jobs), 0
+    failed: list[tuple[str, str]] = []
     step = max(1, min(16, total // (workers * 4))) if workers > 1 else 1
-    chunks = [jobs[i:i + step] for i in range(0, total, step)]
-    if workers == 1 or len(chunks) == 1:
+    chunks = (jobs[i:i + step] for i in range(0, total, step))
+    if workers == 1 or total <= step:
         for chunk in chunks:
-            done += _process(chunk)
+            failed += _process(chunk)
+            done += len(chunk)
             if progress:
                 progress(done, total)
-        return
+        return failed
     # spawn: never fork a parent that may run threads (progress bar, torch)
     from ..plugins import load_environment
 
     # (each process loads the plugins of LM4LV_PLUGINS: a plugin's degradations are known there too)
-    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=mp.get_context("spawn"),
+    pool = ProcessPoolExecutor(min(workers, -(-total // step)), mp_context=mp.get_context("spawn"),
                                initializer=load_environment)
     try:
         pending: deque = deque()
         it = iter(chunks)
         for chunk in it:
-            pending.append(pool.submit(_process, chunk))
+            pending.append((len(chunk), pool.submit(_process, chunk)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
-            done += pending.popleft().result()
+            n, fut = pending.popleft()
+            failed += fut.result()
+            done += n
             if progress:
                 progress(done, total)
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(_process, nxt))
+                pending.append((len(nxt), pool.submit(_process, nxt)))
     except BrokenProcessPool:
         raise RuntimeError("make-data worker processes died; when calling make_data with "
                            "workers > 1 from a script, put the call under "
                            "`if __name__ == '__main__':`") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return failed
 
 
 # --------------------------------------------------------------------------- helpers
@@ -216,15 +255,34 @@ def _check_out(cfg: MakeDataConfig) -> None:
 
 
 @contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A new hidden sibling of ``out`` to build the dataset in, moved into ``out`` (see
-    :func:`_commit`) when the block ends; removed, ``out`` untouched, when it fails."""
+def _staging(out: Path, settings: dict[str, Any] | None = None) -> Iterator[Path]:
+    """The hidden sibling ``PARENT/.lm4lv-partial-NAME`` of ``out`` to build the dataset in, moved
+    into ``out`` (see :func:`_commit`) when the block ends. On an error it is removed and ``out``
+    is untouched; on an interruption (Ctrl-C, SIGTERM, a kill) it stays, and the next run with
+    the same ``settings`` continues it (finished images are not made again)."""
+    from ..util.fsutil import remove_stale_temps
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.parent, f"{out.name}.partial")
+    tmp = out.parent / f"{PARTIAL_PREFIX}{out.name}"
+    record = tmp / PARTIAL_SETTINGS
+    if tmp.exists():
+        try:
+            same = settings is not None and json.loads(record.read_text(encoding="utf-8")) == settings
+        except (OSError, ValueError):
+            same = False
+        if same:
+            remove_stale_temps(tmp)
+        else:
+            shutil.rmtree(tmp)
+    if not tmp.exists():
+        tmp.mkdir()
+        if settings is not None:
+            write_json_atomic(record, settings)
     try:
         yield tmp
+        record.unlink(missing_ok=True)
         _commit(tmp, out)
-    except BaseException:
+    except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -331,13 +389,31 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
     _check_out(cfg)
     test_keys = (set() if cfg.test_dir else _split(sorted(train_src), cfg.test_fraction,
                                                     cfg.seed))
-    with _staging(cfg.out) as tmp:
+    if cfg.size:  # an absurd --size is refused before anything is written
+        from ..util.memory import check_allocation
+
+        check_allocation(cfg.size * cfg.size * BYTES_PER_PIXEL * cfg.workers,
+                         f"make-data --size {cfg.size}: one {cfg.size}x{cfg.size} image per worker "
+                         f"({cfg.workers} worker(s))")
+    settings = {"clean_dir": str(cfg.clean_dir), "test_dir": str(cfg.test_dir), "size": cfg.size,
+                "seed": cfg.seed, "resize": cfg.resize, "degradations": [p.spec for p in pipes],
+                "version": __version__}
+    skip = cfg.on_error == "skip"
+    with _staging(cfg.out, settings) as tmp:
         pipelines = tuple(zip(slugs, pipes))
-        jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
+        jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines, cfg.resize, skip)
                 for key, src in sorted(train_src.items())]
-        jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines, cfg.resize)
+        jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines, cfg.resize, skip)
                  for key, src in sorted(test_src.items())]
-        _run_jobs(jobs, cfg.workers, progress)
+        resumed = sum(all(o.is_file() for o in job.outputs()) for job in jobs) if any(tmp.iterdir()) else 0
+        failures = _run_jobs(jobs, cfg.workers, progress)
+        if failures:
+            bad = {p for p, _ in failures}
+            jobs = [j for j in jobs if str(j.src) not in bad]
+            write_failures(tmp / "failures.csv", failures)
+            if not jobs:
+                raise LM4LVError(f"make-data: every one of the {len(bad)} image(s) failed; the first: "
+                                 f"{failures[0][0]}: {failures[0][1]}")
         train, test = [], []
         for job in jobs:
             is_test = bool(job.prefix) or job.key in test_keys
@@ -347,7 +423,7 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
                 (test if is_test else train).append(_sample(cfg.prompt, lq, hq, is_test))
         write_json_atomic(tmp / "train.json", train)
         write_json_atomic(tmp / "test.json", test)
-        n_test_imgs = len(test_src) or len(test_keys)
+        n_test_imgs = sum(1 for j in jobs if j.prefix or j.key in test_keys)
         manifest = {
             "tool": "lm4lv make-data", "mode": "degrade", "clean_dir": str(cfg.clean_dir),
             "test_dir": str(cfg.test_dir) if cfg.test_dir else None, "size": cfg.size,
@@ -365,7 +441,15 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
             "resize": cfg.resize,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-    return MakeDataResult(cfg.out, "degrade", len(jobs), len(train), len(test), slugs)
+    return MakeDataResult(cfg.out, "degrade", len(jobs), len(train), len(test), slugs, failures=failures,
+                          resumed=resumed)
+
+
+def write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
+    """``failures.csv``: ``path,reason`` of every image left out under ``--on-error skip``."""
+    from ..jobs.evaluate import write_failures as write
+
+    write(path, failures)
 
 
 def _pair_data(cfg: MakeDataConfig) -> MakeDataResult:

@@ -118,14 +118,51 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
-def remove_entries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+def foreign_entries(folder: str | os.PathLike, names: Iterable[str],
+                    patterns: dict[str, str] | None = None) -> list[Path]:
+    """Entries inside the subfolders ``folder/<name>`` that ``patterns`` (name → regular expression
+    of the entries lm4lv writes there) does not match, lm4lv's temporary files aside: files a
+    user put among lm4lv's own, which :func:`remove_entries` must not delete."""
+    out: list[Path] = []
+    for name in names:
+        p = Path(folder) / name
+        regex = (patterns or {}).get(name)
+        if regex is None or not p.is_dir() or p.is_symlink():
+            continue
+        rx = re.compile(regex)
+        out += sorted(e for e in p.iterdir() if not is_internal(e.name) and not rx.fullmatch(e.name))
+    return out
+
+
+def remove_entries(folder: str | os.PathLike, names: Iterable[str],
+                   patterns: dict[str, str] | None = None) -> list[Path]:
     """Remove the entries ``folder/<name>`` that exist (folders with their content, files; a
     symbolic link is removed, not what it points to); other entries are left alone. Returns
-    what was removed."""
+    what was removed.
+
+    ``patterns``: for the subfolders named there, only the entries matching the regular
+    expression (what lm4lv writes there) are removed, and the subfolder when it is left empty;
+    an entry that does not match refuses the whole removal beforehand (a ``ConfigError``
+    naming it), so nothing is deleted."""
+    from ..errors import ConfigError
+
+    names = list(names)
+    foreign = foreign_entries(folder, names, patterns)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ConfigError(f"--overwrite: {foreign[0]}{more} was not written by lm4lv; it would have to be "
+                          "removed: move it elsewhere first")
     removed = []
     for name in names:
         p = Path(folder) / name
-        if p.is_dir() and not p.is_symlink():
+        if patterns and name in patterns and p.is_dir() and not p.is_symlink():
+            for e in list(p.iterdir()):
+                if e.is_dir() and not e.is_symlink():
+                    shutil.rmtree(e)
+                else:
+                    e.unlink()
+            p.rmdir()
+        elif p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         elif p.is_symlink() or p.exists():
             p.unlink()

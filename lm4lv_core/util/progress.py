@@ -12,19 +12,22 @@ from . import logs
 class progress_bar:
     """``with progress_bar(label, total) as bar: ... bar.advance(n)`` (or ``bar.update(done, total)``).
 
-    Columns: ``label`` (rich markup allowed), the bar, ``done/total``, the time remaining and, with
+    Columns: ``label`` (rich markup allowed), the bar, ``done/total``, (``rate=True``: items per
+    second), the time remaining and, with
     ``info=True``, a free text set by ``update(..., info=...)``. ``total=None`` is unknown until
     the first ``update``; ``transient`` removes the bar when done. ``show=False`` draws nothing.
     Outside a ``with`` block, ``start()`` / ``close()`` do the same.
     """
 
     def __init__(self, label: str, total: int | None = None, *, show: bool = True, transient: bool = True,
-                 completed: int = 0, info: bool = False) -> None:
+                 completed: int = 0, info: bool = False, rate: bool = False) -> None:
         self.bar = None
         if show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+            if rate:  # items per second, for long folder jobs
+                columns.insert(3, _rate_column())
             if info:
                 columns.append(TextColumn("{task.fields[info]}"))
             self.bar = Progress(*columns, console=logs.console(), transient=transient)
@@ -57,8 +60,20 @@ class progress_bar:
             self.bar.update(self.task, completed=completed, **fields)
 
 
+def _rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f}/s" if speed else "-/s", style="progress.data.speed")
+
+    return RateColumn()
+
+
 @contextlib.contextmanager
-def rank0_progress(label: str, total: int, show: bool = True) -> Iterator[Callable[[int], None]]:
+def rank0_progress(label: str, total: int, show: bool = True, rate: bool = False) -> Iterator[Callable[[int], None]]:
     """``with rank0_progress(label, total, show=rank == 0) as advance: ... advance(n)``."""
-    with progress_bar(label, total, show=show) as bar:
+    with progress_bar(label, total, show=show, rate=rate) as bar:
         yield bar.advance

@@ -1,0 +1,171 @@
+"""Folders at scale through the installed ``lm4lv`` command: --on-error, failures.csv and exit 3,
+errors that name the file (never a traceback), eval --workers / --resume, --overwrite refusing a
+foreign file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_pairs
+
+LM4LV = str(Path(sys.executable).parent / "lm4lv")
+
+
+def lm4lv(*args, cwd=None) -> tuple[int, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([LM4LV, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    write_pairs(tmp_path / "d", n=20, size=32)
+    return tmp_path / "d"
+
+
+def _broken(folder: Path) -> Path:
+    bad = folder / "lq" / "7.png"
+    bad.write_bytes(b"not an image")
+    return bad
+
+
+def _failures(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_workers_equal_and_skip_and_stop(folder, tmp_path):
+    code, out = lm4lv("eval", "psnr,ssim", folder / "hq", folder / "lq", "--workers", "1", "--csv", tmp_path / "w1.csv")
+    assert code == 0, out
+    code, out = lm4lv("eval", "psnr,ssim", folder / "hq", folder / "lq", "--workers", "2", "--csv", tmp_path / "w2.csv")
+    assert code == 0, out
+    assert (tmp_path / "w1.csv").read_text() == (tmp_path / "w2.csv").read_text()
+    bad = _broken(folder)
+    code, out = lm4lv("eval", "psnr,ssim", folder / "hq", folder / "lq", "--workers", "2", "--csv", tmp_path / "s.csv")
+    assert code == 2 and str(bad) in out and "Traceback" not in out
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "s.csv.partial.jsonl").exists()
+    code, out = lm4lv("eval", "psnr,ssim", folder / "hq", folder / "lq", "--workers", "2", "--csv", tmp_path / "s.csv",
+                      "--on-error", "skip")
+    assert code == 3 and "1 image(s)" in out and "Traceback" not in out
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 20  # header + 19
+    assert [r["path"] for r in _failures(tmp_path / "failures.csv")] == [str(bad)]
+
+
+def test_eval_too_small_names_the_file(tmp_path):
+    write_pairs(tmp_path / "d", n=2, size=8)
+    code, out = lm4lv("eval", "psnr", tmp_path / "d" / "hq", tmp_path / "d" / "lq")
+    assert code == 2 and str(tmp_path / "d" / "lq" / "0.png") in out and "Traceback" not in out
+
+
+def test_eval_resume_scores_only_the_rest(folder, tmp_path):
+    out_csv = tmp_path / "r.csv"
+    code, full = lm4lv("eval", "psnr", folder / "hq", folder / "lq", "--csv", tmp_path / "full.csv", "--workers", "1")
+    assert code == 0
+    # an interrupted run: its journal holds 5 rows, one of them deliberately wrong to prove it is reused
+    rows = list(csv.DictReader(open(tmp_path / "full.csv")))
+    ident = {"metrics": ["psnr"], "gt": str((folder / "hq").resolve()), "preds": [str((folder / "lq").resolve())],
+             "labels": None, "crop_border": 4, "lpips_net": "alex", "lpips_weights": None,
+             "resize_to_smaller": False, "y_channel": False}
+    lines = [json.dumps({"format": "lm4lv-eval-partial", "identity": ident})]
+    for r in rows[:5]:
+        lines.append(json.dumps({"k": 0, "row": {"name": r["name"], "gt": r["gt"], "pred": r["pred"],
+                                                 "psnr": 123.0}}))
+    journal = tmp_path / "r.csv.partial.jsonl"
+    journal.write_text("\n".join(lines) + "\n")
+    code, out = lm4lv("eval", "psnr", folder / "hq", folder / "lq", "--csv", out_csv)
+    assert code == 2 and "--resume" in out and "Traceback" not in out
+    code, out = lm4lv("eval", "psnr", folder / "hq", folder / "lq", "--csv", out_csv, "--resume", "--crop-border", "0")
+    assert code == 2 and "other settings" in out and "crop_border" in out
+    code, out = lm4lv("eval", "psnr", folder / "hq", folder / "lq", "--csv", out_csv, "--resume")
+    assert code == 0, out
+    got = list(csv.DictReader(open(out_csv)))
+    assert [float(r["psnr"]) for r in got[:5]] == [123.0] * 5
+    assert [r["psnr"] for r in got[5:]] == [r["psnr"] for r in rows[5:]]
+    assert not journal.exists()
+
+
+def test_make_data_skip_and_stop(folder, tmp_path):
+    bad = _broken(folder)
+    code, out = lm4lv("make-data", folder / "lq", "-o", tmp_path / "ds", "-d", "noise:sigma=10", "--size", "16")
+    assert code == 2 and str(bad) in out and "Traceback" not in out
+    assert not (tmp_path / "ds").exists() and not any(p.name.startswith(".lm4lv-partial") for p in tmp_path.iterdir())
+    code, out = lm4lv("make-data", folder / "lq", "-o", tmp_path / "ds", "-d", "noise:sigma=10", "--size", "16",
+                      "--on-error", "skip", "--workers", "2")
+    assert code == 3 and "1 image(s)" in out and "Traceback" not in out
+    assert len(list((tmp_path / "ds" / "hq").glob("*.png"))) == 19
+    assert [r["path"] for r in _failures(tmp_path / "ds" / "failures.csv")] == [str(bad)]
+
+
+def test_absurd_size_is_one_line_before_any_output(folder, tmp_path):
+    code, out = lm4lv("make-data", folder / "hq", "-o", tmp_path / "ds", "-d", "noise", "--size", "1000000")
+    assert code == 2 and "make-data --size 1000000" in out and "GiB" in out and "Traceback" not in out
+    assert not (tmp_path / "ds").exists()
+
+
+def test_make_data_continues_an_interrupted_build(folder, tmp_path):
+    code, _ = lm4lv("make-data", folder / "hq", "-o", tmp_path / "a", "-d", "noise:sigma=10", "--size", "16")
+    assert code == 0
+    # what a killed run leaves: the partial folder with its settings and some finished images
+    import shutil
+
+    settings = {"clean_dir": str((folder / "hq").resolve()), "test_dir": "None", "size": 16, "seed": 0,
+                "resize": "stretch", "degradations": [json.loads((tmp_path / "a" / "manifest.json").read_text())
+                                                      ["degradations"][0]["canonical"]], "version": "0.1.0"}
+    part = tmp_path / ".lm4lv-partial-b"
+    shutil.copytree(tmp_path / "a", part)
+    for f in ("train.json", "test.json", "manifest.json"):
+        (part / f).unlink()
+    (part / ".lm4lv-settings.json").write_text(json.dumps(settings))
+    code, out = lm4lv("make-data", folder / "hq", "-o", tmp_path / "b", "-d", "noise:sigma=10", "--size", "16")
+    assert code == 0 and "20 image(s) were already made" in out, out
+    assert not part.exists()
+
+
+def test_overwrite_refuses_a_foreign_file_in_checkpoints(tmp_path):
+    from lm4lv_core.engine.run import prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "checkpoints" / "step-2" / "state.json").write_text("{}")
+    (run / "checkpoints" / "note.txt").write_text("mine")
+    from lm4lv_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="note.txt"):
+        prepare_run_dir(run, overwrite=True)
+    assert (run / "checkpoints" / "step-2" / "state.json").exists()
+    (run / "checkpoints" / "note.txt").unlink()
+    prepare_run_dir(run, overwrite=True)
+    assert not (run / "checkpoints").exists()
+
+
+def test_overwrite_refusal_through_the_command(folder, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "note.txt").write_text("mine")
+    (run / "metrics.csv").write_text("step\n")
+    code, out = lm4lv("train", "--data", folder.parent / "d" / "train.json", "--preset", "tiny", "--out", run,
+                      "--overwrite", "--max-steps", "1")
+    assert code == 2 and "note.txt" in out and "Traceback" not in out
+    assert (run / "checkpoints" / "note.txt").read_text() == "mine" and (run / "metrics.csv").exists()
+
+
+def test_generate_input_skip_and_stop(folder, tmp_path):
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
+
+    LM4LV.from_config(preset_config("tiny", restore_prompt="<image> <task>")).save_pretrained(tmp_path / "m")
+    bad = _broken(folder)
+    code, out = lm4lv("generate", "--run", tmp_path / "m", "--input", folder / "lq", "-o", tmp_path / "r")
+    assert code == 2 and str(bad) in out and "Traceback" not in out and not (tmp_path / "r").exists()
+    code, out = lm4lv("generate", "--run", tmp_path / "m", "--input", folder / "lq", "-o", tmp_path / "r",
+                      "--on-error", "skip")
+    assert code == 3 and "1 image(s)" in out and "Traceback" not in out
+    assert len(list((tmp_path / "r").glob("*.png"))) == 19
+    assert [r["path"] for r in _failures(tmp_path / "r" / "failures.csv")] == [str(bad)]
