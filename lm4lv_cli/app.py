@@ -18,7 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help text is shown as written: rich or markdown markup would eat "[default]" and "<image>"
+    rich_markup_mode="rich",  # for the help panels; help texts are escaped (_as_written), shown as written
 )
 
 COMMANDS = {
@@ -32,8 +32,23 @@ COMMANDS = {
     "quickstart": cmd_quickstart.quickstart,
     "import-reference": cmd_reference.import_reference,
 }
+def _as_written(fn) -> str:
+    """The command's help and its options' help shown as written: brackets such as "[default: 4]"
+    are not rich markup (escaped once, also for options shared by several commands)."""
+    import inspect
+
+    from rich.markup import escape
+
+    for p in inspect.signature(fn).parameters.values():
+        info = p.default
+        if isinstance(info, typer.models.ParameterInfo) and info.help and not getattr(info, "_escaped", False):
+            info.help = escape(info.help)
+            info._escaped = True
+    return escape(inspect.getdoc(fn) or "")
+
+
 for _name, _fn in COMMANDS.items():
-    app.command(_name)(_fn)
+    app.command(_name, help=_as_written(_fn))(_fn)
 
 
 def _version(value: bool) -> None:

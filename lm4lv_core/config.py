@@ -20,6 +20,35 @@ C = TypeVar("C")
 TEMPLATES = ("default", "vicuna_v1.1", "llama2", "simple", "chat_template")  # rendered by data/sequence.py
 
 
+# option panels of the help (``lm4lv train --help``), in this order
+PANELS = ("Data", "Model", "Vision", "What trains", "LoRA", "Training", "Launch", "Output")
+
+
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, panel: str = "", flags: str | None = None,
+           shows: str | None = None, cli: bool = True, may_change: bool = False, run_only: bool = False,
+           name: str | None = None, factory: Any = None) -> Any:
+    """A config field and its option, declared once: ``doc`` is its one-line help; the command-line
+    flag (``--field-name``, or ``flags`` such as ``"--train-adapter/--freeze-adapter"``), the help's
+    ``[default]`` (the default itself, or ``shows`` when it is decided at run time), the help panel,
+    what ``--config`` accepts and what ``--resume`` compares are derived from it. ``cli=False``: a
+    recorded field no option sets; ``may_change``: a resumed run may change it; ``run_only``: never
+    taken from a saved run's config; ``name``: the option's name when it differs from the field's."""
+    md = {"doc": doc, "panel": panel, "flags": flags, "shows": shows, "cli": cli, "may_change": may_change,
+          "run_only": run_only, "name": name}
+    if factory is not None:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def declared(cls: type, *, cli_only: bool = False) -> list[dataclasses.Field]:
+    """The fields of ``cls`` declared with :func:`option` (``cli_only``: those an option sets)."""
+    return [f for f in fields(cls) if "doc" in f.metadata and (f.metadata["cli"] or not cli_only)]
+
+
+def option_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("name") or f.name
+
+
 class Frozen:
     """A config that can be frozen once resolved: setting a field of a frozen config (or of a
     config inside it) raises, so everything downstream of resolution reads the same record.
@@ -83,13 +112,17 @@ class ModuleSpec(Frozen):
 
 @dataclass
 class LoraConfig(Frozen):
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    # None: the LLM family's default (PEFT's per-architecture table; see model/families.py), recorded
-    # by the run; a string is a regular expression over full module names, as PEFT reads it
-    target_modules: list[str] | str | None = None
+    """LoRA on the LLM; each field is the option ``--lora``, ``--lora-r``, ... of ``lm4lv train``."""
+
+    enabled: bool = option(False, "Add LoRA adapters to the LLM.", panel="LoRA", flags="--lora/--no-lora",
+                           name="lora")
+    r: int = option(8, "LoRA rank.", panel="LoRA", name="lora_r")
+    alpha: int = option(16, "LoRA alpha.", panel="LoRA", name="lora_alpha")
+    dropout: float = option(0.05, "LoRA dropout.", panel="LoRA", name="lora_dropout")
+    # a string is a regular expression over full module names, as PEFT reads it
+    target_modules: list[str] | str | None = option(
+        None, "Comma-separated LLM module names.", panel="LoRA", name="lora_targets",
+        shows="the LLM family's: PEFT's default targets, e.g. q_proj,v_proj for Llama; else every linear layer")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -118,39 +151,52 @@ class ModelConfig(Frozen):
     generate --input`` uses it. ``None``: the training data held no restoration sample.
     """
 
-    llm: str
-    encoder: ModuleSpec
-    decoder: ModuleSpec | None = None  # None: an understanding encoder, text answers only
-    adapter: ModuleSpec | None = None  # None: the family's (linear for features, embedding for codes)
-    deadapter: ModuleSpec | None = None  # None: linear (to a feature, or to logits over the codebook)
-    num_task_tokens: int = 10
-    template: str = "default"
-    system_prompt: str | None = None
-    gpt_prefix: str = ""
-    num_visual_tokens: int | None = None  # keep N of each image's tokens (None: all; such a model cannot paint)
-    token_select: str = "first"  # which N: first (a leading run) | strided (evenly spread)
-    vision_loss: str | None = None  # None: the family's (feature_mse for features, code_ce for codes)
-    vision_loss_weight: float = 1.0
-    text_loss_weight: float = 1.0
-    train_adapter: bool = True
-    train_deadapter: bool = True
-    train_encoder: bool = False
-    train_decoder: bool = False
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    resize: str = "stretch"  # size policy of every image (stretch, as the reference, or crop)
-    # parts given as Hugging Face ids: {part: {id, revision, commit, path}} (see lm4lv_core.sources.hub)
-    hub: dict[str, Any] = field(default_factory=dict)
-    restore_prompt: str | None = None  # recorded by training (the data's restoration prompt)
-    # the LLM's attention: auto (what transformers picks for the family; a run records the result) |
-    # sdpa | eager | flash_attention_2
-    attn_implementation: str = ATTN_AUTO
-    # <query>: N learnable query embeddings (N = visual tokens per image) stand for an image the
-    # model generates in one forward pass; set when the training data holds <query>
-    query: bool = False
-    train_query: bool = True  # train the query embeddings (--train-query / --freeze-query)
-    # plugins the run loaded (lm4lv_core.plugins.records: module names; a file's path and sha256),
-    # imported again wherever this config is read back
-    plugins: list[dict[str, Any]] = field(default_factory=list)
+    llm: str = option(doc="The causal LM folder (a hub id is resolved to its snapshot folder).", cli=False)
+    encoder: ModuleSpec = option(doc="The vision encoder (a registry spec).", cli=False)
+    decoder: ModuleSpec | None = option(None, "The vision decoder; None: text answers only.", cli=False)
+    adapter: ModuleSpec | None = option(
+        None, "Input adapter: linear | mlp | lowrank | identity read features; embedding reads codes.",
+        panel="Vision", shows="the family's: linear for features, embedding for codes")
+    deadapter: ModuleSpec | None = option(
+        None, "Output adapter: linear | mlp | lowrank | identity | pseudo_inverse (inverts a linear adapter).",
+        panel="Vision", shows="linear")
+    num_task_tokens: int = option(10, "K learnable task embeddings per <task>.", panel="Model")
+    template: str = option("default", " | ".join(TEMPLATES) + ".", panel="Model")
+    system_prompt: str | None = option(None, "System message before the conversation.", panel="Model",
+                                       shows="none, as the reference")
+    gpt_prefix: str = option("", "Prefix added to every gpt answer, masked from the loss.", panel="Model")
+    num_visual_tokens: int | None = option(
+        None, "Keep N of each image's visual tokens (understanding; a truncated model cannot paint).",
+        panel="Vision", shows="all")
+    token_select: str = option("first", "Which N tokens --num-visual-tokens keeps: first (a leading run) | "
+                               "strided (evenly spread).", panel="Vision")
+    vision_loss: str | None = option(None, "feature_mse (the paper's) | pixel_l1 (through the decoder) | code_ce "
+                                     "(codes).", panel="Vision", shows="the family's")
+    vision_loss_weight: float = option(1.0, "Weight of the vision loss.", panel="Vision")
+    text_loss_weight: float = option(1.0, "Weight of the text loss on gpt tokens.", panel="Model")
+    train_adapter: bool = option(True, "Train the input adapter.", panel="What trains",
+                                 flags="--train-adapter/--freeze-adapter")
+    train_deadapter: bool = option(True, "Train the output adapter.", panel="What trains",
+                                   flags="--train-deadapter/--freeze-deadapter")
+    train_encoder: bool = option(False, "Train the vision encoder.", panel="What trains",
+                                 flags="--train-encoder/--freeze-encoder")
+    train_decoder: bool = option(False, "Train the vision decoder.", panel="What trains",
+                                 flags="--train-decoder/--freeze-decoder")
+    lora: LoraConfig = option(doc="LoRA on the LLM (the --lora options).", cli=False, factory=LoraConfig)
+    resize: str = option("stretch", "How images reach the model's square size: stretch (as the reference) | crop "
+                         "(centre square); recorded for generate.", panel="Data")
+    hub: dict[str, Any] = option(doc="Parts given as Hugging Face ids: {part: {id, revision, commit, path}}.",
+                                 cli=False, factory=dict)
+    restore_prompt: str | None = option(None, "The data's restoration prompt, recorded for generate --input.",
+                                        cli=False)
+    attn_implementation: str = option(ATTN_AUTO, "The LLM's attention: auto (sdpa where the LLM's family has it, "
+                                      "else eager) | sdpa | eager | flash_attention_2.", panel="Model")
+    query: bool = option(False, "A learnable query of N embeddings (<query> in the data): images in one pass.",
+                         cli=False)
+    train_query: bool = option(True, "Train the learnable query of <query> answers.", panel="What trains",
+                               flags="--train-query/--freeze-query")
+    plugins: list[dict[str, Any]] = option(doc="Plugins the run loaded (module names; a file's path and sha256).",
+                                           cli=False, factory=list)
 
     def __post_init__(self) -> None:
         from .plugins import restore
@@ -181,6 +227,28 @@ class ModelConfig(Frozen):
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ConfigError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                               f"got {self.attn_implementation!r}")
+
+
+@dataclass
+class ModelSources:
+    """Where the model's parts come from: the model options of ``train`` and ``import-reference``
+    (not recorded themselves: they resolve to the model config's folders and specs)."""
+
+    preset: str | None = option(None, "Tiny offline model preset (tiny, tiny-gpt2, tiny-64, tiny-224; tiny-vq: "
+                                "VQGAN codes; tiny-sdvae: latent VAE).", panel="Model")
+    llm: str | None = option(None, "Causal LM: a folder or a Hugging Face id org/name[@revision] (fetched into "
+                             "the HF cache).", panel="Model")
+    mae: str | None = option(None, "MAE (ViTMAEForPreTraining): a folder or a Hugging Face id "
+                             "org/name[@revision]; short for --encoder mae:X --decoder mae:X.", panel="Vision")
+    mae_decoder: str | None = option(None, "MAE folder or Hugging Face id for the decoder.", panel="Vision",
+                                     shows="--mae")
+    vision_config: str | None = option(None, "YAML naming encoder / decoder / adapters ({name, kwargs} entries, or "
+                                       "the reference's {target, params} form).", panel="Vision")
+    encoder: str | None = option(None, "Vision encoder FAMILY:SOURCE or package.module:Class:SOURCE, e.g. "
+                                 "mae:facebook/vit-mae-large, vqgan-codes:./vq-f16, clip:ID, timm:NAME[:CHECKPOINT] "
+                                 "(see docs/vision.md).", panel="Vision")
+    decoder: str | None = option(None, "Vision decoder FAMILY:SOURCE, or none (text answers only).", panel="Vision",
+                                 shows="the encoder's family when it decodes")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -3,6 +3,13 @@
 folder (``run``), option layering (``options``) and the launch of workers (``launch``)."""
 
 from .config import TrainConfig
-from .task import TrainTask
 
 __all__ = ["TrainConfig", "TrainTask"]
+
+
+def __getattr__(name: str):  # TrainTask imports torch: only when asked for (the CLI's options do not)
+    if name == "TrainTask":
+        from .task import TrainTask
+
+        return TrainTask
+    raise AttributeError(name)

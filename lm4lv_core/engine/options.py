@@ -17,9 +17,9 @@ from typing import Any, Iterable
 from ..config import load_yaml
 from ..defaults import RUN_CONFIG
 from ..errors import ConfigError
+from .config import run_only
 
-RUN_ONLY = ("out", "resume", "overwrite", "stop_after", "verbose",  # never taken from a saved run config
-            "num_nodes", "node_rank", "master_addr", "master_port")  # where this invocation runs (or srun says)
+RUN_ONLY = run_only()  # never taken from a saved run config (declared with ``run_only`` in TrainConfig)
 
 
 @dataclass

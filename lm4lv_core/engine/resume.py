@@ -19,12 +19,10 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError
+from .config import may_change
 
-# train options a resumed run may change (docs/long-runs.md: "These may change on resume")
-MAY_CHANGE = ("out", "resume", "overwrite", "verbose", "stop_after", "max_steps", "epochs", "save_every",
-              "keep_checkpoints", "preview_every", "preview_samples", "report_to", "record_order", "num_workers",
-              "max_skipped_steps", "gradient_checkpointing", "launcher", "master_port", "hostfile", "nproc",
-              "num_nodes", "node_rank", "master_addr", "node_timeout", "data", "image_root")
+# train options a resumed run may change (declared with ``may_change`` in TrainConfig)
+MAY_CHANGE = may_change()
 WORLD = "world_size"
 LABELS = {WORLD: "workers (--nproc x --num-nodes)", "data_fingerprint": "data (content of --data)"}
 

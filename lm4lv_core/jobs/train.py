@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import LoraConfig, ModelConfig, from_dict
+from ..config import LoraConfig, ModelConfig, ModelSources, declared, from_dict, option_name
 from ..data.format import Sample, load_checked
 from ..engine.config import TrainConfig, train_config_keys
 from ..engine.launch import register_job, require_gpu_for
@@ -15,14 +15,10 @@ from ..engine.options import layer_options
 from ..engine.run import TrainingJob, run_training, train_in_worker
 from ..errors import ConfigError
 
-MODEL_SOURCE = ("preset", "llm", "mae", "mae_decoder", "vision_config", "encoder", "decoder")
-MODEL_FIELDS = ("template", "gpt_prefix", "num_task_tokens", "system_prompt", "vision_loss", "adapter", "deadapter",
-                "num_visual_tokens", "token_select",
-                "text_loss_weight", "vision_loss_weight",
-                "train_adapter", "train_deadapter", "train_encoder", "train_decoder", "train_query", "resize",
-                "attn_implementation")
-LORA = {"lora": "enabled", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-        "lora_targets": "target_modules"}
+# the model options, from their declarations (lm4lv_core.config.option)
+MODEL_SOURCE = tuple(f.name for f in declared(ModelSources))
+MODEL_FIELDS = tuple(f.name for f in declared(ModelConfig, cli_only=True))
+LORA = {option_name(f): f.name for f in declared(LoraConfig, cli_only=True)}
 
 
 def option_names() -> set[str]:
