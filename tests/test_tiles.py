@@ -249,7 +249,7 @@ def test_bad_tile_options_are_one_line_errors_and_write_nothing(work, run, tmp_p
     from lm4lv_core.sources.presets import preset_config
 
     cfg = preset_config("tiny")
-    cfg.decoder = None
+    cfg.decoder, cfg.restore_prompt = None, "<image> <task>"
     LM4LV.from_config(cfg).save_pretrained(tmp_path / "blind" / "final")
     inp = work / "img"
     cases = [(["--run", run, "--tile", "3"], "smaller than the vision family's patch"),
