@@ -13,7 +13,8 @@ each scored (PSNR / SSIM, 4 px border cropped) against the clean picture. ``seam
 across the tiles' patch grid elsewhere) of the tiled result with blending (overlap 16) and without
 (overlap 0: tiles abut). ``seconds_per_megapixel``: the tiled path on a 1-megapixel picture.
 ``peak_rss_mib``: a fresh process restoring a 1- and a 16-megapixel picture tile by tile
-(``reconstruct_folder`` with ``tile``), its peak resident memory (``ru_maxrss``).
+(read, tiled, reconstructed, blended, written as PNG; not scored: SSIM of a 16-megapixel image
+alone takes gigabytes), its peak resident memory (``ru_maxrss``).
 
 The default tiny-64 MAE is random-initialised (no weights can be downloaded): its reconstructions
 are poor, and the numbers show the pipeline, not a trained family. ``--mae FOLDER`` uses another
@@ -41,12 +42,15 @@ SIZE = 256
 OVERLAP = 16
 
 _CHILD = """
-import resource, sys, torch
+import resource, sys, numpy as np, torch
 torch.set_num_threads(1)
-from lm4lv_core.config import ModuleSpec
-from lm4lv_core.jobs.recon_mae import reconstruct_folder
-spec = ModuleSpec("mae", {"path": sys.argv[1]})
-reconstruct_folder(spec, spec, sys.argv[2], sys.argv[3], batch_size=16, tile="auto", tile_overlap=16, crop_border=0)
+sys.path.insert(0, "benchmarks")
+from tiles import _parts, _restore_fn
+from lm4lv_core.image.io import load_rgb, save_png
+from lm4lv_core.image.tiles import Tiling, restore_tiled
+spec, enc, dec = _parts(sys.argv[1])
+restore_tiled([(sys.argv[3], lambda: np.asarray(load_rgb(sys.argv[2])))], Tiling(enc.image_size, 16),
+              _restore_fn(enc, dec), batch=16, on_image=save_png)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -123,7 +127,8 @@ def main() -> None:
                 d = tmp / f"mp{mp}"
                 d.mkdir()
                 Image.fromarray(big).resize((side, side), Image.BICUBIC).save(d / "x.png")
-                p = subprocess.run([sys.executable, "-c", _CHILD, spec.kwargs["path"], str(d), str(tmp / f"out{mp}")],
+                p = subprocess.run([sys.executable, "-c", _CHILD, spec.kwargs["path"], str(d / "x.png"),
+                                    str(tmp / f"out{mp}.png")],
                                    capture_output=True, text=True, cwd=ROOT, check=True,
                                    env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                                         "HF_HUB_OFFLINE": "1"})
