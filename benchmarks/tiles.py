@@ -50,7 +50,7 @@ from lm4lv_core.image.io import load_rgb, save_png
 from lm4lv_core.image.tiles import Tiling, restore_tiled
 spec, enc, dec = _parts(sys.argv[1])
 restore_tiled([(sys.argv[3], lambda: np.asarray(load_rgb(sys.argv[2])))], Tiling(enc.image_size, 16),
-              _restore_fn(enc, dec), batch=16, on_image=save_png)
+              _restore_fn(enc, dec), batch=16, on_image=lambda path, px: save_png(px, path))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
