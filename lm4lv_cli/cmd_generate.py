@@ -48,6 +48,11 @@ def generate(
     resize: Optional[str] = typer.Option(None, "--resize", help="How inputs reach the model's size: stretch | crop [the run's, recorded at training]."),
     output_size: str = typer.Option("input", "--output-size", help="input: images at the input image's size (crop: its centre "
                                     "square's); model: at the model's square size."),
+    tile: Optional[str] = typer.Option(None, "--tile", metavar="N|auto", help="Restore each input image at its own resolution "
+                                       "in N px tiles (auto: the vision family's size), blended over their overlaps; "
+                                       "--batch-size then counts tiles [off: resize to the model's size and back]."),
+    tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", metavar="M", help="With --tile: pixels "
+                                               "neighbouring tiles share [a quarter of the tile, whole patches]."),
     verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
     query: bool = typer.Option(True, "--query/--no-query", help="A model trained with <query>: read each image-only "
                                "answer from its learnable query in one forward pass (--no-query: one visual token per step)."),
@@ -76,7 +81,7 @@ def generate(
     workers = Workers(nproc=nproc, engine=engine, **opt.given(nodes))
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size,
-                           query=query)
+                           query=query, tile=tile, tile_overlap=tile_overlap)
     if paths:
         show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
                                      generation=gen, workers=workers, overwrite=overwrite, compile=compile,

@@ -61,6 +61,11 @@ def recon_mae(
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out (replacing only an earlier recon-mae's reconstructions)."),
     verbose: bool = opt.VERBOSE,
     precision: str = O(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
+    tile: Optional[str] = O(None, "--tile", metavar="N|auto", help="Reconstruct each image at its own resolution in N px "
+                            "tiles (auto: the family's size), blended over their overlaps, scored against the input "
+                            "itself; --batch-size then counts tiles [off: at the family's size]."),
+    tile_overlap: Optional[int] = O(None, "--tile-overlap", metavar="M", help="With --tile: pixels neighbouring tiles "
+                                    "share [a quarter of the tile, whole patches]."),
 ) -> None:
     """Reconstruct a folder through a vision encoder and decoder (an MAE by default) and print
     PSNR / SSIM against the inputs: the ceiling a vision family gives."""
@@ -71,7 +76,7 @@ def recon_mae(
                        crop_border=crop_border,
                        precision=precision, overwrite=overwrite,
                        workers=Workers(nproc=nproc, engine=engine, **opt.given(nodes)),
-                       verbose=verbose)
+                       verbose=verbose, tile=tile, tile_overlap=tile_overlap)
     table = Table(title=f"{'MAE' if mae else encoder or preset} reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")

@@ -105,7 +105,12 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
                       model_config=source.config)
     workers = (workers or Workers()).resolve()
     _check_device(job)
+    tiling = _check_tiling(saved, gen)
     samples = load_checked(job.data, image_root=job.image_root, mode="generate")
+    if tiling is not None:
+        from ..model.tiled import check_tile_samples
+
+        check_tile_samples(samples)
     bad = next((s for s in samples if s.has_query), None) if not saved.query else None
     if bad is not None:
         raise ConfigError(f"{job.data}: sample {bad.index}: its prompt holds <query>, but the model in "
@@ -123,6 +128,13 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
         counts = launch.run_job("generate", job, job_dir=out / JOB_DIR, workers=workers, log_file=out / LOG_FILE,
                                 verbose=verbose)
     return GenerateSummary(counts["skipped"], counts["finished"], len(samples), dropped, out / RESULTS)
+
+
+def _check_tiling(saved: ModelConfig, gen: GenerationConfig):
+    """``--tile`` / ``--tile-overlap`` checked against the model before anything is written."""
+    from ..model.tiled import config_tiling
+
+    return config_tiling(saved, gen)
 
 
 def _check_device(job: GenerateJob) -> None:
@@ -175,25 +187,28 @@ def generate_job(job: GenerateJob) -> dict[str, int]:
         part = out / PARTS / f"rank-{rank}-{job.attempt}.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)
         label = "generate" + (f" (rank 0 of {world})" if world > 1 else "")
-        with open(part, "a", encoding="utf-8") as f, rank0_progress(label, len(mine), show=rank == 0) as advance:
-            def write(chunk: list[Sample], outs) -> None:
-                for s, o in zip(chunk, outs):
-                    names = image_names(stems[s.index], len(o.images))
-                    size = oriented_size(s.images[0]) if s.images and o.images else None
-                    for name, img in zip(names, o.images):
-                        save_png(output_image(img, size, cfg, model), out / name)
-                    rec = {"index": s.index, "inputs": list(s.images), "outputs": names, "text": o.text,
-                           "worker": rank, "sample": sample_hash(s)}
-                    rec.update({k: v for k, v in s.extra if k not in rec})
-                    append_line(f, rec)
-                advance(len(chunk))
-                if signals.requested():
-                    raise _StopAfterBatch
+        if cfg.tile is not None:  # at native resolution, in tiles
+            stopped = _generate_tiled(model, mine, cfg, job, stems, part, rank, world)
+        else:
+            with open(part, "a", encoding="utf-8") as f, rank0_progress(label, len(mine), show=rank == 0) as advance:
+                def write(chunk: list[Sample], outs) -> None:
+                    for s, o in zip(chunk, outs):
+                        names = image_names(stems[s.index], len(o.images))
+                        size = oriented_size(s.images[0]) if s.images and o.images else None
+                        for name, img in zip(names, o.images):
+                            save_png(output_image(img, size, cfg, model), out / name)
+                        rec = {"index": s.index, "inputs": list(s.images), "outputs": names, "text": o.text,
+                               "worker": rank, "sample": sample_hash(s)}
+                        rec.update({k: v for k, v in s.extra if k not in rec})
+                        append_line(f, rec)
+                    advance(len(chunk))
+                    if signals.requested():
+                        raise _StopAfterBatch
 
-            try:
-                generate_samples(model, mine, cfg, batch_size=job.batch_size, on_batch=write, compile=job.compile)
-            except _StopAfterBatch:
-                stopped = True
+                try:
+                    generate_samples(model, mine, cfg, batch_size=job.batch_size, on_batch=write, compile=job.compile)
+                except _StopAfterBatch:
+                    stopped = True
     dist.barrier()
     stopped = any(dist.all_gather_objects(stopped))
     if rank == 0:
@@ -203,6 +218,43 @@ def generate_job(job: GenerateJob) -> dict[str, int]:
         raise Interrupted(f"interrupted: {finished} of {len(samples)} samples finished and kept; "
                           "run the same command again to generate the rest")
     return {"generated": len(mine), "skipped": skipped, "finished": finished, "total": len(samples)}
+
+
+def _generate_tiled(model, mine: list[Sample], cfg: GenerationConfig, job: GenerateJob, stems, part: Path,
+                    rank: int, world: int) -> bool:
+    """``generate --data --tile``: this rank's samples restored at their own resolution, tiles of
+    many samples batched together; each sample's record is written when its last tile is in.
+    Returns whether a stop was requested."""
+    from PIL import Image
+
+    from ..image.io import save_png
+    from ..model.tiled import TileProgress, generate_tiled, model_tiling, tile_count
+    from ..util import signals
+
+    out = Path(job.out)
+    tiling = model_tiling(model, cfg)
+    label = "generate" + (f" (rank 0 of {world})" if world > 1 else "")
+    with open(part, "a", encoding="utf-8") as f, \
+            TileProgress(label, tile_count([s.images[0] for s in mine], tiling), len(mine), show=rank == 0) as bar:
+        def write(i: int, s: Sample, pixels) -> None:
+            names = image_names(stems[s.index], 1)
+            save_png(Image.fromarray(pixels), out / names[0])
+            rec = {"index": s.index, "inputs": list(s.images), "outputs": names, "text": "<image>",
+                   "worker": rank, "sample": sample_hash(s)}
+            rec.update({k: v for k, v in s.extra if k not in rec})
+            append_line(f, rec)
+
+        def after_batch(tiles: int, images: int) -> None:
+            bar.advance(tiles, images)
+            if signals.requested():
+                raise _StopAfterBatch
+
+        try:
+            generate_tiled(model, mine, cfg, tiling, batch_size=job.batch_size, on_image=write,
+                           on_batch=after_batch, compile=job.compile)
+        except _StopAfterBatch:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------- restoring image files
@@ -270,6 +322,7 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
                      batch_size=batch_size, precision=precision, generation=gen, compile=compile,
                      attn_implementation=attn_implementation, model_config=source.config)
     _check_device(job)
+    _check_tiling(saved, gen)
     workers = (workers or Workers()).resolve()
     if workers.per_node:
         raise ConfigError("generate --input runs on one node (--nproc workers); for several nodes give the "
@@ -336,15 +389,25 @@ def restore_job(job: RestoreJob) -> dict[str, int]:
         load.done("generate", model, dtype)
         model = model.to(dist.device()).eval()
         label = "restore" + (f" (rank 0 of {world})" if world > 1 else "")
-        with rank0_progress(label, len(mine), show=rank == 0, rate=True) as advance:
-            def after_batch(n: int) -> None:
-                advance(n)
+        tiled = job.generation.tile is not None
+        if tiled:  # progress in tiles, and images finished
+            from ..model.tiled import TileProgress, model_tiling, tile_count
+
+            progress = TileProgress(label, tile_count([it.src for it in mine], model_tiling(model, job.generation)),
+                                    len(mine), show=rank == 0)
+        else:
+            progress = rank0_progress(label, len(mine), show=rank == 0, rate=True)
+        with progress as bar:
+            advance = bar.advance if tiled else bar
+
+            def after_batch(*n: int) -> None:
+                advance(*n)
                 if signals.requested():
                     raise _StopAfterBatch
 
             try:
                 restore_items(model, mine, job.out, job.prompt, cfg=job.generation, batch_size=job.batch_size,
-                              compile=job.compile, on_batch=after_batch)
+                              compile=job.compile, on_batch=after_batch, on_tiles=True)
             except _StopAfterBatch:
                 stopped = True
     dist.barrier()

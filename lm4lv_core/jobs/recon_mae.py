@@ -37,15 +37,19 @@ class ReconJob:
     batch_size: int = RECON_BATCH_SIZE
     crop_border: int = CROP_BORDER
     precision: str = FP32
+    tile: int | str | None = None       # reconstruct at native resolution in tiles (auto: the family's size)
+    tile_overlap: int | None = None
 
 
 def reconstruct_folder(encoder: ModuleSpec, decoder: ModuleSpec, images_dir: str | Path, out_dir: str | Path, *,
                        batch_size: int = RECON_BATCH_SIZE, rank: int = 0, world_size: int = 1,
                        crop_border: int = CROP_BORDER, progress=None, precision: str = FP32,
-                       device=None) -> list[dict[str, Any]]:
+                       device=None, tile=None, tile_overlap: int | None = None) -> list[dict[str, Any]]:
     """Reconstruct every image under ``images_dir`` (this rank's share) into ``out_dir`` under the
     same relative names (``.png``); return per-image PSNR/SSIM rows against the input resized to
-    the decoder's output size."""
+    the decoder's output size. ``tile`` (N px or ``auto``): reconstruct each image at its own
+    resolution in overlapping tiles (:mod:`lm4lv_core.image.tiles`), scored against the input
+    itself; ``batch_size`` then counts tiles."""
     import torch
 
     from ..data.dataset import image_to_tensor, tensor_to_uint8
@@ -61,6 +65,10 @@ def reconstruct_folder(encoder: ModuleSpec, decoder: ModuleSpec, images_dir: str
     dec = build_decoder(decoder, dtype).to(device).eval()
     mine = files[rank::world_size]
     rows: list[dict[str, Any]] = []
+    tiling = _tiling(enc, tile, tile_overlap)
+    if tiling is not None:
+        return _reconstruct_tiled(enc, dec, images_dir, out_dir, mine, tiling, batch_size, crop_border, progress,
+                                  device)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
         images = [load_rgb(f) for f in chunk]
@@ -75,6 +83,46 @@ def reconstruct_folder(encoder: ModuleSpec, decoder: ModuleSpec, images_dir: str
                          "ssim": ssim(src, rec, crop_border)})
         if progress:
             progress(len(chunk))
+    return rows
+
+
+def _tiling(enc, tile, overlap):
+    from ..image.tiles import family_patch, resolve_tiling
+
+    return resolve_tiling(tile, overlap, enc.image_size, family_patch(enc.num_tokens, enc.image_size))
+
+
+def _reconstruct_tiled(enc, dec, images_dir: Path, out_dir: Path, files: list[Path], tiling, batch_size: int,
+                       crop_border: int, progress, device) -> list[dict[str, Any]]:
+    """``recon --tile``: the tiles of several images share each batch; each image is written and
+    scored against itself (native resolution) when its last tile is in."""
+    import torch
+
+    from ..image.metrics import psnr, ssim
+    from ..image.tiles import restore_tiled
+
+    rows: list[dict[str, Any]] = []
+
+    def restore(tiles: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float().div(255.0)
+        if tiling.size != enc.image_size:
+            x = torch.nn.functional.interpolate(x, size=(enc.image_size,) * 2, mode="bicubic", antialias=True,
+                                                align_corners=False).clamp(0, 1)
+        with torch.inference_mode():
+            y = dec(enc(x.to(device))).float().cpu().clamp(0, 1)
+        if y.shape[-1] != tiling.size:
+            y = torch.nn.functional.interpolate(y, size=(tiling.size,) * 2, mode="bicubic", antialias=True,
+                                                align_corners=False).clamp(0, 1)
+        return y.permute(0, 2, 3, 1).numpy()
+
+    def write(f: Path, rec: np.ndarray) -> None:
+        rel = f.relative_to(images_dir).with_suffix(".png")
+        save_png(rec, out_dir / rel)
+        src = np.asarray(load_rgb(f))
+        rows.append({"name": rel.as_posix(), "psnr": psnr(src, rec, crop_border), "ssim": ssim(src, rec, crop_border)})
+
+    restore_tiled(((f, lambda f=f: np.asarray(load_rgb(f))) for f in files), tiling, restore, batch=batch_size,
+                  on_image=write, on_batch=(lambda tiles, images: progress(images)) if progress else None)
     return rows
 
 
@@ -93,7 +141,8 @@ def recon_mae_job(job: ReconJob) -> list[dict[str, Any]] | None:
     with rank0_progress("reconstruct", n_mine, show=dist.is_main()) as advance:
         rows = reconstruct_folder(job.encoder, job.decoder, job.images, job.out, batch_size=job.batch_size,
                                   rank=dist.rank(), world_size=dist.world_size(), crop_border=job.crop_border,
-                                  progress=advance, precision=job.precision, device=dist.device())
+                                  progress=advance, precision=job.precision, device=dist.device(),
+                                  tile=job.tile, tile_overlap=job.tile_overlap)
     gathered = dist.all_gather_objects(rows)
     if not dist.is_main():
         return None
@@ -156,7 +205,7 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
                 encoder: str | None = None, decoder: str | None = None,
                 batch_size: int = RECON_BATCH_SIZE, crop_border: int = CROP_BORDER, precision: str = FP32,
                 workers: Workers | None = None, overwrite: bool = False,
-                verbose: bool = False) -> list[dict[str, Any]]:
+                verbose: bool = False, tile=None, tile_overlap: int | None = None) -> list[dict[str, Any]]:
     """Parent side of ``lm4lv recon`` / ``recon-mae``: check, then run the reconstruction workers
     (third-party output goes to ``out/recon.log``). On several nodes (one launcher each) ``out`` is on the
     shared filesystem and holds the job folder; node 0 checks that it may write there."""
@@ -166,6 +215,12 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
     compute_dtype(precision)
     launch.require_gpu_for(precision)
     enc, dec = recon_parts(mae, preset, encoder, decoder)
+    if tile is not None or tile_overlap is not None:  # checked before anything is written
+        from ..image.tiles import family_patch, resolve_tiling
+        from ..vision import token_space
+
+        space = token_space(enc)
+        resolve_tiling(tile, tile_overlap, space.image_size, family_patch(space.num_tokens, space.image_size))
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise LM4LVError(f"{images}: folder not found")
@@ -174,7 +229,8 @@ def reconstruct(images: str | Path, out: str | Path, *, mae: str | None = None, 
         raise ConfigError(f"--out {out}: must not be the input folder or inside it")
     workers = (workers or Workers()).resolve()
     job = ReconJob(encoder=enc, decoder=dec, images=str(images.resolve()), out=str(out.resolve()),
-                   batch_size=batch_size, crop_border=crop_border, precision=precision)
+                   batch_size=batch_size, crop_border=crop_border, precision=precision, tile=tile,
+                   tile_overlap=tile_overlap)
     names = [f.relative_to(images).with_suffix(".png").as_posix() for f in files]
     if not workers.per_node:
         _check_out(out, overwrite, names)

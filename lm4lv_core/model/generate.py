@@ -68,6 +68,9 @@ class GenerationConfig:
 
     ``query``: a model trained with ``<query>`` reads image-only answers from its learnable query
     in one forward pass (``False``: one visual token per step, as a model without it).
+
+    ``tile`` / ``tile_overlap``: restore each input at its own resolution in overlapping tiles
+    (:mod:`lm4lv_core.model.tiled`); ``None``: the resize path.
     """
 
     max_new_tokens: int = 64
@@ -79,8 +82,17 @@ class GenerationConfig:
     resize: str | None = None
     output_size: str = "input"
     query: bool = True
+    tile: int | str | None = None       # restore at native resolution in tiles of N px (auto: the family's size)
+    tile_overlap: int | None = None     # overlap of neighbouring tiles [a quarter of the tile, whole patches]
 
     def __post_init__(self) -> None:
+        from ..image.tiles import parse_tile
+
+        self.tile = parse_tile(self.tile)
+        if self.tile_overlap is not None and self.tile_overlap < 0:
+            raise ConfigError(f"--tile-overlap must be >= 0, got {self.tile_overlap}")
+        if self.tile is not None and self.output_size == "model":
+            raise ConfigError("--output-size model does not apply with --tile (tiled images keep their input's size)")
         if self.max_new_tokens < 0:
             raise ConfigError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -550,7 +562,8 @@ def restore(model, images, prompt: str = DEFAULT_PROMPT, *, batch_size: int = GE
 
     ``prompt`` is the human turn; its ``<image>`` is the input image. With ``cfg.output_size``
     ``input`` (the default) each result has its input's size (under ``crop``: the centre square's
-    footprint), with ``model`` the model's square size.
+    footprint), with ``model`` the model's square size. With ``cfg.tile`` each image is restored
+    at its own resolution in tiles (results at the input's size; ``batch_size`` counts tiles).
     """
     cfg = cfg or GenerationConfig(mode="image")
     if prompt.count("<image>") != 1:
@@ -563,6 +576,15 @@ def restore(model, images, prompt: str = DEFAULT_PROMPT, *, batch_size: int = GE
     was_training = model.training
     model.eval()
     try:
+        if cfg.tile is not None:  # at native resolution, in tiles
+            from PIL import Image
+
+            from .tiled import generate_tiled, model_tiling
+
+            tiled: dict[int, object] = {}
+            generate_tiled(model, samples, cfg, model_tiling(model, cfg), batch_size=batch_size, loader=loader,
+                           on_image=lambda i, s, px: tiled.__setitem__(i, Image.fromarray(px)))
+            return [tiled[i] for i in range(len(images))]
         outs = generate_samples(model, samples, cfg, batch_size=batch_size, loader=loader)
     finally:
         model.train(was_training)

@@ -53,9 +53,10 @@ def restore_samples(items: Sequence[RestoreItem], prompt: str) -> list[Sample]:
 
 def restore_items(model, items: Sequence[RestoreItem], out: str | os.PathLike, prompt: str, *,
                   cfg: GenerationConfig | None = None, batch_size: int = GENERATE_BATCH_SIZE,
-                  compile: bool = False, on_batch: Callable[[int], None] | None = None) -> None:
+                  compile: bool = False, on_batch: Callable[..., None] | None = None, on_tiles: bool = False) -> None:
     """Restore ``items`` with a loaded model (in eval mode) into ``out``, batch by batch;
-    ``on_batch(n)`` is called after each batch's ``n`` images are written."""
+    ``on_batch(n)`` is called after each batch's ``n`` images are written (with ``cfg.tile`` and
+    ``on_tiles``: ``on_batch(tiles, images)``, the batch's tiles and the images it finished)."""
     from ..image.io import oriented_size, save_image
 
     cfg = image_config(cfg)
@@ -71,6 +72,19 @@ def restore_items(model, items: Sequence[RestoreItem], out: str | os.PathLike, p
         if on_batch is not None:
             on_batch(len(chunk))
 
+    if cfg.tile is not None:  # at native resolution, tiles of many images batched together
+        from PIL import Image
+
+        from .tiled import generate_tiled, model_tiling
+
+        def write_tiled(i: int, s: Sample, pixels) -> None:
+            save_image(Image.fromarray(pixels), out / by_key[s.index].dst)
+
+        generate_tiled(model, restore_samples(items, prompt), cfg, model_tiling(model, cfg), batch_size=batch_size,
+                       on_image=write_tiled, compile=compile,
+                       on_batch=(lambda tiles, images: on_batch(tiles, images)) if on_tiles and on_batch else
+                       (lambda tiles, images: on_batch(images)) if on_batch else None)
+        return
     generate_samples(model, restore_samples(items, prompt), cfg, batch_size=batch_size, on_batch=write,
                      compile=compile)
 
@@ -91,7 +105,8 @@ def restore_folder(model, src: str | os.PathLike | Sequence[str | os.PathLike], 
     into ``dst``, mirroring their relative paths (:func:`lm4lv_core.data.outputs.plan_restore`).
 
     ``prompt``: the human turn (default: the model's recorded restoration prompt). Images whose
-    output exists are skipped unless ``overwrite``. Returns the counts.
+    output exists are skipped unless ``overwrite``. ``cfg.tile``: restore each image at its own
+    resolution in tiles (``batch_size`` then counts tiles). Returns the counts.
     """
     prompt = restore_prompt(model.config.restore_prompt, prompt)
     cfg = image_config(cfg)
