@@ -3,6 +3,8 @@ generated images are written at (``--output-size``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 import subprocess
@@ -14,6 +16,8 @@ import pytest
 import skimage.data
 import torch
 import yaml
+
+from lm4lv_core.config import thawed
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -199,7 +203,7 @@ def test_restore_returns_images_at_their_input_size(tmp_path):
     # the model input follows the model's own policy unless the generation config names one
     s = parse_sample({"image": [str(tmp_path / "p.png")], "conversations": [
         {"from": "human", "value": "<image> <task>"}, {"from": "gpt", "value": ""}]}, 0)
-    model.config.resize = "crop"
+    model.config = dataclasses.replace(thawed(model.config), resize="crop")  # a model trained with crop
     items, _ = build_items(model, [s], "image")
     torch.testing.assert_close(items[0].pixels[0], image_to_tensor(img, 32, "crop"), rtol=0, atol=0)
     items, _ = build_items(model, [s], "image", resize="stretch")

@@ -40,6 +40,9 @@ def _picture(w: int, h: int, seed: int) -> Image.Image:
 def setup(tmp_path_factory):
     """Two saved tiny models (with and without a recorded prompt) and a folder of inputs: nested
     subfolders, png / jpg / bmp, a hidden file, a non-image."""
+    import dataclasses
+
+    from lm4lv_core.config import thawed
     from lm4lv_core.model.lm4lv import LM4LV
     from lm4lv_core.sources.presets import preset_config
 
@@ -47,7 +50,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = LM4LV.from_config(preset_config("tiny"))
     model.save_pretrained(root / "bare" / "final")
-    model.config.restore_prompt = PROMPT
+    model.config = dataclasses.replace(thawed(model.config), restore_prompt=PROMPT)  # (a model saved with one)
     model.save_pretrained(root / "run" / "final")
     inp = root / "inputs"
     (inp / "sub" / "deeper").mkdir(parents=True)

@@ -176,8 +176,7 @@ def run(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiles-run")
     torch.manual_seed(0)
-    model = LM4LV.from_config(preset_config("tiny"))
-    model.config.restore_prompt = "<image> <task>"
+    model = LM4LV.from_config(preset_config("tiny", restore_prompt="<image> <task>"))
     model.save_pretrained(root / "run" / "final")
     return root / "run"
 
