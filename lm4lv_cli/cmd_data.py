@@ -113,8 +113,13 @@ def evaluate(
                                             "and best by PSNR gain of the last PRED over the first)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names of the PRED folders "
                                          "(default: their shortest distinct paths)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --json/--csv/--grid files an earlier "
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --json/--csv/--grid/--html files an earlier "
                                    "lm4lv eval wrote (other existing files are never replaced)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a comparison page (open it from disk): means, "
+                                        "sortable per-image table, before/after slider with pixel zoom."),
+    ceiling: Optional[str] = typer.Option(None, "--ceiling", help="RUN or FAMILY:SOURCE: also score the vision "
+                                          "family's own reconstruction of GT (encode -> decode, no LLM), the best "
+                                          "a restoration through it can reach."),
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""
@@ -123,10 +128,12 @@ def evaluate(
     names = [s.strip() for s in labels.split(",")] if labels else None
     with progress_bar("eval") as bar:
         cmp = score(metric, gt, pred, labels=names, json_file=json_file, csv_file=csv_file, grid=grid,
-                    grid_rows=grid_rows, overwrite=overwrite, crop_border=crop_border, y_channel=y_channel,
+                    grid_rows=grid_rows, overwrite=overwrite, html=html, ceiling=ceiling, crop_border=crop_border, y_channel=y_channel,
                     resize_to_smaller=resize_to_smaller, lpips_net=lpips_net, lpips_weights=lpips_weights,
                     progress=bar.update)
     show_eval(cmp, crop_border=crop_border, y_channel=y_channel, grid=grid)
+    if html:
+        typer.echo(f"page: {html}")
 
 
 def show_eval(cmp, *, crop_border: int, y_channel: bool = False, grid: Optional[Path] = None) -> None:

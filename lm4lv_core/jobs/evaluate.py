@@ -235,18 +235,33 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], overwrite: bool 
 def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequence[str | os.PathLike], *,
              labels: Sequence[str] | None = None, json_file: str | os.PathLike | None = None,
              csv_file: str | os.PathLike | None = None, grid: str | os.PathLike | None = None,
-             grid_rows: int | None = None, overwrite: bool = False, **scoring: Any) -> Comparison:
+             grid_rows: int | None = None, overwrite: bool = False, html: str | os.PathLike | None = None,
+             ceiling: str | None = None, **scoring: Any) -> Comparison:
     """``lm4lv eval``: score ``preds`` against ``gt`` (``scoring``: the keyword options of
     :func:`compare_paths`) and write the requested files, which must not exist (``overwrite``:
     earlier outputs of ``lm4lv eval`` are replaced). One prediction folder is written as its own
-    report, several as the comparison."""
+    report, several as the comparison. ``html``: the comparison page (:mod:`lm4lv_core.report.html`);
+    ``ceiling``: a run or ``FAMILY:SOURCE`` whose reconstruction of ``gt`` is scored as one more folder."""
+    import tempfile
+
+    from ..report import ceiling as ceil, html as page
+
     check_outputs({"--json": json_file, "--csv": csv_file, "--grid": grid}, overwrite)
-    cmp = compare_paths(metrics, gt, preds, labels=labels, **scoring)
-    out = cmp.reports[0] if len(cmp.reports) == 1 else cmp
-    if json_file:
-        out.write_json(json_file)
-    if csv_file:
-        out.write_csv(csv_file)
-    if grid:
-        write_grid(cmp, grid, grid_rows)
+    if html:
+        page.check_page_target(html, overwrite)
+    with tempfile.TemporaryDirectory(prefix="lm4lv-ceiling-") as tmp:
+        if ceiling:
+            where = page.files_dir(html) / ceil.LABEL if html else Path(tmp)
+            preds = [*preds, ceil.reconstruct_ceiling(ceiling, gt, where)]
+            labels = [*(labels or default_labels(preds[:-1])), ceil.LABEL]
+        cmp = compare_paths(metrics, gt, preds, labels=labels, **scoring)
+        out = cmp.reports[0] if len(cmp.reports) == 1 else cmp
+        if json_file:
+            out.write_json(json_file)
+        if csv_file:
+            out.write_csv(csv_file)
+        if grid:
+            write_grid(cmp, grid, grid_rows)
+        if html:
+            cmp.page = page.comparison_page(html, cmp.summary(), [rep.rows for rep in cmp.reports], cmp.metrics)
     return cmp

@@ -1,0 +1,69 @@
+"""The comparison page of ``lm4lv eval --html``, checked in headless Chromium."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from browser import check_compare_page
+from conftest import run_cli
+
+
+def _folders(root: Path, n: int = 6, size=(48, 40)) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = "sub/" if i % 2 else ""
+        g = rng.integers(0, 255, (*size, 3)).astype(np.uint8)
+        for d, s in (("gt", 0), ("noisy", 40), ("restored", 5 + 6 * (i * 7 % n))):
+            (root / d / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(g + rng.normal(0, s, g.shape), 0, 255).astype(np.uint8)).save(root / d / f"{sub}im{i}.png")
+    (root / "restored" / "extra.png").write_bytes((root / "gt" / "im0.png").read_bytes())
+    return root
+
+
+def test_eval_html_page_in_browser(tmp_path, monkeypatch, capsys):
+    root = _folders(tmp_path / "imgs")
+    page = tmp_path / "out" / "compare.html"
+    code, out = run_cli(monkeypatch, capsys, "eval", "psnr,ssim", root / "gt", root / "noisy", root / "restored",
+                        "--html", page)
+    assert code == 0, out
+    assert f"page: {page}" in out
+    data = (page.parent / "compare_files" / "data.js").read_text()
+    assert '"unmatched"' in data and "extra.png" in data
+    facts = check_compare_page(page, tmp_path / "shots")
+    assert facts["reordered"]
+    assert facts["images"] == 6 * 3
+
+
+def test_html_exists_needs_overwrite(tmp_path, monkeypatch, capsys):
+    root = _folders(tmp_path / "imgs", n=2)
+    page = tmp_path / "p.html"
+    page.write_text("mine")
+    code, out = run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--html", page)
+    assert code == 2 and out.strip().count("\n") == 0 and out.strip().startswith("error: --html")
+    code, out = run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--html", page, "--overwrite")
+    assert code == 2 and "not written by lm4lv" in out and page.read_text() == "mine"
+    page.unlink()
+    assert run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--html", page)[0] == 0
+    code, out = run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--html", page)
+    assert code == 2 and out.strip().startswith("error: --html") and "--overwrite" in out
+    code, out = run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--html", page, "--overwrite")
+    assert code == 0, out
+
+
+def test_large_page_stays_small(tmp_path):
+    """The page is the same few kilobytes for 10 000 images; the data file grows with them."""
+    from lm4lv_core.report.html import PageRow, write_page
+
+    def rows(n):
+        return [PageRow(f"d{i // 1000}/img{i:05d}.png", f"/data/gt/d{i // 1000}/img{i:05d}.png",
+                        [f"/data/a/d{i // 1000}/img{i:05d}.png"], [{"psnr": 20.0 + i % 7}], f"d{i // 1000}")
+                for i in range(n)]
+
+    small = write_page(tmp_path / "s.html", title="s", labels=["a"], metrics=["psnr"], rows=rows(100), thumb_size=0)
+    big = write_page(tmp_path / "b.html", title="b", labels=["a"], metrics=["psnr"], rows=rows(10_000), thumb_size=0)
+    assert big.page_bytes == small.page_bytes < 30_000
+    assert big.data_bytes < 100 * 10_000
