@@ -67,8 +67,10 @@ def check_compare_page(page_file: Path, shots: Path, *, min_rows: int = 2) -> di
         facts["images"] = res["count"]
         page.wait_for_function("document.getElementById('imgL').complete && document.getElementById('imgR').complete")
         assert page.evaluate("document.getElementById('imgL').naturalWidth > 0 && document.getElementById('imgR').naturalWidth > 0")
-        thumbs = page.evaluate("Array.from(document.querySelectorAll('#rows img')).every(i => i.complete && i.naturalWidth > 0)")
-        assert thumbs
+        page.locator("#rows").scroll_into_view_if_needed()  # thumbnails load lazily, when shown
+        page.wait_for_function("Array.from(document.querySelectorAll('#rows img')).slice(0, 8)"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=15000)
+        page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shots / "page.png"), full_page=True)
         # the slider changes what is shown
         view = page.locator("#view")
