@@ -92,7 +92,9 @@ def test_demo_restores_like_generate_input(run_dir, tmp_path):
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             shown = page.eval_on_selector_all("#slider img", "t => t.map(i => i.naturalWidth)")
             assert len(shown) >= 2 and all(shown), shown  # before and after are on the slider
-            assert not [p for p in page.problems if not p.startswith("console: Failed to load resource")], page.problems
+            # (the event stream of Gradio's queue is closed by the page when a result is in: not a problem)
+            problems = [p for p in page.problems if not ("/gradio_api/queue/data" in p and "ERR_ABORTED" in p)]
+            assert not problems, problems
         with urllib.request.urlopen(href if href.startswith("http") else url + href, timeout=30) as r:
             got = tmp_path / "got.png"
             got.write_bytes(r.read())
