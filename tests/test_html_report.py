@@ -67,3 +67,28 @@ def test_large_page_stays_small(tmp_path):
     big = write_page(tmp_path / "b.html", title="b", labels=["a"], metrics=["psnr"], rows=rows(10_000), thumb_size=0)
     assert big.page_bytes == small.page_bytes < 30_000
     assert big.data_bytes < 100 * 10_000
+
+
+def test_run_report_page(tmp_path):
+    """``report.html`` of a training run: loss curves and the preview grids by step."""
+    from browser import browser_page
+    from lm4lv_core.report.run_page import write_run_report
+
+    run = tmp_path / "run"
+    (run / "previews").mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,loss,text_loss,vision_loss,lr\n" +
+                                     "".join(f"{s},{2 / s},0,{1 / s},0.001\n" for s in range(1, 41)))
+    for s in (10, 20, 40):
+        Image.fromarray(np.full((16, 48, 3), s * 5, np.uint8)).save(run / "previews" / f"step-{s}.png")
+    page = write_run_report(run)
+    with browser_page() as p:
+        p.goto(page.as_uri())
+        assert p.locator("#loss polyline").count() == 2  # loss, vision_loss (text_loss is all 0)
+        assert p.evaluate("Array.from(document.querySelectorAll('#previews img')).length") == 3
+        visible = "() => document.querySelector('#previews figure:not([hidden])').dataset.step"
+        assert p.evaluate(visible) == "40"
+        p.keyboard.press("ArrowLeft")
+        assert p.evaluate(visible) == "20"
+        p.wait_for_function("Array.from(document.querySelectorAll('#previews figure:not([hidden]) img'))"
+                            ".every(i => i.complete && i.naturalWidth > 0)")
+        assert not p.problems, p.problems
