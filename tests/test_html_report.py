@@ -92,3 +92,28 @@ def test_run_report_page(tmp_path):
         p.wait_for_function("Array.from(document.querySelectorAll('#previews figure:not([hidden]) img'))"
                             ".every(i => i.complete && i.naturalWidth > 0)")
         assert not p.problems, p.problems
+
+
+def test_eval_ceiling_from_a_run(tmp_path, monkeypatch, capsys):
+    """``--ceiling RUN``: the run's encoder → decoder reconstruction of GT, scored as one more folder
+    and shown on the page."""
+    import json
+
+    import torch
+
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
+
+    root = _folders(tmp_path / "imgs", n=3)
+    torch.manual_seed(0)
+    LM4LV.from_config(preset_config("tiny")).save_pretrained(tmp_path / "run" / "final")
+    page = tmp_path / "c.html"
+    code, out = run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--ceiling", tmp_path / "run",
+                        "--html", page, "--json", tmp_path / "c.json")
+    assert code == 0, out
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [p["label"] for p in data["predictions"]] == ["noisy", "ceiling"]
+    assert data["predictions"][1]["count"] == 3
+    assert len(list((tmp_path / "c_files" / "ceiling").rglob("*.png"))) == 3
+    code, out = run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--ceiling", "nonsense")
+    assert code == 2 and "error: --ceiling" in out
