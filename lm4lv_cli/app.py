@@ -10,7 +10,7 @@ import typer
 from lm4lv_core import __version__
 from lm4lv_core.errors import LM4LVError
 
-from . import cmd_data, cmd_generate, cmd_mae, cmd_quickstart, cmd_reference, cmd_train
+from . import cmd_data, cmd_demo, cmd_generate, cmd_mae, cmd_quickstart, cmd_reference, cmd_train
 
 app = typer.Typer(
     name="lm4lv",
@@ -31,6 +31,7 @@ COMMANDS = {
     "recon": cmd_mae.recon_mae,
     "quickstart": cmd_quickstart.quickstart,
     "import-reference": cmd_reference.import_reference,
+    "demo": cmd_demo.demo,
 }
 def _as_written(fn) -> str:
     """The command's help and its options' help shown as written: brackets such as "[default: 4]"

@@ -118,7 +118,7 @@ def evaluate(
                                             "and best by PSNR gain of the last PRED over the first)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names of the PRED folders "
                                          "(default: their shortest distinct paths)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --json/--csv/--grid files an earlier "
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --json/--csv/--grid/--html files an earlier "
                                    "lm4lv eval wrote (other existing files are never replaced)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes scoring in parallel (default: the "
                                           "machine's cores, at most 8; 1 for small folders). Rows do not depend on it."),
@@ -128,6 +128,11 @@ def evaluate(
                                 "beside --csv / --json (same settings only)."),
     on_error: str = typer.Option("stop", "--on-error", help="stop: the first unreadable / unscorable pair is "
                                  "one error; skip: score the rest, list the failures in failures.csv, exit 3."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a comparison page (open it from disk): means, "
+                                        "sortable per-image table, before/after slider with pixel zoom."),
+    ceiling: Optional[str] = typer.Option(None, "--ceiling", help="RUN or FAMILY:SOURCE: also score the vision "
+                                          "family's own reconstruction of GT (encode -> decode, no LLM), the best "
+                                          "a restoration through it can reach."),
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""
@@ -137,11 +142,13 @@ def evaluate(
     failures = failures_path([csv_file, json_file, grid])
     with progress_bar("eval", rate=True) as bar:
         cmp = score(metric, gt, pred, labels=names, json_file=json_file, csv_file=csv_file, grid=grid,
-                    grid_rows=grid_rows, overwrite=overwrite, crop_border=crop_border, y_channel=y_channel,
+                    grid_rows=grid_rows, overwrite=overwrite, html=html, ceiling=ceiling, crop_border=crop_border, y_channel=y_channel,
                     resize_to_smaller=resize_to_smaller, lpips_net=lpips_net, lpips_weights=lpips_weights,
                     progress=bar.update, workers=workers, device=device, resume=resume, on_error=on_error,
                     failures_file=failures)
     show_eval(cmp, crop_border=crop_border, y_channel=y_channel, grid=grid)
+    if html:
+        typer.echo(f"page: {html}")
     report_failures(len(cmp.failures), failures, "scored")
 
 

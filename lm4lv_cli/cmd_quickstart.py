@@ -64,15 +64,18 @@ def quickstart(
     qs.write_grid(cfg)
     total = time.perf_counter() - start
     report = qs.write_report(cfg, table_rows, ran, lam, total)
-    table = Table(title="held-out images: degraded input vs restored")
-    for col in ("degradation", "images", "degraded PSNR", "restored PSNR", "Δ PSNR", "degraded SSIM", "restored SSIM"):
+    page = qs.write_html_report(cfg)
+    table = Table(title="held-out images: degraded input vs restored, and the ceiling (the decoder's own reconstruction)")
+    for col in ("degradation", "images", "degraded PSNR", "restored PSNR", "Δ PSNR", "ceiling PSNR", "degraded SSIM",
+                "restored SSIM", "ceiling SSIM"):
         table.add_column(col, justify="right")
     for r in table_rows:
         table.add_row(r["degradation"], str(r["count"]), f"{r['degraded_psnr']:.2f}", f"{r['restored_psnr']:.2f}",
-                      f"{r['restored_psnr'] - r['degraded_psnr']:+.2f}", f"{r['degraded_ssim']:.4f}",
-                      f"{r['restored_ssim']:.4f}")
+                      f"{r['restored_psnr'] - r['degraded_psnr']:+.2f}", f"{r['ceiling_psnr']:.2f}",
+                      f"{r['degraded_ssim']:.4f}", f"{r['restored_ssim']:.4f}", f"{r['ceiling_ssim']:.4f}")
     console.print(table)
     console.print(f"report: {report} (grid.png, loss.png) — {total:.0f} s in all")
+    console.print(f"page: {page} (open it in a browser)", markup=False, highlight=False)
 
 
 def _run_and_show(qs, stage) -> None:

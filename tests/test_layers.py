@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     {"errors", "defaults", "precision", "plugins", "registry", "util", "__init__"},
     {"config"},
-    {"image", "data", "sources"},
+    {"image", "data", "sources", "report"},
     {"vision"},
     {"model"},
     {"engine"},

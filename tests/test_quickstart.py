@@ -35,11 +35,18 @@ def test_short_quickstart_end_to_end(tmp_path):
     records = [json.loads(x) for x in (out / "generated/results.jsonl").read_text().splitlines()]
     assert len(records) == 6  # 3 held-out images x 2 degradations
     report = (out / "report.md").read_text()
-    rows = [ln for ln in report.splitlines() if ln.startswith("| noise_sigma25") or ln.startswith("| downup")]
+    rows = [ln for ln in report.splitlines() if ln.startswith("| noise_sigma25") or ln.startswith("| jpeg")]
     assert len(rows) == 2
-    for row in rows:  # numbers are measured, one per column
+    for row in rows:  # numbers are measured, one per column: degraded, restored, Δ, ceiling (PSNR; SSIM)
         nums = [float(x) for x in re.findall(r"[-+]?\d+\.\d+", row)]
-        assert len(nums) == 5 and all(n == n for n in nums)
+        assert len(nums) == 7 and all(n == n for n in nums)
+    assert "ceiling" in report and "report.html" in report
+    # the comparison page of the held-out images opens in Chromium from disk and works
+    from browser import check_compare_page
+
+    facts = check_compare_page(out / "report.html", tmp_path / "shots")
+    assert facts["images"] == 3 + 6 * 3  # ground truth + degraded, restored, ceiling per degradation
+    assert (out / "run" / "report.html").is_file()
     import numpy as np
     from PIL import Image
 

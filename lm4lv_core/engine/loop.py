@@ -402,6 +402,12 @@ class Trainer:
             plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
         except Exception as e:  # noqa: BLE001 - a plot must never stop training
             logs.say(f"warning: loss.png not written ({e})")
+        try:
+            from ..report.run_page import write_run_report
+
+            write_run_report(self.run_dir, METRICS_FILE)
+        except Exception as e:  # noqa: BLE001 - a report must never stop training
+            logs.say(f"warning: report.html not written ({e})")
 
 
 def _reporter(run_dir: Path, cfg: TrainConfig, step: int):

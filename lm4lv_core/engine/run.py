@@ -24,7 +24,7 @@ from .config import TrainConfig
 
 LOG_FILE = "train.log"  # third-party output of every run (the console shows lm4lv's own lines)
 # everything lm4lv writes into a run folder; --overwrite replaces only these
-OWN_ENTRIES = ("checkpoints", "final", "previews", "metrics.csv", "loss.png", "data_order.csv", "run.json",
+OWN_ENTRIES = ("checkpoints", "final", "previews", "metrics.csv", "loss.png", "report.html", "data_order.csv", "run.json",
                RUN_CONFIG, JOB_DIR, ".final.tmp", LOG_FILE, "tensorboard", "wandb")
 # inside these, --overwrite removes only what matches (lm4lv's names); anything else is refused
 OWN_PATTERNS = {"checkpoints": r"step-\d+", "previews": r"step-\d+\.png"}

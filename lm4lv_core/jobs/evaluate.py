@@ -361,15 +361,22 @@ def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequenc
              labels: Sequence[str] | None = None, json_file: str | os.PathLike | None = None,
              csv_file: str | os.PathLike | None = None, grid: str | os.PathLike | None = None,
              grid_rows: int | None = None, overwrite: bool = False, resume: bool = False,
-             failures_file: str | os.PathLike | None = None, **scoring: Any) -> Comparison:
+             failures_file: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
+             ceiling: str | None = None, **scoring: Any) -> Comparison:
     """``lm4lv eval``: score ``preds`` against ``gt`` (``scoring``: the keyword options of
     :func:`compare_paths`) and write the requested files, which must not exist (``overwrite``:
     earlier outputs of ``lm4lv eval`` are replaced). One prediction folder is written as its own
-    report, several as the comparison.
+    report, several as the comparison. ``html``: the comparison page (:mod:`lm4lv_core.report.html`);
+    ``ceiling``: a run or ``FAMILY:SOURCE`` whose reconstruction of ``gt`` is scored as one more folder.
 
     Rows are streamed to a journal beside the first of ``--csv`` / ``--json`` as they are scored;
     ``resume`` continues an interrupted run from it (same settings only). Under
     ``on_error="skip"`` the failed pairs are written to ``failures_file`` (``path,reason``)."""
+    import tempfile
+
+    from ..report import html as page
+    from . import ceiling as ceil
+
     metrics_list = validate_metrics(metrics)
     check_on_error(scoring.get("on_error", "stop"))
     jpath = journal_path([csv_file, json_file])
@@ -377,31 +384,39 @@ def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequenc
         raise ConfigError("--resume continues the scores streamed beside --csv / --json: give the same --csv or --json")
     outs = {"--json": json_file, "--csv": csv_file, "--grid": grid}
     check_outputs(outs, overwrite)
-    journal = None
-    if jpath is not None:
-        identity = {"metrics": metrics_list, "gt": str(Path(gt).resolve()),
-                    "preds": [str(Path(p).resolve()) for p in preds], "labels": list(labels) if labels else None,
-                    **{k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in sorted(scoring.items())
-                       if k in ("crop_border", "y_channel", "resize_to_smaller", "lpips_net", "lpips_weights")}}
-        journal = Journal(jpath, identity, resume, overwrite)
-    if journal is not None:
-        journal.open()
-    try:
-        cmp = compare_paths(metrics_list, gt, preds, labels=labels, journal=journal, **scoring)
-    except Exception:  # an error: nothing is kept (an interruption keeps the journal for --resume)
-        if journal is not None:
-            journal.close(remove=True)
-        raise
-    finally:
-        if journal is not None:
-            journal.close()
-    out = cmp.reports[0] if len(cmp.reports) == 1 else cmp
-    if json_file:
-        out.write_json(json_file)
-    if csv_file:
-        out.write_csv(csv_file)
-    if grid:
-        write_grid(cmp, grid, grid_rows)
+    if html:
+        page.check_page_target(html, overwrite)
+    with tempfile.TemporaryDirectory(prefix="lm4lv-ceiling-") as tmp:
+        if ceiling:
+            where = page.files_dir(html) / ceil.LABEL if html else Path(tmp)
+            preds = [*preds, ceil.reconstruct_ceiling(ceiling, gt, where)]
+            labels = [*(labels or default_labels(preds[:-1])), ceil.LABEL]
+        journal = None
+        if jpath is not None:
+            identity = {"metrics": metrics_list, "gt": str(Path(gt).resolve()),
+                        "preds": [str(Path(p).resolve()) for p in preds], "labels": list(labels) if labels else None,
+                        **{k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in sorted(scoring.items())
+                           if k in ("crop_border", "y_channel", "resize_to_smaller", "lpips_net", "lpips_weights")}}
+            journal = Journal(jpath, identity, resume, overwrite)
+            journal.open()
+        try:
+            cmp = compare_paths(metrics_list, gt, preds, labels=labels, journal=journal, **scoring)
+        except Exception:  # an error: nothing is kept (an interruption keeps the journal for --resume)
+            if journal is not None:
+                journal.close(remove=True)
+            raise
+        finally:
+            if journal is not None:
+                journal.close()
+        out = cmp.reports[0] if len(cmp.reports) == 1 else cmp
+        if json_file:
+            out.write_json(json_file)
+        if csv_file:
+            out.write_csv(csv_file)
+        if grid:
+            write_grid(cmp, grid, grid_rows)
+        if html:
+            cmp.page = page.comparison_page(html, cmp.summary(), [rep.rows for rep in cmp.reports], cmp.metrics)
     if cmp.failures and failures_file:
         write_failures(failures_file, cmp.failures)
     if journal is not None:
