@@ -10,14 +10,14 @@ from rich.console import Console
 
 from lm4lv_core.defaults import GENERATE_BATCH_SIZE
 from lm4lv_core.errors import ConfigError
-from lm4lv_core.precision import FP32
 
 from . import options as opt
 
 console = Console()
 
 
-@opt.with_node_options
+@opt.with_worker_options
+@opt.with_generation_options
 def generate(
     run: Path = typer.Option(..., "--run", help="Training run folder (uses its final/) or a saved model folder."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data file: prompts ending with an empty gpt turn, or training "
@@ -32,34 +32,14 @@ def generate(
                              "the restored images at their inputs' relative paths, and generate.json)."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Base of relative image paths (default: the data file's folder)."),
     batch_size: int = typer.Option(GENERATE_BATCH_SIZE, "--batch-size", help="Samples per batch and worker."),
-    nproc: int = typer.Option(1, "--nproc", help="Workers (processes); each sample is generated exactly once."),
-    engine: str = typer.Option("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
-    nodes: dict = None,
-    precision: str = typer.Option(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only)."),
-    mode: str = typer.Option("auto", "--mode", help="image: answers start with <Img> and stop after the image; "
-                             "text: free text and images; auto: image when the prompt holds <task>."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Most sampled text tokens per answer (images not counted)."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold."),
-    seed: int = typer.Option(0, "--seed", help="Seed of text sampling (per sample, independent of batching)."),
+    workers: dict = None,
+    gen: dict = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs; "
                                    "with --input: restores every image again)."),
-    resize: Optional[str] = typer.Option(None, "--resize", help="How inputs reach the model's size: stretch | crop [the run's, recorded at training]."),
-    output_size: str = typer.Option("input", "--output-size", help="input: images at the input image's size (crop: its centre "
-                                    "square's); model: at the model's square size."),
-    tile: Optional[str] = typer.Option(None, "--tile", metavar="N|auto", help="Restore each input image at its own resolution "
-                                       "in N px tiles (auto: the vision family's size), blended over their overlaps; "
-                                       "--batch-size then counts tiles [off: resize to the model's size and back]."),
-    tile_overlap: Optional[int] = typer.Option(None, "--tile-overlap", metavar="M", help="With --tile: pixels "
-                                               "neighbouring tiles share [a quarter of the tile, whole patches]."),
     verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
-    query: bool = typer.Option(True, "--query/--no-query", help="A model trained with <query>: read each image-only "
-                               "answer from its learnable query in one forward pass (--no-query: one visual token per step)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step of image-only batches (static KV cache); pays off on a GPU."),
     on_error: str = typer.Option("stop", "--on-error", help="With --input: stop: an unreadable input refuses the job, "
                                  "naming it; skip: restore the rest, list the failures in OUT/failures.csv, exit 3."),
-    attn_implementation: str = typer.Option("auto", "--attn-implementation", help="The LLM's attention: auto (sdpa where the LLM's family has it, else eager) | sdpa | eager | flash_attention_2."),
 ) -> None:
     """Generate images (and text) for a data file with a trained model, or restore image files and
     folders (--input); re-runs skip finished samples and images."""
@@ -74,14 +54,14 @@ def generate(
         raise ConfigError("--image-root applies to --data only (--input takes image paths as given)")
     if data is not None and prompt is not None:
         raise ConfigError("--prompt applies to --input only (a data file holds its own prompts)")
-    from lm4lv_core.engine.launch import Workers
-    from lm4lv_core.model.generate import GenerationConfig
+    from lm4lv_core.config import GenerationConfig
+    from lm4lv_core.engine.config import TrainConfig
     from lm4lv_core.jobs.generate import generate as run_generate, restore_inputs
 
-    workers = Workers(nproc=nproc, engine=engine, **opt.given(nodes))
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, seed=seed, mode=mode, resize=resize, output_size=output_size,
-                           query=query, tile=tile, tile_overlap=tile_overlap)
+    attn_implementation = gen.pop("attn_implementation") or "auto"
+    precision = opt.with_defaults(workers, TrainConfig)["precision"]
+    gen = GenerationConfig(**opt.given(gen))
+    workers = opt.workers_of(workers)
     if paths:
         show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
                                      generation=gen, workers=workers, overwrite=overwrite, compile=compile,

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from lm4lv_core.defaults import CROP_BORDER, RECON_BATCH_SIZE
-from lm4lv_core.precision import FP32
 
 from . import options as opt
 
@@ -45,7 +44,8 @@ def show_finetuned(train_cfg, summary) -> None:
                   else f"[green]stopped[/green]: {train_cfg.out} (resume with --resume)")
 
 
-@opt.with_node_options
+@opt.with_worker_options
+@opt.with_tile_options
 def recon_mae(
     images: Path = typer.Argument(..., help="Folder of images to reconstruct (recursive)."),
     out: Path = O(..., "--out", help="Output folder (same relative names, .png)."),
@@ -54,29 +54,23 @@ def recon_mae(
     encoder: Optional[str] = O(None, "--encoder", help="Vision encoder FAMILY:SOURCE (any family with a decoder), e.g. vqgan-codes:./vq-f16."),
     decoder: Optional[str] = O(None, "--decoder", help="Vision decoder FAMILY:SOURCE [the encoder's family]."),
     batch_size: int = O(RECON_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass."),
-    nproc: int = O(1, "--nproc", min=1, help="Workers on this node."),
-    engine: str = O("deepspeed", "--engine", help="Launcher family for --nproc > 1: deepspeed | accelerate."),
-    nodes: dict = None,
+    workers: dict = None,
+    tiles: dict = None,
     crop_border: int = O(CROP_BORDER, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
     overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out (replacing only an earlier recon-mae's reconstructions)."),
     verbose: bool = opt.VERBOSE,
-    precision: str = O(FP32, "--precision", help="fp32 | bf16 | fp16 (fp16 on GPU only): the MAE is read in it."),
-    tile: Optional[str] = O(None, "--tile", metavar="N|auto", help="Reconstruct each image at its own resolution in N px "
-                            "tiles (auto: the family's size), blended over their overlaps, scored against the input "
-                            "itself; --batch-size then counts tiles [off: at the family's size]."),
-    tile_overlap: Optional[int] = O(None, "--tile-overlap", metavar="M", help="With --tile: pixels neighbouring tiles "
-                                    "share [a quarter of the tile, whole patches]."),
 ) -> None:
     """Reconstruct a folder through a vision encoder and decoder (an MAE by default) and print
     PSNR / SSIM against the inputs: the ceiling a vision family gives."""
-    from lm4lv_core.engine.launch import Workers
+    from lm4lv_core.engine.config import TrainConfig
     from lm4lv_core.jobs.recon_mae import mean_rows, reconstruct
+
+    precision = opt.with_defaults(workers, TrainConfig)["precision"]
 
     rows = reconstruct(images, out, mae=mae, preset=preset, encoder=encoder, decoder=decoder, batch_size=batch_size,
                        crop_border=crop_border,
                        precision=precision, overwrite=overwrite,
-                       workers=Workers(nproc=nproc, engine=engine, **opt.given(nodes)),
-                       verbose=verbose, tile=tile, tile_overlap=tile_overlap)
+                       workers=opt.workers_of(workers), verbose=verbose, **tiles)
     table = Table(title=f"{'MAE' if mae else encoder or preset} reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")

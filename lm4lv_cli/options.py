@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from lm4lv_core.config import PANELS, LoraConfig, ModelConfig, ModelSources, declared, option_name
+from lm4lv_core.config import (PANELS, GenerationConfig, LoraConfig, ModelConfig, ModelSources, declared,
+                               option_name)
 from lm4lv_core.engine.config import TrainConfig
 
 O = typer.Option
@@ -75,9 +76,14 @@ def declared_options(*classes: type, exclude: tuple[str, ...] = ()) -> dict[str,
 RUN_OPTIONS = declared_options(TrainConfig, exclude=("data", "out", "image_root", "cache_features", "init_from"))
 # every option of `lm4lv train`: how to train, where the model comes from, the model and LoRA
 TRAIN_OPTIONS = declared_options(TrainConfig, ModelSources, ModelConfig, LoraConfig)
-# where the workers of generate / recon run (the node options of a run)
+# where the workers of generate / recon run: the node options of a run
 NODE_OPTIONS = {k: RUN_OPTIONS[k] for k in ("launcher", "num_nodes", "node_rank", "master_addr", "master_port",
                                             "node_timeout", "hostfile")}
+# how many workers, where and in which precision (generate, recon: the same declarations as train's)
+WORKER_OPTIONS = {**{k: RUN_OPTIONS[k] for k in ("nproc", "engine", "precision")}, **NODE_OPTIONS}
+# the decoding options of generate (GenerationConfig) and the LLM's attention
+GENERATION_OPTIONS = {**declared_options(GenerationConfig), "attn_implementation": TRAIN_OPTIONS["attn_implementation"]}
+TILE_OPTIONS = {k: GENERATION_OPTIONS[k] for k in ("tile", "tile_overlap")}
 VERBOSE = RUN_OPTIONS["verbose"][1]
 
 
@@ -110,6 +116,24 @@ def _with_options(table: dict[str, tuple[Any, Any]], param: str) -> Callable[[Ca
 with_run_options = _with_options(RUN_OPTIONS, "run_options")
 with_train_options = _with_options(TRAIN_OPTIONS, "options")
 with_node_options = _with_options(NODE_OPTIONS, "nodes")
+with_worker_options = _with_options(WORKER_OPTIONS, "workers")
+with_generation_options = _with_options(GENERATION_OPTIONS, "gen")
+with_tile_options = _with_options(TILE_OPTIONS, "tiles")
+
+
+def with_defaults(values: dict[str, Any], *classes: type) -> dict[str, Any]:
+    """``values`` with every option not given (``None``) set to its declared default in ``classes``."""
+    defaults = {option_name(f): f.default for cls in classes for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+    return {k: (defaults.get(k) if v is None else v) for k, v in values.items()}
+
+
+def workers_of(values: dict[str, Any]):
+    """The ``Workers`` of the worker options (``--nproc``, ``--engine``, the node options)."""
+    from lm4lv_core.engine.cluster import Workers
+
+    w = with_defaults(values, TrainConfig)
+    return Workers(nproc=w["nproc"], engine=w["engine"], **given({k: values[k] for k in NODE_OPTIONS}))
 
 
 def given(options: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .defaults import ATTN_AUTO, ATTN_IMPLEMENTATIONS, RESIZE_MODES, TOKEN_SELECT
+from .defaults import (ATTN_AUTO, ATTN_IMPLEMENTATIONS, GENERATION_MODES, OUTPUT_SIZES, RESIZE_MODES, TILE_AUTO,
+                       TOKEN_SELECT)
 from .errors import ConfigError
 from .util.finite import require_finite
 from .util.fsutil import write_text_atomic
@@ -21,7 +22,7 @@ TEMPLATES = ("default", "vicuna_v1.1", "llama2", "simple", "chat_template")  # r
 
 
 # option panels of the help (``lm4lv train --help``), in this order
-PANELS = ("Data", "Model", "Vision", "What trains", "LoRA", "Training", "Launch", "Output")
+PANELS = ("Data", "Model", "Vision", "What trains", "LoRA", "Training", "Generation", "Tiles", "Launch", "Output")
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, panel: str = "", flags: str | None = None,
@@ -249,6 +250,94 @@ class ModelSources:
                                  "(see docs/vision.md).", panel="Vision")
     decoder: str | None = option(None, "Vision decoder FAMILY:SOURCE, or none (text answers only).", panel="Vision",
                                  shows="the encoder's family when it decodes")
+
+
+def parse_tile(value) -> int | str | None:
+    """``--tile``: ``None`` / ``0`` / ``off`` (no tiles), ``auto`` or a positive pixel count."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "0", "off", "none"):
+            return None
+        if text == TILE_AUTO:
+            return TILE_AUTO
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"--tile must be a number of pixels or auto, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"--tile must be a number of pixels or auto, got {value!r}")
+    return value or None
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding options. ``temperature == 0`` is greedy decoding.
+
+    ``mode``: ``image`` forces every answer to start with ``<Img>`` and stops after that image
+    (the reference's image-only mode); ``text`` lets the model write text and images freely;
+    ``auto`` uses ``image`` for samples whose prompt holds ``<task>`` (restoration data) and
+    ``text`` for the others (e.g. captioning).
+
+    ``resize``: size policy of the input images (``stretch`` | ``crop``; ``None`` = the model's
+    own, recorded at training). ``output_size``: ``input`` writes each generated image at the
+    size of its sample's first input image (see :func:`lm4lv_core.image.io.restored_size`),
+    ``model`` at the model's square size; it applies where images are written (``restore``, the
+    ``generate`` job), not to the tensors ``generate_samples`` returns.
+
+    ``query``: a model trained with ``<query>`` reads image-only answers from its learnable query
+    in one forward pass (``False``: one visual token per step, as a model without it).
+
+    ``tile`` / ``tile_overlap``: restore each input at its own resolution in overlapping tiles
+    (:mod:`lm4lv_core.model.tiled`); ``None``: the resize path.
+    """
+
+    max_new_tokens: int = option(64, "Most sampled text tokens per answer (images not counted).",
+                                 panel="Generation")
+    temperature: float = option(0.0, "0 = greedy.", panel="Generation")
+    top_k: int = option(0, "Sample among the k most likely tokens (0 = all).", panel="Generation")
+    top_p: float = option(1.0, "Nucleus sampling threshold.", panel="Generation")
+    seed: int = option(0, "Seed of text sampling (per sample, independent of batching).", panel="Generation")
+    mode: str = option("auto", "image: answers start with <Img> and stop after the image; text: free text and "
+                       "images; auto: image when the prompt holds <task>.", panel="Generation")
+    resize: str | None = option(None, "How inputs reach the model's size: stretch | crop.", panel="Data",
+                                shows="the run's, recorded at training")
+    output_size: str = option("input", "input: images at the input image's size (crop: its centre square's); "
+                              "model: at the model's square size.", panel="Output")
+    query: bool = option(True, "A model trained with <query>: read each image-only answer from its learnable "
+                         "query in one forward pass (--no-query: one visual token per step).", panel="Generation",
+                         flags="--query/--no-query")
+    tile: int | str | None = option(None, "Restore each input image at its own resolution in N px tiles (auto: the "
+                                    "vision family's size), blended over their overlaps; --batch-size then counts "
+                                    "tiles.", panel="Tiles", shows="off: resize to the model's size and back")
+    tile_overlap: int | None = option(None, "With --tile: pixels neighbouring tiles share.", panel="Tiles",
+                                      shows="a quarter of the tile, whole patches")
+
+    def __post_init__(self) -> None:
+        self.tile = parse_tile(self.tile)
+        if self.tile_overlap is not None and self.tile_overlap < 0:
+            raise ConfigError(f"--tile-overlap must be >= 0, got {self.tile_overlap}")
+        if self.tile is not None and self.output_size == "model":
+            raise ConfigError("--output-size model does not apply with --tile (tiled images keep their input's size)")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.mode not in GENERATION_MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(GENERATION_MODES)}, got {self.mode!r}")
+        if self.resize is not None and self.resize not in RESIZE_MODES:
+            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.output_size not in OUTPUT_SIZES:
+            raise ConfigError(f"--output-size must be one of {', '.join(OUTPUT_SIZES)}, got {self.output_size!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -9,6 +9,9 @@ TOKEN_SELECT = ("first", "strided")  # which of an image's tokens --num-visual-t
 RESIZE_MODES = ("stretch", "crop")  # how images reach the encoder's square size (see image/io.py)
 ATTN_AUTO = "auto"  # what transformers picks for the LLM's family: sdpa where it has it, else eager
 ATTN_IMPLEMENTATIONS = (ATTN_AUTO, "sdpa", "eager", "flash_attention_2")  # the LLM's attention
+GENERATION_MODES = ("auto", "image", "text")  # generate --mode
+OUTPUT_SIZES = ("input", "model")  # generate --output-size: the input image's size, or the model's square
+TILE_AUTO = "auto"  # --tile auto: tiles of the vision family's image size
 
 # defaults
 CROP_BORDER = 4  # pixels ignored at each border by PSNR/SSIM/LPIPS

@@ -171,7 +171,6 @@ RESIZE_POLICIES = {
     "stretch": "resized to SIZE x SIZE whatever its aspect ratio (bicubic, antialiased), as the reference",
     "crop": "shorter side resized to SIZE (bicubic, antialiased), then centre-cropped to SIZE x SIZE",
 }
-OUTPUT_SIZES = ("input", "model")
 
 
 def check_resize(mode: str) -> str:

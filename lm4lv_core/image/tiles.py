@@ -24,27 +24,11 @@ import numpy as np
 
 from ..errors import ConfigError
 
-AUTO = "auto"
+from ..config import parse_tile  # noqa: F401  (the --tile value, parsed with the generation options)
+from ..defaults import TILE_AUTO as AUTO
 
 
 # ---------------------------------------------------------------------------- options
-def parse_tile(value) -> int | str | None:
-    """``--tile``: ``None`` / ``0`` / ``off`` (no tiles), ``auto`` or a positive pixel count."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "0", "off", "none"):
-            return None
-        if text == AUTO:
-            return AUTO
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(f"--tile must be a number of pixels or auto, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"--tile must be a number of pixels or auto, got {value!r}")
-    return value or None
 
 
 def family_patch(num_tokens: int, image_size: int) -> int:

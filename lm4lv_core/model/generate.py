@@ -44,73 +44,11 @@ from ..data.format import TASK_TOKEN, Sample, parse_sample
 from ..data.sequence import IMG_START, SLOT_TEXT
 from ..defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
 from ..errors import ConfigError
-from ..image.io import OUTPUT_SIZES, check_resize, resize_to, restored_size
+from ..config import GenerationConfig  # noqa: F401  (declared with the other configs)
+from ..image.io import resize_to, restored_size
 from ..util.params import parameter_device
 
 TEXT, IMAGE, DONE = 0, 1, 2
-MODES = ("auto", "image", "text")
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding options. ``temperature == 0`` is greedy decoding.
-
-    ``mode``: ``image`` forces every answer to start with ``<Img>`` and stops after that image
-    (the reference's image-only mode); ``text`` lets the model write text and images freely;
-    ``auto`` uses ``image`` for samples whose prompt holds ``<task>`` (restoration data) and
-    ``text`` for the others (e.g. captioning).
-
-    ``resize``: size policy of the input images (``stretch`` | ``crop``; ``None`` = the model's
-    own, recorded at training). ``output_size``: ``input`` writes each generated image at the
-    size of its sample's first input image (see :func:`lm4lv_core.image.io.restored_size`),
-    ``model`` at the model's square size; it applies where images are written (``restore``, the
-    ``generate`` job), not to the tensors ``generate_samples`` returns.
-
-    ``query``: a model trained with ``<query>`` reads image-only answers from its learnable query
-    in one forward pass (``False``: one visual token per step, as a model without it).
-
-    ``tile`` / ``tile_overlap``: restore each input at its own resolution in overlapping tiles
-    (:mod:`lm4lv_core.model.tiled`); ``None``: the resize path.
-    """
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    mode: str = "auto"
-    resize: str | None = None
-    output_size: str = "input"
-    query: bool = True
-    tile: int | str | None = None       # restore at native resolution in tiles of N px (auto: the family's size)
-    tile_overlap: int | None = None     # overlap of neighbouring tiles [a quarter of the tile, whole patches]
-
-    def __post_init__(self) -> None:
-        from ..image.tiles import parse_tile
-
-        self.tile = parse_tile(self.tile)
-        if self.tile_overlap is not None and self.tile_overlap < 0:
-            raise ConfigError(f"--tile-overlap must be >= 0, got {self.tile_overlap}")
-        if self.tile is not None and self.output_size == "model":
-            raise ConfigError("--output-size model does not apply with --tile (tiled images keep their input's size)")
-        if self.max_new_tokens < 0:
-            raise ConfigError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.resize is not None:
-            check_resize(self.resize)
-        if self.output_size not in OUTPUT_SIZES:
-            raise ConfigError(f"--output-size must be one of {', '.join(OUTPUT_SIZES)}, got {self.output_size!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def image_only_for(sample: Sample, mode: str) -> bool:

@@ -9,7 +9,9 @@ the restoration prompt: :func:`lm4lv_core.jobs.train.complete_for_run`)."""
 
 from __future__ import annotations
 
-from ..config import ModelConfig, freeze, is_frozen
+from dataclasses import fields
+
+from ..config import ModelConfig, freeze, is_frozen, thawed
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
@@ -21,6 +23,8 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
     from ..vision import complete_config
     from .families import resolve_llm_options
 
+    for f in fields(cfg):  # its own copies of the parts it may share with another config (dataclasses.replace)
+        setattr(cfg, f.name, thawed(getattr(cfg, f.name)))
     resolve_model(cfg)
     complete_config(cfg)
     resolve_llm_options(cfg)

@@ -165,13 +165,17 @@ def resolve_model(cfg):
         _keep(records, part, rec)
         return path
 
-    cfg.llm = one(str(cfg.llm), "llm")
+    def put(obj, name: str, value) -> None:  # (only what changes: a resolved config stays as it is)
+        if getattr(obj, name) != value:
+            setattr(obj, name, value)
+
+    put(cfg, "llm", one(str(cfg.llm), "llm"))
     for part in ("encoder", "decoder", "adapter", "deadapter"):
         spec = getattr(cfg, part)
         ref = spec.kwargs.get("path") if spec is not None and isinstance(spec.kwargs, dict) else None
         if isinstance(ref, str) and ref:
-            spec.kwargs = {**spec.kwargs, "path": one(ref, part)}
-    cfg.hub = records
+            put(spec, "kwargs", {**spec.kwargs, "path": one(ref, part)})
+    put(cfg, "hub", records)
     return cfg
 
 
