@@ -139,3 +139,28 @@ def workers_of(values: dict[str, Any]):
 def given(options: dict[str, Any]) -> dict[str, Any]:
     """The options that were given (``None`` left out, so defaults apply)."""
     return {k: v for k, v in options.items() if v is not None}
+
+
+def markdown_table(table: dict[str, tuple[Any, Any]]) -> str:
+    """A Markdown table of options (flag, panel, help with its default), as in ``--help``."""
+    rows = ["| option | group | what it does [default] |", "|---|---|---|"]
+    for _, (_, info) in table.items():
+        flags = " / ".join(f"`{f}`" for f in info.param_decls[0].split("/"))
+        text = info.help.replace("\\[", "[")  # (as written, whether or not the app escaped it for rich)
+        rows.append(f"| {flags} | {info.rich_help_panel or ''} | {text.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
+def options_page() -> str:
+    """``docs/options.md``: every declared option of train, generate and recon, from the declarations."""
+    parts = ["# Options", "",
+             "Generated from the declarations in `lm4lv_core/config.py` and `lm4lv_core/engine/config.py` "
+             "(`python -m lm4lv_cli.options > docs/options.md`); `--help` shows the same text.", "",
+             "## `lm4lv train` (and its `--config` file)", "", markdown_table(TRAIN_OPTIONS), "",
+             "## `lm4lv generate`: decoding and tiles", "", markdown_table(GENERATION_OPTIONS), "",
+             "## `lm4lv generate`, `lm4lv recon`: workers", "", markdown_table(WORKER_OPTIONS), ""]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(options_page(), end="")
