@@ -90,3 +90,32 @@ def test_resume_does_not_apply_init_from(monkeypatch, capsys, run_a, tmp_path):
     got = load_file(b / "final" / "trainable.safetensors")
     for k in before:
         assert torch.equal(before[k], got[k]), k
+
+
+def test_the_two_stage_captioning_recipe_of_the_docs(monkeypatch, capsys, tmp_path):
+    """docs/vision.md's recipe with the tiny preset on the quickstart's pictures: stage 1 trains the
+    adapter on captions; stage 2 starts from it, keeps it frozen and trains the task tokens with the
+    answer prefix."""
+    import json
+
+    from conftest import write_pairs
+
+    write_pairs(tmp_path, n=4)
+    captions = [{"image": f"hq/{i}.png", "conversations": [{"from": "human", "value": "<image> <task>"},
+                                                           {"from": "gpt", "value": "a small picture"}]}
+                for i in range(4)]
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    common = ("train", "--data", tmp_path / "captions.json", "--preset", "tiny", "--micro-batch", "2",
+              "--max-steps", "2", "--lr-schedule", "constant", "--warmup-ratio", "0")
+    code, out = run_cli(monkeypatch, capsys, *common, "--out", tmp_path / "stage1")
+    assert code == 0, out
+    code, out = run_cli(monkeypatch, capsys, *common, "--out", tmp_path / "stage2", "--init-from", tmp_path / "stage1",
+                        "--freeze-adapter", "--freeze-deadapter", "--gpt-prefix", "A picture of")
+    assert code == 0, out
+    one = load_file(tmp_path / "stage1" / "final" / "trainable.safetensors")
+    two = load_file(tmp_path / "stage2" / "final" / "trainable.safetensors")
+    assert torch.equal(one["adapter.weight"], two["adapter.weight"])  # loaded, then frozen
+    assert not torch.equal(one["task_tokens"], two["task_tokens"])  # loaded, then trained on
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "stage2" / "final" / "lm4lv.yaml").read_text())["gpt_prefix"] == "A picture of"
