@@ -76,6 +76,10 @@ def declared_options(*classes: type, exclude: tuple[str, ...] = ()) -> dict[str,
 RUN_OPTIONS = declared_options(TrainConfig, exclude=("data", "out", "image_root", "cache_features", "init_from"))
 # every option of `lm4lv train`: how to train, where the model comes from, the model and LoRA
 TRAIN_OPTIONS = declared_options(TrainConfig, ModelSources, ModelConfig, LoraConfig)
+# the model options of import-reference: where the parts come from, and what the checkpoint was trained with
+IMPORT_OPTIONS = {k: TRAIN_OPTIONS[k] for k in (
+    "preset", "llm", "mae", "mae_decoder", "vision_config", "encoder", "decoder", "adapter", "deadapter", "template",
+    "gpt_prefix", "system_prompt", "lora", "lora_r", "lora_alpha", "lora_targets")}
 # where the workers of generate / recon run: the node options of a run
 NODE_OPTIONS = {k: RUN_OPTIONS[k] for k in ("launcher", "num_nodes", "node_rank", "master_addr", "master_port",
                                             "node_timeout", "hostfile")}
@@ -116,6 +120,7 @@ def _with_options(table: dict[str, tuple[Any, Any]], param: str) -> Callable[[Ca
 with_run_options = _with_options(RUN_OPTIONS, "run_options")
 with_train_options = _with_options(TRAIN_OPTIONS, "options")
 with_node_options = _with_options(NODE_OPTIONS, "nodes")
+with_import_options = _with_options(IMPORT_OPTIONS, "model")
 with_worker_options = _with_options(WORKER_OPTIONS, "workers")
 with_generation_options = _with_options(GENERATION_OPTIONS, "gen")
 with_tile_options = _with_options(TILE_OPTIONS, "tiles")

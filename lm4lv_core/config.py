@@ -62,18 +62,23 @@ class Frozen:
         object.__setattr__(self, name, value)
 
 
-def freeze(obj: Any) -> Any:
-    """Freeze ``obj`` and every config inside it (fields, lists, dicts); returns ``obj``."""
+def _each_config(obj: Any, fn) -> None:
+    """``fn(config)`` for every config in ``obj`` (itself, its fields, lists and dicts), innermost first."""
     if isinstance(obj, Frozen):
         for f in fields(obj):  # type: ignore[arg-type]
-            freeze(getattr(obj, f.name))
-        obj.__dict__["_frozen"] = True
+            _each_config(getattr(obj, f.name), fn)
+        fn(obj)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            freeze(v)
+            _each_config(v, fn)
     elif isinstance(obj, dict):
         for v in obj.values():
-            freeze(v)
+            _each_config(v, fn)
+
+
+def freeze(obj: Any) -> Any:
+    """Freeze ``obj`` and every config inside it (fields, lists, dicts); returns ``obj``."""
+    _each_config(obj, lambda c: c.__dict__.__setitem__("_frozen", True))
     return obj
 
 
@@ -86,21 +91,8 @@ def thawed(obj: C) -> C:
     import copy
 
     out = copy.deepcopy(obj)
-    _thaw(out)
+    _each_config(out, lambda c: c.__dict__.pop("_frozen", None))
     return out
-
-
-def _thaw(obj: Any) -> None:
-    if isinstance(obj, Frozen):
-        obj.__dict__.pop("_frozen", None)
-        for f in fields(obj):  # type: ignore[arg-type]
-            _thaw(getattr(obj, f.name))
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _thaw(v)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _thaw(v)
 
 
 @dataclass
