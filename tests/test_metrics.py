@@ -104,6 +104,22 @@ def test_ssim_y_channel_matches_reference(pair):
     assert M.ssim(gt, pred, crop_border=4, y_channel=True) == pytest.approx(expect, abs=1e-4)
 
 
+@pytest.mark.parametrize("border,y", [(0, False), (4, False), (4, True), (0, True)])
+@pytest.mark.parametrize("shape", [(128, 128), (37, 61), (11, 300)])
+def test_psnr_ssim_equal_scikit_image_to_the_last_bit(border, y, shape):
+    """lm4lv's own PSNR / SSIM (no scikit-image at scoring time) give scikit-image's values exactly."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rng = np.random.default_rng(shape[0] + border)
+    gt = rng.integers(0, 256, (shape[0] + 2 * border, shape[1] + 2 * border, 3), dtype=np.uint8)
+    pred = np.clip(gt + rng.normal(0, 15, gt.shape), 0, 255).astype(np.uint8)
+    a, b = M._prepare(gt, pred, border, y)
+    ssim = structural_similarity(a, b, data_range=255, channel_axis=None if y else -1, gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False, K1=0.01, K2=0.03)
+    assert M.ssim(gt, pred, crop_border=border, y_channel=y) == float(ssim)
+    assert M.psnr(gt, pred, crop_border=border, y_channel=y) == float(peak_signal_noise_ratio(a, b, data_range=255))
+
+
 def test_size_mismatch_and_small_images_raise(pair):
     gt, _ = pair
     with pytest.raises(LM4LVError, match="sizes differ"):

@@ -35,7 +35,7 @@ LPIPS_NETS = ("alex", "vgg")
 
 
 def _prepare(gt: np.ndarray, pred: np.ndarray, crop_border: int,
-             y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+             y_channel: bool, as_float: bool = True) -> tuple[np.ndarray, np.ndarray]:
     gt, pred = np.asarray(gt), np.asarray(pred)
     if gt.shape != pred.shape:
         raise LM4LVError(f"image sizes differ: {gt.shape} vs {pred.shape}")
@@ -53,31 +53,92 @@ def _prepare(gt: np.ndarray, pred: np.ndarray, crop_border: int,
         from skimage.color import rgb2ycbcr
 
         return rgb2ycbcr(gt)[..., 0], rgb2ycbcr(pred)[..., 0]
+    if not as_float:
+        return gt, pred
     return gt.astype(np.float64), pred.astype(np.float64)
 
 
-def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
-    """PSNR in dB of two HxWx3 uint8 RGB images (data range 255; identical images -> 100)."""
-    from skimage.metrics import mean_squared_error, peak_signal_noise_ratio
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared error; exact (integer arithmetic) for uint8 inputs."""
+    if a.dtype == np.uint8:
+        d = a.astype(np.int32)
+        d -= b
+        d *= d
+        return float(np.mean(d, dtype=np.float64))
+    return float(np.mean((a - b) ** 2, dtype=np.float64))
 
-    a, b = _prepare(gt, pred, crop_border, y_channel)
-    if mean_squared_error(a, b) == 0:
+
+def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
+    """PSNR in dB of two HxWx3 uint8 RGB images (data range 255; identical images -> 100).
+
+    The same value as ``skimage.metrics.peak_signal_noise_ratio(..., data_range=255)``: the squared
+    errors of 8-bit images are summed exactly in integers (no float working copy)."""
+    a, b = _prepare(gt, pred, crop_border, y_channel, as_float=False)
+    err = _mse(a, b)
+    if err == 0:
         return PSNR_IDENTICAL
-    return float(peak_signal_noise_ratio(a, b, data_range=255))
+    return float(10 * np.log10((255.0 ** 2) / err))
+
+
+SSIM_SIGMA, SSIM_TRUNCATE = 1.5, 3.5  # scikit-image's Gaussian window: radius int(3.5 * 1.5 + 0.5) = 5 -> 11x11
+SSIM_PAD = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+
+
+def _ssim_2d(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two 2-D float64 images exactly as ``skimage.metrics.structural_similarity(x, y,
+    data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`` computes it
+    (equal to the last bit; tests/test_metrics.py checks it), without scikit-image's overheads:
+    the five local moments are filtered with the same separable Gaussian (scipy.ndimage, rows then
+    columns), and only inside the 5-pixel border that scikit-image crops before averaging."""
+    from scipy.ndimage import gaussian_filter1d
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    p = SSIM_PAD
+
+    def local_mean(m: np.ndarray) -> np.ndarray:
+        m = gaussian_filter1d(m, SSIM_SIGMA, axis=0, mode="reflect", truncate=SSIM_TRUNCATE)[p:-p]
+        return gaussian_filter1d(m, SSIM_SIGMA, axis=1, mode="reflect", truncate=SSIM_TRUNCATE)[:, p:-p]
+
+    ux, uy = local_mean(x), local_mean(y)
+    uxx, uyy, uxy = local_mean(x * x), local_mean(y * y), local_mean(x * y)
+    # scikit-image's arithmetic term for term, with fewer temporaries:
+    # A1 = 2 ux uy + C1, A2 = 2 (uxy - ux uy) + C2, B1 = ux^2 + uy^2 + C1,
+    # B2 = (uxx - ux^2) + (uyy - uy^2) + C2, S = (A1 A2) / (B1 B2)
+    a1 = ux * uy
+    a2 = np.subtract(uxy, a1, out=uxy)
+    a2 *= 2
+    a2 += c2
+    a1 *= 2
+    a1 += c1
+    ux *= ux
+    uy *= uy
+    b2 = np.subtract(uxx, ux, out=uxx)
+    b2 += np.subtract(uyy, uy, out=uyy)
+    b2 += c2
+    b1 = np.add(ux, uy, out=ux)
+    b1 += c1
+    b1 *= b2
+    # the map goes into the crop of a full-size buffer so that its mean sums in the same order as
+    # scikit-image's mean of its cropped map
+    full = np.empty(x.shape, dtype=np.float64)
+    s = full[p:-p, p:-p]
+    np.multiply(a1, a2, out=s)
+    s /= b1
+    return s.mean(dtype=np.float64)
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
     """SSIM of two HxWx3 uint8 RGB images: 11x11 Gaussian window (sigma 1.5), averaged
-    over channels (or on the Y channel)."""
-    from skimage.metrics import structural_similarity
-
+    over channels (or on the Y channel); the value of scikit-image's ``structural_similarity``
+    with those settings, computed without it (see :func:`_ssim_channels`)."""
     a, b = _prepare(gt, pred, crop_border, y_channel)
     if min(a.shape[:2]) < 11:
         raise LM4LVError(f"SSIM needs images of at least 11x11 pixels after cropping, "
                          f"got {a.shape[1]}x{a.shape[0]}")
-    return float(structural_similarity(
-        a, b, data_range=255, channel_axis=None if y_channel else -1, gaussian_weights=True,
-        sigma=1.5, use_sample_covariance=False, K1=0.01, K2=0.03))
+    if y_channel:
+        return float(_ssim_2d(a, b))
+    a, b = (np.ascontiguousarray(np.moveaxis(x, -1, 0)) for x in (a, b))  # channels first, contiguous
+    return float(np.mean(np.asarray([_ssim_2d(a[c], b[c]) for c in range(a.shape[0])])))
 
 
 # --------------------------------------------------------------------------- LPIPS
