@@ -84,20 +84,34 @@ SSIM_SIGMA, SSIM_TRUNCATE = 1.5, 3.5  # scikit-image's Gaussian window: radius i
 SSIM_PAD = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
 
 
+_SSIM_WINDOW: np.ndarray | None = None
+
+
+def _ssim_window() -> np.ndarray:
+    """The 1-D Gaussian weights ``scipy.ndimage.gaussian_filter1d(sigma=1.5, truncate=3.5)`` uses
+    (computed as it computes them)."""
+    global _SSIM_WINDOW
+    if _SSIM_WINDOW is None:
+        x = np.arange(-SSIM_PAD, SSIM_PAD + 1)
+        phi = np.exp(-0.5 / (SSIM_SIGMA * SSIM_SIGMA) * x ** 2)
+        _SSIM_WINDOW = (phi / phi.sum())[::-1]
+    return _SSIM_WINDOW
+
+
 def _ssim_2d(x: np.ndarray, y: np.ndarray) -> float:
     """SSIM of two 2-D float64 images exactly as ``skimage.metrics.structural_similarity(x, y,
     data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`` computes it
     (equal to the last bit; tests/test_metrics.py checks it), without scikit-image's overheads:
     the five local moments are filtered with the same separable Gaussian (scipy.ndimage, rows then
     columns), and only inside the 5-pixel border that scikit-image crops before averaging."""
-    from scipy.ndimage import gaussian_filter1d
+    from scipy.ndimage import correlate1d
 
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    p = SSIM_PAD
+    p, w = SSIM_PAD, _ssim_window()
 
-    def local_mean(m: np.ndarray) -> np.ndarray:
-        m = gaussian_filter1d(m, SSIM_SIGMA, axis=0, mode="reflect", truncate=SSIM_TRUNCATE)[p:-p]
-        return gaussian_filter1d(m, SSIM_SIGMA, axis=1, mode="reflect", truncate=SSIM_TRUNCATE)[:, p:-p]
+    def local_mean(m: np.ndarray) -> np.ndarray:  # = gaussian_filter(m, 1.5, truncate=3.5)[p:-p, p:-p]
+        m = correlate1d(m, w, axis=0, mode="reflect")[p:-p]
+        return correlate1d(m, w, axis=1, mode="reflect")[:, p:-p]
 
     ux, uy = local_mean(x), local_mean(y)
     uxx, uyy, uxy = local_mean(x * x), local_mean(y * y), local_mean(x * y)
@@ -131,14 +145,15 @@ def ssim(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_cha
     """SSIM of two HxWx3 uint8 RGB images: 11x11 Gaussian window (sigma 1.5), averaged
     over channels (or on the Y channel); the value of scikit-image's ``structural_similarity``
     with those settings, computed without it (see :func:`_ssim_channels`)."""
-    a, b = _prepare(gt, pred, crop_border, y_channel)
+    a, b = _prepare(gt, pred, crop_border, y_channel, as_float=y_channel)
     if min(a.shape[:2]) < 11:
         raise LM4LVError(f"SSIM needs images of at least 11x11 pixels after cropping, "
                          f"got {a.shape[1]}x{a.shape[0]}")
     if y_channel:
         return float(_ssim_2d(a, b))
-    a, b = (np.ascontiguousarray(np.moveaxis(x, -1, 0)) for x in (a, b))  # channels first, contiguous
-    return float(np.mean(np.asarray([_ssim_2d(a[c], b[c]) for c in range(a.shape[0])])))
+    per_channel = [_ssim_2d(np.ascontiguousarray(a[..., c], dtype=np.float64),
+                            np.ascontiguousarray(b[..., c], dtype=np.float64)) for c in range(a.shape[2])]
+    return float(np.mean(np.asarray(per_channel)))
 
 
 # --------------------------------------------------------------------------- LPIPS
