@@ -159,19 +159,26 @@ def ssim(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_cha
 # --------------------------------------------------------------------------- LPIPS
 
 
+# torchvision's file names of the ImageNet backbones (``AlexNet_Weights.IMAGENET1K_V1`` and
+# ``VGG16_Weights.IMAGENET1K_V1``): known here so that finding the file does not import torchvision
+LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
 def lpips_backbone_file(net: str) -> str:
     """File name torchvision uses for the ImageNet backbone of ``net`` (alex | vgg)."""
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
-
-    w = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}[net]
-    return os.path.basename(w.url)
+    return LPIPS_BACKBONE_FILES[net]
 
 
 def lpips_cache_dir() -> Path:
-    """``$TORCH_HOME/hub/checkpoints`` (torch hub cache; ``~/.cache/torch`` by default)."""
-    import torch
+    """``$TORCH_HOME/hub/checkpoints`` (torch hub cache; ``~/.cache/torch`` by default). Found as
+    ``torch.hub.get_dir()`` finds it, without importing torch when this process has not."""
+    import sys
 
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "hub"):
+        return Path(torch.hub.get_dir()) / "checkpoints"
+    home = os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")))
+    return Path(home) / "hub" / "checkpoints"
 
 
 def _load_backbone(lp: Any, net: str, weights: Path) -> None:
