@@ -3,21 +3,28 @@ peak memory that stays flat in the number of images. Prints one JSON object (las
 
     python benchmarks/eval_scale.py [--pairs 300] [--size 128] [--workers N] [--cmd-pairs 1500]
         [--cmd-size 256] [--rss-small 1000] [--rss-large 20000] [--gen-small 20] [--gen-large 200]
-        [--skip-generate] [--out DIR]
+        [--repeats 1] [--skip-generate] [--skip-rss] [--out DIR]
 
-* ``speed``: images/s of ``lm4lv eval psnr,ssim,lpips`` with 1 and N workers (the whole command, its
-  imports and process start-up included) and of a plain single-process loop over the same pairs
-  (Pillow + scikit-image + the ``lpips`` package's ``LPIPS(pnet_rand=True)``, imports excluded), and
-  their ratio. LPIPS runs offline with a random AlexNet backbone given as ``--lpips-weights``.
-* ``command``: seconds of the whole ``lm4lv eval psnr,ssim`` (N workers) on ``--cmd-pairs`` pairs of
-  ``--cmd-size`` px against the plain loop run as its own script (imports included); the figure is
-  ``ratio`` = lm4lv / plain (target <= 1/1.5).
-* ``rss``: peak RSS (MiB, the largest process) of ``eval psnr,ssim --workers 1``, ``make-data`` and
-  ``generate --input`` (tiny preset) at a small and a large number of small images; ``ratio`` =
-  large / small (target <= 1.2).
+The plain loop is a single-process script over the same pairs: Pillow + scikit-image
+(``peak_signal_noise_ratio``, ``structural_similarity`` with the Gaussian 11x11 window, sigma 1.5) and,
+for LPIPS, the ``lpips`` package's ``LPIPS(net="alex", pnet_rand=True)`` (offline; lm4lv gets the
+same random AlexNet backbone as ``--lpips-weights``). Every speed figure is measured two ways, and
+both are reported:
 
-Both sides of every ratio run in this one invocation, one after the other, so a busy shared
-machine disturbs them alike.
+* ``process``: wall time of a whole subprocess, imports, worker start-up and LPIPS construction
+  included, on both sides (``lm4lv eval ...`` vs ``python plain_loop.py``);
+* ``steady``: scoring only, on both sides: the plain loop times its loop after its imports and
+  LPIPS construction; lm4lv times ``Scorer.score`` (what ``lm4lv eval`` runs) after a warm-up call
+  that started its workers and built LPIPS in each.
+
+Sections: ``speed_psnr_ssim_lpips`` (``--pairs`` of ``--size`` px, 1 and ``--workers`` workers;
+figure: images/s of lm4lv / images/s of the plain loop, target >= 1.7 with 2 workers),
+``command_psnr_ssim`` (``--cmd-pairs`` of ``--cmd-size`` px, ``--workers`` workers; figure: lm4lv
+seconds / plain seconds, target <= 1/1.5), ``peak_rss_mib`` (the largest process's peak RSS of
+``eval psnr,ssim --workers 1``, ``make-data`` and ``generate --input`` at a small and a large number
+of small images; ``ratio`` = large / small, target <= 1.2). With ``--repeats R`` each timing is
+taken R times, the two sides alternating, and the median is reported (all runs are listed).
+Both sides of every ratio run in this one invocation, so a busy shared machine disturbs them alike.
 """
 
 from __future__ import annotations
@@ -35,11 +42,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 LM4LV = str(Path(sys.executable).parent / "lm4lv")
+# OMP_NUM_THREADS=1 on both sides: the plain loop runs torch on one thread, and so do lm4lv's
+# workers; one process per core is what both sides are compared at
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 PLAIN = r'''
-import sys, time
+import time
+t_start = time.perf_counter()
+import sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -63,7 +74,24 @@ for g in sorted(gt_dir.glob("*.png")):
         with torch.inference_mode():
             net(tb, ta, normalize=True)
     n += 1
-print(n / (time.perf_counter() - t0))
+t1 = time.perf_counter()
+print(n / (t1 - t0), n / (t1 - t_start))  # steady images/s, images/s since the interpreter ran this
+'''
+
+STEADY = r'''
+import json, sys, time
+from pathlib import Path
+from lm4lv_core.image.scoring import Scorer
+metrics, gt_dir, pred_dir, workers, weights = sys.argv[1].split(","), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+pairs = [(g, pred_dir / g.name) for g in sorted(gt_dir.glob("*.png"))]
+settings = {"crop_border": 4, "y_channel": False, "resize_to_smaller": False}
+opts = {"lpips_weights": weights, "device": "cpu"} if "lpips" in metrics else {}
+if __name__ == "__main__":
+    with Scorer(metrics, settings, workers=workers, **opts) as s:
+        s.score(pairs[:8 * workers])  # warm-up: workers started, LPIPS built in each
+        t0 = time.perf_counter()
+        rows = s.score(pairs)
+        print(len(rows) / (time.perf_counter() - t0))
 '''
 
 PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
@@ -89,12 +117,19 @@ def write_pairs(root: Path, n: int, size: int, seed: int = 0) -> tuple[Path, Pat
     return gt, pred
 
 
-def timed(cmd: list[str]) -> float:
+def run_out(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds of a subprocess and its stdout's last line."""
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
-    return time.perf_counter() - t0
+    lines = r.stdout.strip().splitlines()
+    return dt, lines[-1] if lines else ""
+
+
+def median(xs: list[float]) -> float:
+    return float(np.median(xs))
 
 
 def peak_mib(cmd: list[str]) -> float:
@@ -113,6 +148,8 @@ def main() -> None:
     ap.add_argument("--rss-large", type=int, default=20000)
     ap.add_argument("--gen-small", type=int, default=20)
     ap.add_argument("--gen-large", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=1, help="take every timing R times (median reported)")
+    ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -120,6 +157,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     res: dict = {"machine": {"cpus": os.cpu_count()}, "args": {k: str(v) for k, v in vars(a).items()}}
 
+    reps = max(1, a.repeats)
     # --- speed: psnr,ssim,lpips
     import torch
     import torchvision
@@ -127,22 +165,56 @@ def main() -> None:
     weights = root / "alexnet-random.pth"
     torch.save(torchvision.models.alexnet().state_dict(), weights)
     gt, pred = write_pairs(root / "speed", a.pairs, a.size)
-    plain = float(subprocess.run([sys.executable, "-c", PLAIN, str(gt), str(pred), "1"], env=ENV,
-                                 capture_output=True, text=True, check=True).stdout.split()[-1])
-    speed = {"plain_loop_images_per_s": plain}
-    for w in sorted({1, a.workers}):
-        s = timed([LM4LV, "eval", "psnr,ssim,lpips", str(gt), str(pred), "--workers", str(w),
-                   "--lpips-weights", str(weights), "--device", "cpu"])
-        speed[f"lm4lv_{w}_workers_images_per_s"] = a.pairs / s
-        speed[f"ratio_{w}_workers"] = a.pairs / s / plain
+    counts = sorted({1, a.workers})
+    runs: dict = {"plain_process_s": [], "plain_steady_images_per_s": []}
+    for w in counts:
+        runs[f"lm4lv_{w}_process_s"], runs[f"lm4lv_{w}_steady_images_per_s"] = [], []
+    for _ in range(reps):  # the sides alternate, so a change of load hits them alike
+        dt, out = run_out([sys.executable, "-c", PLAIN, str(gt), str(pred), "1"])
+        runs["plain_process_s"].append(dt)
+        runs["plain_steady_images_per_s"].append(float(out.split()[0]))
+        for w in counts:
+            dt, _ = run_out([LM4LV, "eval", "psnr,ssim,lpips", str(gt), str(pred), "--workers", str(w),
+                             "--lpips-weights", str(weights), "--device", "cpu"])
+            runs[f"lm4lv_{w}_process_s"].append(dt)
+            _, out = run_out([sys.executable, "-c", STEADY, "psnr,ssim,lpips", str(gt), str(pred), str(w), str(weights)])
+            runs[f"lm4lv_{w}_steady_images_per_s"].append(float(out))
+    plain_proc = a.pairs / median(runs["plain_process_s"])
+    plain_steady = median(runs["plain_steady_images_per_s"])
+    speed: dict = {"pairs": a.pairs, "size": a.size,
+                   "process": {"plain_loop_images_per_s": plain_proc},
+                   "steady": {"plain_loop_images_per_s": plain_steady}}
+    for w in counts:
+        proc = a.pairs / median(runs[f"lm4lv_{w}_process_s"])
+        steady = median(runs[f"lm4lv_{w}_steady_images_per_s"])
+        speed["process"][f"lm4lv_{w}_workers_images_per_s"] = proc
+        speed["process"][f"ratio_{w}_workers"] = proc / plain_proc
+        speed["steady"][f"lm4lv_{w}_workers_images_per_s"] = steady
+        speed["steady"][f"ratio_{w}_workers"] = steady / plain_steady
+    speed["runs"] = runs
     res["speed_psnr_ssim_lpips"] = speed
 
-    # --- the whole command psnr,ssim vs the plain loop as a script
+    # --- the whole command psnr,ssim vs the plain loop as a script (both: subprocess, imports included)
     gt, pred = write_pairs(root / "cmd", a.cmd_pairs, a.cmd_size)
-    t_plain = timed([sys.executable, "-c", PLAIN, str(gt), str(pred), "0"])
-    t_cmd = timed([LM4LV, "eval", "psnr,ssim", str(gt), str(pred), "--workers", str(a.workers)])
-    res["command_psnr_ssim"] = {"pairs": a.cmd_pairs, "size": a.cmd_size, "plain_s": t_plain, "lm4lv_s": t_cmd,
-                                "ratio": t_cmd / t_plain}
+    runs = {"plain_s": [], "lm4lv_s": [], "plain_steady_images_per_s": [], "lm4lv_steady_images_per_s": []}
+    for _ in range(reps):
+        dt, out = run_out([sys.executable, "-c", PLAIN, str(gt), str(pred), "0"])
+        runs["plain_s"].append(dt)
+        runs["plain_steady_images_per_s"].append(float(out.split()[0]))
+        dt, _ = run_out([LM4LV, "eval", "psnr,ssim", str(gt), str(pred), "--workers", str(a.workers)])
+        runs["lm4lv_s"].append(dt)
+        _, out = run_out([sys.executable, "-c", STEADY, "psnr,ssim", str(gt), str(pred), str(a.workers), "-"])
+        runs["lm4lv_steady_images_per_s"].append(float(out))
+    t_plain, t_cmd = median(runs["plain_s"]), median(runs["lm4lv_s"])
+    s_plain, s_cmd = median(runs["plain_steady_images_per_s"]), median(runs["lm4lv_steady_images_per_s"])
+    res["command_psnr_ssim"] = {
+        "pairs": a.cmd_pairs, "size": a.cmd_size, "workers": a.workers,
+        "process": {"plain_s": t_plain, "lm4lv_s": t_cmd, "ratio": t_cmd / t_plain},
+        "steady": {"plain_images_per_s": s_plain, "lm4lv_images_per_s": s_cmd, "time_ratio": s_plain / s_cmd},
+        "runs": runs}
+    if a.skip_rss:
+        print(json.dumps(res, indent=1))
+        return
 
     # --- peak RSS, small vs large
     rss: dict = {}

@@ -9,8 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lm4lv_core.defaults import CROP_BORDER, DEFAULT_PROMPT
-from lm4lv_core.jobs.make_data import SIZE_POLICY
+from lm4lv_core.defaults import CROP_BORDER, DEFAULT_PROMPT, SIZE_POLICY
 from lm4lv_core.util.progress import progress_bar
 
 _MAX_LISTED = 10

@@ -26,3 +26,6 @@ RUN_CONFIG = "config.yaml"  # a training run's record, read back by --config / -
 MODEL_CONFIG = "lm4lv.yaml"  # a saved LM4LV model's config
 WEIGHTS_FILE = "trainable.safetensors"  # the trained weights of a saved model and of a checkpoint
 JOB_DIR = ".lm4lv"  # hidden folder of the job file, worker errors and stop requests (run and output folders)
+
+# `make-data --size` (defined here so that the CLI can show it without importing make-data)
+SIZE_POLICY = "SIZE x SIZE as --resize says; SIZE 0 keeps the original size"

@@ -104,6 +104,22 @@ def test_ssim_y_channel_matches_reference(pair):
     assert M.ssim(gt, pred, crop_border=4, y_channel=True) == pytest.approx(expect, abs=1e-4)
 
 
+@pytest.mark.parametrize("border,y", [(0, False), (4, False), (4, True), (0, True)])
+@pytest.mark.parametrize("shape", [(128, 128), (37, 61), (11, 300)])
+def test_psnr_ssim_equal_scikit_image_to_the_last_bit(border, y, shape):
+    """lm4lv's own PSNR / SSIM (no scikit-image at scoring time) give scikit-image's values exactly."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rng = np.random.default_rng(shape[0] + border)
+    gt = rng.integers(0, 256, (shape[0] + 2 * border, shape[1] + 2 * border, 3), dtype=np.uint8)
+    pred = np.clip(gt + rng.normal(0, 15, gt.shape), 0, 255).astype(np.uint8)
+    a, b = M._prepare(gt, pred, border, y)
+    ssim = structural_similarity(a, b, data_range=255, channel_axis=None if y else -1, gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False, K1=0.01, K2=0.03)
+    assert M.ssim(gt, pred, crop_border=border, y_channel=y) == float(ssim)
+    assert M.psnr(gt, pred, crop_border=border, y_channel=y) == float(peak_signal_noise_ratio(a, b, data_range=255))
+
+
 def test_size_mismatch_and_small_images_raise(pair):
     gt, _ = pair
     with pytest.raises(LM4LVError, match="sizes differ"):
@@ -260,3 +276,35 @@ def test_cli_eval_errors_are_one_line(folders, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--lpips-weights" in lines[0]
     res = runner.invoke(app, ["eval", "psnr", str(gt / "a.png"), str(tmp_path / "nope.png")])
     assert res.exit_code != 0 and isinstance(res.exception, LM4LVError)
+
+
+def test_lpips_backbone_file_names_and_cache_dir_match_torch():
+    """The names and the folder are known without importing torchvision / torch; they must agree."""
+    import os
+
+    import torch
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+
+    assert M.lpips_backbone_file("alex") == os.path.basename(AlexNet_Weights.IMAGENET1K_V1.url)
+    assert M.lpips_backbone_file("vgg") == os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    assert M.lpips_cache_dir() == Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def test_eval_psnr_ssim_imports_neither_torch_nor_scikit_image(tmp_path):
+    """`lm4lv eval psnr,ssim` (workers included) starts without torch, transformers or scikit-image."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(gt / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(pred / f"{i}.png")
+    probe = ("import sys, atexit\n"
+             "from lm4lv_cli.app import main\n"
+             "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'transformers', 'deepspeed', "
+             "'skimage', 'torchvision', 'lpips') if m in sys.modules)))\n"
+             "sys.argv = ['lm4lv', 'eval', 'psnr,ssim', sys.argv[1], sys.argv[2], '--workers', '1']\n"
+             "main()\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(gt), str(pred)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout

@@ -35,7 +35,7 @@ LPIPS_NETS = ("alex", "vgg")
 
 
 def _prepare(gt: np.ndarray, pred: np.ndarray, crop_border: int,
-             y_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+             y_channel: bool, as_float: bool = True) -> tuple[np.ndarray, np.ndarray]:
     gt, pred = np.asarray(gt), np.asarray(pred)
     if gt.shape != pred.shape:
         raise LM4LVError(f"image sizes differ: {gt.shape} vs {pred.shape}")
@@ -53,49 +53,132 @@ def _prepare(gt: np.ndarray, pred: np.ndarray, crop_border: int,
         from skimage.color import rgb2ycbcr
 
         return rgb2ycbcr(gt)[..., 0], rgb2ycbcr(pred)[..., 0]
+    if not as_float:
+        return gt, pred
     return gt.astype(np.float64), pred.astype(np.float64)
 
 
-def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
-    """PSNR in dB of two HxWx3 uint8 RGB images (data range 255; identical images -> 100)."""
-    from skimage.metrics import mean_squared_error, peak_signal_noise_ratio
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared error; exact (integer arithmetic) for uint8 inputs."""
+    if a.dtype == np.uint8:
+        d = a.astype(np.int32)
+        d -= b
+        d *= d
+        return float(np.mean(d, dtype=np.float64))
+    return float(np.mean((a - b) ** 2, dtype=np.float64))
 
-    a, b = _prepare(gt, pred, crop_border, y_channel)
-    if mean_squared_error(a, b) == 0:
+
+def psnr(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
+    """PSNR in dB of two HxWx3 uint8 RGB images (data range 255; identical images -> 100).
+
+    The same value as ``skimage.metrics.peak_signal_noise_ratio(..., data_range=255)``: the squared
+    errors of 8-bit images are summed exactly in integers (no float working copy)."""
+    a, b = _prepare(gt, pred, crop_border, y_channel, as_float=False)
+    err = _mse(a, b)
+    if err == 0:
         return PSNR_IDENTICAL
-    return float(peak_signal_noise_ratio(a, b, data_range=255))
+    return float(10 * np.log10((255.0 ** 2) / err))
+
+
+SSIM_SIGMA, SSIM_TRUNCATE = 1.5, 3.5  # scikit-image's Gaussian window: radius int(3.5 * 1.5 + 0.5) = 5 -> 11x11
+SSIM_PAD = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+
+
+_SSIM_WINDOW: np.ndarray | None = None
+
+
+def _ssim_window() -> np.ndarray:
+    """The 1-D Gaussian weights ``scipy.ndimage.gaussian_filter1d(sigma=1.5, truncate=3.5)`` uses
+    (computed as it computes them)."""
+    global _SSIM_WINDOW
+    if _SSIM_WINDOW is None:
+        x = np.arange(-SSIM_PAD, SSIM_PAD + 1)
+        phi = np.exp(-0.5 / (SSIM_SIGMA * SSIM_SIGMA) * x ** 2)
+        _SSIM_WINDOW = (phi / phi.sum())[::-1]
+    return _SSIM_WINDOW
+
+
+def _ssim_2d(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two 2-D float64 images exactly as ``skimage.metrics.structural_similarity(x, y,
+    data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`` computes it
+    (equal to the last bit; tests/test_metrics.py checks it), without scikit-image's overheads:
+    the five local moments are filtered with the same separable Gaussian (scipy.ndimage, rows then
+    columns), and only inside the 5-pixel border that scikit-image crops before averaging."""
+    from scipy.ndimage import correlate1d
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    p, w = SSIM_PAD, _ssim_window()
+
+    def local_mean(m: np.ndarray) -> np.ndarray:  # = gaussian_filter(m, 1.5, truncate=3.5)[p:-p, p:-p]
+        m = correlate1d(m, w, axis=0, mode="reflect")[p:-p]
+        return correlate1d(m, w, axis=1, mode="reflect")[:, p:-p]
+
+    ux, uy = local_mean(x), local_mean(y)
+    uxx, uyy, uxy = local_mean(x * x), local_mean(y * y), local_mean(x * y)
+    # scikit-image's arithmetic term for term, with fewer temporaries:
+    # A1 = 2 ux uy + C1, A2 = 2 (uxy - ux uy) + C2, B1 = ux^2 + uy^2 + C1,
+    # B2 = (uxx - ux^2) + (uyy - uy^2) + C2, S = (A1 A2) / (B1 B2)
+    a1 = ux * uy
+    a2 = np.subtract(uxy, a1, out=uxy)
+    a2 *= 2
+    a2 += c2
+    a1 *= 2
+    a1 += c1
+    ux *= ux
+    uy *= uy
+    b2 = np.subtract(uxx, ux, out=uxx)
+    b2 += np.subtract(uyy, uy, out=uyy)
+    b2 += c2
+    b1 = np.add(ux, uy, out=ux)
+    b1 += c1
+    b1 *= b2
+    # the map goes into the crop of a full-size buffer so that its mean sums in the same order as
+    # scikit-image's mean of its cropped map
+    full = np.empty(x.shape, dtype=np.float64)
+    s = full[p:-p, p:-p]
+    np.multiply(a1, a2, out=s)
+    s /= b1
+    return s.mean(dtype=np.float64)
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray, crop_border: int = CROP_BORDER, y_channel: bool = False) -> float:
     """SSIM of two HxWx3 uint8 RGB images: 11x11 Gaussian window (sigma 1.5), averaged
-    over channels (or on the Y channel)."""
-    from skimage.metrics import structural_similarity
-
-    a, b = _prepare(gt, pred, crop_border, y_channel)
+    over channels (or on the Y channel); the value of scikit-image's ``structural_similarity``
+    with those settings, computed without it (see :func:`_ssim_channels`)."""
+    a, b = _prepare(gt, pred, crop_border, y_channel, as_float=y_channel)
     if min(a.shape[:2]) < 11:
         raise LM4LVError(f"SSIM needs images of at least 11x11 pixels after cropping, "
                          f"got {a.shape[1]}x{a.shape[0]}")
-    return float(structural_similarity(
-        a, b, data_range=255, channel_axis=None if y_channel else -1, gaussian_weights=True,
-        sigma=1.5, use_sample_covariance=False, K1=0.01, K2=0.03))
+    if y_channel:
+        return float(_ssim_2d(a, b))
+    per_channel = [_ssim_2d(np.ascontiguousarray(a[..., c], dtype=np.float64),
+                            np.ascontiguousarray(b[..., c], dtype=np.float64)) for c in range(a.shape[2])]
+    return float(np.mean(np.asarray(per_channel)))
 
 
 # --------------------------------------------------------------------------- LPIPS
 
 
+# torchvision's file names of the ImageNet backbones (``AlexNet_Weights.IMAGENET1K_V1`` and
+# ``VGG16_Weights.IMAGENET1K_V1``): known here so that finding the file does not import torchvision
+LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
 def lpips_backbone_file(net: str) -> str:
     """File name torchvision uses for the ImageNet backbone of ``net`` (alex | vgg)."""
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
-
-    w = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}[net]
-    return os.path.basename(w.url)
+    return LPIPS_BACKBONE_FILES[net]
 
 
 def lpips_cache_dir() -> Path:
-    """``$TORCH_HOME/hub/checkpoints`` (torch hub cache; ``~/.cache/torch`` by default)."""
-    import torch
+    """``$TORCH_HOME/hub/checkpoints`` (torch hub cache; ``~/.cache/torch`` by default). Found as
+    ``torch.hub.get_dir()`` finds it, without importing torch when this process has not."""
+    import sys
 
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "hub"):
+        return Path(torch.hub.get_dir()) / "checkpoints"
+    home = os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")))
+    return Path(home) / "hub" / "checkpoints"
 
 
 def _load_backbone(lp: Any, net: str, weights: Path) -> None:

@@ -38,6 +38,8 @@ def default_workers(n_pairs: int) -> int:
 
 def resolve_device(device: str | None) -> str:
     """``auto`` / ``None``: ``cuda`` when torch sees a GPU, else ``cpu``."""
+    if device == "cpu":
+        return "cpu"  # without importing torch
     import torch
 
     if device in (None, "", "auto"):
@@ -68,7 +70,7 @@ def _init(metrics: list[str], settings: dict[str, Any], lpips_net: str, lpips_we
         torch.set_num_threads(1)
         from .metrics import build_lpips
 
-        _STATE["lpips"] = build_lpips(lpips_net, lpips_weights).to(device or "cpu")
+        _STATE["lpips"] = build_lpips(lpips_net, lpips_weights).to(resolve_device(device))
 
 
 def _score_chunk(chunk: Sequence[tuple[int, str, str]]) -> list[tuple[int, dict | None, str | None]]:
@@ -111,7 +113,9 @@ class Scorer:
             if lpips_net not in LPIPS_NETS:
                 raise ConfigError(f"unknown LPIPS network {lpips_net!r}; valid: {', '.join(LPIPS_NETS)}")
             lpips_weights_file(lpips_net, lpips_weights)  # a missing file fails before any scoring
-            self.device = resolve_device(device)
+            # an explicit GPU is checked here, before any scoring; `auto` is resolved by the process
+            # that builds LPIPS (so that a parent of workers does not import torch for it)
+            self.device = "auto" if device in (None, "", "auto") else resolve_device(device)
         elif device not in (None, "", "auto", "cpu") and "lpips" in self.metrics:
             self.device = resolve_device(device)
 
@@ -133,7 +137,7 @@ class Scorer:
             if "lpips" in self.metrics and self.lpips_module is None:
                 from .metrics import build_lpips
 
-                self.lpips_module = build_lpips(self.lpips_net, self.lpips_weights).to(self.device or "cpu")
+                self.lpips_module = build_lpips(self.lpips_net, self.lpips_weights).to(resolve_device(self.device))
                 _STATE["lpips"] = self.lpips_module
 
     def _pool(self, n: int) -> ProcessPoolExecutor:

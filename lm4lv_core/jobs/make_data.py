@@ -43,14 +43,13 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..defaults import DEFAULT_PROMPT
+from ..defaults import DEFAULT_PROMPT, SIZE_POLICY  # noqa: F401 (SIZE_POLICY: re-exported)
 from ..image.degrade import Pipeline, parse_spec
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import temp_dir, user_entries, write_json_atomic, writing
 from ..image.io import (RESIZE_POLICIES, check_resize, require_images, load_rgb, pair_images, save_png,
                       to_square)
 
-SIZE_POLICY = "SIZE x SIZE as --resize says; SIZE 0 keeps the original size"
 OUR_ENTRIES = ("hq", "lq", "test", "train.json", "test.json", "manifest.json", "failures.csv")
 PARTIAL_PREFIX = ".lm4lv-partial-"  # PARENT/.lm4lv-partial-NAME: a dataset being built, kept when interrupted
 PARTIAL_SETTINGS = ".lm4lv-settings.json"
