@@ -34,6 +34,9 @@ def generate(
     batch_size: int = typer.Option(GENERATE_BATCH_SIZE, "--batch-size", help="Samples per batch and worker."),
     workers: dict = None,
     gen: dict = None,
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a comparison page (open it from disk): each "
+                                        "input beside what lm4lv made of it, and the ground truth with PSNR / SSIM "
+                                        "for training samples whose image answer was generated."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs; "
                                    "with --input: restores every image again)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
@@ -66,12 +69,12 @@ def generate(
         show_restored(restore_inputs(run, paths, out, prompt=prompt, batch_size=batch_size, precision=precision,
                                      generation=gen, workers=workers, overwrite=overwrite, compile=compile,
                                      attn_implementation=attn_implementation, verbose=verbose,
-                                     on_note=show_note, on_error=on_error))
+                                     on_note=show_note, on_error=on_error, html=html))
         return
     res = run_generate(run, data, out, image_root=image_root, batch_size=batch_size, precision=precision,
                        generation=gen, workers=workers, overwrite=overwrite, compile=compile,
                        attn_implementation=attn_implementation, verbose=verbose,
-                       on_note=show_note)
+                       on_note=show_note, html=html)
     show_generated(res)
 
 

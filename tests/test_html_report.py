@@ -117,3 +117,29 @@ def test_eval_ceiling_from_a_run(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "c_files" / "ceiling").rglob("*.png"))) == 3
     code, out = run_cli(monkeypatch, capsys, "eval", "psnr", root / "gt", root / "noisy", "--ceiling", "nonsense")
     assert code == 2 and "error: --ceiling" in out
+
+
+def test_generate_html_page_in_browser(tmp_path, monkeypatch, capsys):
+    """``generate --html``: every input beside lm4lv's image and the dropped answer as ground truth,
+    scored; the same checks in the browser as eval's page."""
+    import torch
+
+    from conftest import write_pairs
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.sources.presets import preset_config
+
+    data = write_pairs(tmp_path / "data", n=3)
+    torch.manual_seed(0)
+    LM4LV.from_config(preset_config("tiny", restore_prompt="<image> <task>")).save_pretrained(tmp_path / "run" / "final")
+    page = tmp_path / "gen.html"
+    code, out = run_cli(monkeypatch, capsys, "generate", "--run", tmp_path / "run", "--data", data,
+                        "--out", tmp_path / "gen", "--html", page)
+    assert code == 0, out
+    js = (tmp_path / "gen_files" / "data.js").read_text()
+    assert '"metrics":["psnr","ssim"]' in js and '"data/hq/"' in js  # the dropped answers: ground truth, scored
+    facts = check_compare_page(page, tmp_path / "shots", min_rows=3)
+    assert facts["images"] == 3 * 3
+    code, out = run_cli(monkeypatch, capsys, "generate", "--run", tmp_path / "run", "--input", tmp_path / "data" / "lq",
+                        "--out", tmp_path / "restored", "--html", page)
+    assert code == 2 and out.strip().splitlines()[-1].startswith(f"error: --html {page}: exists")
+    assert not (tmp_path / "restored").exists()

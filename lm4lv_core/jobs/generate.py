@@ -87,11 +87,18 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
              image_root: str | os.PathLike | None = None, batch_size: int = GENERATE_BATCH_SIZE,
              precision: str = FP32, generation: GenerationConfig | None = None,
              workers: Workers | None = None, overwrite: bool = False, compile: bool = False,
-             attn_implementation: str = ATTN_AUTO, verbose: bool = False, on_note=None) -> GenerateSummary:
+             attn_implementation: str = ATTN_AUTO, verbose: bool = False, on_note=None,
+             html: str | os.PathLike | None = None) -> GenerateSummary:
     """Parent side of ``lm4lv generate``: check the options, the model and the data, set up the
     output folder, run the workers and count what is finished. ``on_note(text)`` receives notes
-    for the user (e.g. answers dropped from training samples)."""
+    for the user (e.g. answers dropped from training samples); ``html``: the generation's
+    comparison page (:mod:`.generate_page`)."""
     from ..util.runlock import hold
+
+    if html:
+        from ..report.html import check_page_target
+
+        check_page_target(html, overwrite)
 
     gen = generation or GenerationConfig()
     source = find_model(run)
@@ -127,6 +134,10 @@ def generate(run: str | os.PathLike, data: str | os.PathLike, out: str | os.Path
             prepare_out(out, manifest(job.model, job.data, job.precision, to_dict(job.generation)), overwrite, JOB_DIR)
         counts = launch.run_job("generate", job, job_dir=out / JOB_DIR, workers=workers, log_file=out / LOG_FILE,
                                 verbose=verbose)
+    if html:
+        from .generate_page import generation_page
+
+        generation_page(html, out, job.data, job.image_root)
     return GenerateSummary(counts["skipped"], counts["finished"], len(samples), dropped, out / RESULTS)
 
 
@@ -298,6 +309,7 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
                    prompt: str | None = None, batch_size: int = GENERATE_BATCH_SIZE, precision: str = FP32,
                    generation: GenerationConfig | None = None, workers: Workers | None = None,
                    overwrite: bool = False, compile: bool = False, attn_implementation: str | None = None,
+                   html: str | os.PathLike | None = None,
                    verbose: bool = False, on_note=None, on_error: str = "stop") -> RestoreSummary:
     """Parent side of ``lm4lv generate --input``: restore image files and folders into ``out``
     (mirrored paths, see :func:`lm4lv_core.data.outputs.plan_restore`) with the run's recorded
@@ -329,6 +341,10 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
                           "images as a --data file")
     if on_error not in ("stop", "skip"):
         raise ConfigError(f"--on-error must be one of stop, skip, got {on_error!r}")
+    if html:
+        from ..report.html import check_page_target
+
+        check_page_target(html, overwrite)
     items = plan_restore(inputs, out)
     skip = on_error == "skip"
     problems = find_image_problems(restore_samples(items, job.prompt), limit=len(items) if skip else 10)
@@ -360,6 +376,10 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
             launch.run_job("restore", job, job_dir=out / JOB_DIR, workers=workers,
                            log_file=out / LOG_FILE, verbose=verbose)
     after = sum((out / it.dst).is_file() for it in items)
+    if html:
+        from .generate_page import restoration_page
+
+        restoration_page(html, out, items)
     return RestoreSummary(len(items) - len(todo), after, len(items) + len(failures), out, failures)
 
 
