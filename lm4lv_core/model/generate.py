@@ -40,7 +40,7 @@ import torch
 from .compiled_decode import compiled_decode, eager_step
 from .query import check_query, query_rows, read_query
 from ..data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
-from ..data.format import TASK_TOKEN, Sample, parse_sample
+from ..data.format import TASK_TOKEN, Sample
 from ..data.sequence import IMG_START, SLOT_TEXT
 from ..defaults import GENERATE_BATCH_SIZE
 from ..errors import ConfigError
