@@ -60,7 +60,7 @@ def median_step(run_dir: Path, batch: int) -> float:
 def llm_fwd_bwd(model_cfg, batch: int, seq_len: int, reps: int) -> float:
     import torch
 
-    from lm4lv_core.model.lm4lv import load_llm
+    from lm4lv_core.model.loading import load_llm
 
     llm, _ = load_llm(model_cfg.llm)
     llm.requires_grad_(False)

@@ -19,6 +19,40 @@ os.environ.setdefault("LM4LV_HOME", str(Path(__file__).resolve().parent.parent /
 REFERENCE = Path(__file__).resolve().parent / "data"
 
 
+# What DeepSpeed's ZeRO-3 replaces in torch (deepspeed.runtime.zero.partition_parameters): ``F.linear``
+# for good (``zero3_linear_wrap``, "persists unless manually reset"), ``F.embedding`` under quantized
+# weights, and inside ``zero.Init`` the tensor constructors, ``Tensor.__new__`` and ``Module``'s
+# ``__init_subclass__`` / ``apply`` (restored on a clean exit only). (owner, attribute) pairs.
+def _patched_by_deepspeed():
+    import torch
+
+    F = torch.nn.functional
+    return [(F, "linear"), (F, "embedding"), (torch.Tensor, "__new__"), (torch.nn.Module, "__init_subclass__"),
+            (torch.nn.Module, "apply")] + [(torch, name) for name in
+                                           ("tensor", "empty", "zeros", "ones", "full", "arange", "eye", "randn")]
+
+
+@pytest.fixture(autouse=True)
+def _torch_as_it_was():
+    """Every test starts with torch as the previous one found it: what an in-process ZeRO-3 run
+    patched is put back after the test, so no test depends on the ones run before it."""
+    import torch
+
+    saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name in _patched_by_deepspeed()]
+    grad = torch.is_grad_enabled()
+    yield
+    for owner, name, value in saved:
+        if owner.__dict__.get(name, _MISSING) is not value:
+            if value is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+    torch.set_grad_enabled(grad)
+
+
+_MISSING = object()
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from lm4lv_core.sources.presets import preset_config

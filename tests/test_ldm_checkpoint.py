@@ -374,11 +374,11 @@ def test_vqgan_families_read_the_checkpoint_folder(reference, folder):
             enc = build_encoder(parse_part(f"{family}:{folder}", "encoder"))
             dec = build_decoder(parse_part(f"{family}:{folder}", "decoder"))
             tokens = enc(pixels)
-            assert token_space(parse_part(f"{family}:{folder}", "encoder")) == enc.tokens
+            assert token_space(parse_part(f"{family}:{folder}", "encoder")) == enc.space
             if family == "vqgan":
                 assert (tokens - h_ref.flatten(2).transpose(1, 2)).abs().max() < 1e-4
                 want = (ref.decode(h_ref) + 1) / 2  # continuous latents, not snapped to the codebook
             else:
-                assert torch.equal(tokens.reshape(-1), idx_ref) and enc.tokens.codebook_size == N_EMBED
+                assert torch.equal(tokens.reshape(-1), idx_ref) and enc.space.codebook_size == N_EMBED
                 want = (ref.decode(q_ref) + 1) / 2
             assert (dec(tokens, clamp=False) - want).abs().max() < 1e-4

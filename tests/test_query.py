@@ -224,7 +224,7 @@ def test_query_with_codes_picks_a_code_per_slot(tiny_config, query_data):
     torch.manual_seed(0)
     spec = ModuleSpec("test-query-codes")
     model = LM4LV.from_config(ModelConfig(llm=tiny_config.llm, encoder=spec, decoder=spec, query=True))
-    assert model.config.vision_loss == "code_ce" and model.space.head_dim == 12
+    assert model.config.vision_loss == "code_ce" and model.space.out_dim == 12
     batch = _train_batch(model, query_data)
     first, last = overfit(model, batch, 30, lr=1e-2)
     assert last < 0.5 * first

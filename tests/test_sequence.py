@@ -320,3 +320,23 @@ def test_chat_template_gets_the_system_prompt(tok):
                         system_prompt="Be brief.")
     enc = b.encode(two_turn())
     assert enc.text.startswith("<|system|>Be brief.\n<|user|>Fix")
+
+
+@pytest.mark.parametrize("n", [None, 5])
+def test_model_preview_and_memory_plan_share_one_layout(tiny_config, n):
+    """The model, the ``--dry-run`` preview and the memory plan build the token sequence of a config
+    the same way (``SequenceBuilder.for_model``, with the truncated token count of ``visual_space``)."""
+    import dataclasses
+
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.model.prompt import config_sequence
+    from lm4lv_core.vision import visual_space
+
+    cfg = dataclasses.replace(tiny_config, num_visual_tokens=n, decoder=None if n else tiny_config.decoder)
+    model = LM4LV.from_config(cfg)
+    assert visual_space(model.config) == model.space and model.space.num_tokens == (n or model.encoder.num_tokens)
+    sample = parse_sample({"image": ["a.png"], "conversations": [
+        {"from": "human", "value": "Describe <image> <task>"}, {"from": "gpt", "value": "a cat"}]}, 0)
+    a, b = model.builder.encode(sample), config_sequence(model.config).encode(sample)
+    for field in ("input_ids", "labels", "slot_type", "slot_pos", "slot_image"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field

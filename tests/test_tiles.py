@@ -205,6 +205,7 @@ def test_restore_tiles_of_two_images_in_one_batch_each_land_in_their_own(work, r
     assert maxdiff(resized[0], a) > 20
 
 
+@pytest.mark.slow
 def test_generate_input_tiles_on_two_workers(work, run, tmp_path):
     """The same stand-in (loaded in every worker via LM4LV_PLUGINS) through generate --input with
     --nproc 2: every image, of four of different sizes, comes back as itself, closer to its own

@@ -155,6 +155,14 @@ class SequenceBuilder:
         self._turn_tok = None
         self._added: dict[int, str] = {}
 
+    @classmethod
+    def for_model(cls, cfg, tokenizer, num_visual_tokens: int) -> "SequenceBuilder":
+        """The sequence layout of a model of ``cfg`` (a ``ModelConfig``): its template, task
+        tokens, gpt prefix and system prompt, with ``num_visual_tokens`` slots per image — the one
+        layout the model, the prompt preview and the memory plan share."""
+        return cls(tokenizer, template=cfg.template, num_task_tokens=cfg.num_task_tokens,
+                   num_visual_tokens=num_visual_tokens, gpt_prefix=cfg.gpt_prefix, system_prompt=cfg.system_prompt)
+
     @property
     def stop_strings(self) -> tuple[str, ...]:
         """Strings that end generated text (the ``default`` template's ``###``); EOS always does."""

@@ -336,13 +336,28 @@ def run_job(kind: str, job: Any, *, job_dir: str | os.PathLike, workers: Workers
 
 
 def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file: Path | None, verbose: bool) -> Any:
+    """Write the job file, then run the job in this process (one worker) or through the launcher."""
+    from ..util import logs
+
+    job_path = _write_job(kind, job, job_dir, w, log_file)
+    if w.in_process:
+        # a process group the job creates (world size 1) stays for later jobs of this process:
+        # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
+        quiet = logs.capture(log_file, verbose) if log_file else contextlib.nullcontext()
+        with single_worker_env(w.master_port), signals.handling(), quiet:
+            return spec.run(job)
+    return _launched(kind, job_path, job_dir, w, log_file, verbose)
+
+
+def _write_job(kind: str, job: Any, job_dir: Path, w: Workers, log_file: Path | None) -> Path:
+    """Clear what an earlier run of this job left (error, interrupted, stop and result files), write
+    the job file and note the run in the log; returns the job file."""
     from ..util import logs
 
     job_path = job_file(job_dir, kind, w.node)
-    stop = stop_file(job_path)
     for f in job_dir.glob(f"{_run_stem(job_path)}.*.rank*"):  # an earlier run's error_file / interrupted_file
         f.unlink(missing_ok=True)
-    stop.unlink(missing_ok=True)
+    stop_file(job_path).unlink(missing_ok=True)
     result_file(job_path).unlink(missing_ok=True)
     save_yaml(job, job_path)
     if log_file:
@@ -352,12 +367,13 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
                             + (f", this is node {w.node} (meeting at {w.master_addr}:{w.master_port})"
                                if w.per_node else "")
                             + f", started {datetime.datetime.now().isoformat(timespec='seconds')}")
-    if w.in_process:
-        # a process group the job creates (world size 1) stays for later jobs of this process:
-        # DeepSpeed caches its groups, so destroying and re-creating it would break a second run
-        quiet = logs.capture(log_file, verbose) if log_file else contextlib.nullcontext()
-        with single_worker_env(w.master_port), signals.handling(), quiet:
-            return spec.run(job)
+    return job_path
+
+
+def _launched(kind: str, job_path: Path, job_dir: Path, w: Workers, log_file: Path | None, verbose: bool) -> Any:
+    """Run the job's workers through the launcher and wait for them; their result (rank 0's)."""
+    from ..util import logs
+
     launcher = w.launcher_name()
     cmd = launcher_command(kind, job_path, nproc=w.nproc, launcher=launcher, num_nodes=w.num_nodes,
                            hostfile=w.hostfile, master_port=w.master_port,
@@ -365,44 +381,61 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
                            node_timeout=w.node_timeout)
     node = _ACTIVE.get(str(job_dir.absolute()))
     watch = node.watch if node is not None else None
+    stop = stop_file(job_path)
     pipe = f"console.node{w.node}.pipe" if w.node else "console.pipe"
     relay = logs.launched(log_file, job_dir, verbose, pipe) if log_file else contextlib.nullcontext((None, {}))
-    lost = None
     with relay as (out, relay_env):
-        # own session: a terminal's Ctrl-C reaches only this process, which forwards it as a stop
-        # request; and SIGINT/SIGTERM/SIGHUP blocked in the launcher (inherited, the workers unblock
-        # them), so a signal sent to every process of the job reaches the workers, not the launcher,
-        # which would kill its workers mid-step
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.SIGNALS)
-        try:
-            # every node's stop request (this node's first): a worker stops on any of them
-            others = [stop_file(job_file(job_dir, kind, r)) for r in range(w.num_nodes) if w.per_node and r != w.node]
-            env = {**launcher_env(launcher), **relay_env,
-                   signals.STOP_FILE_ENV: os.pathsep.join(str(f) for f in [stop, *others])}
-            proc = subprocess.Popen(cmd, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT if out is not None else None,
-                                    start_new_session=True)
-        except FileNotFoundError as e:
-            raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        try:
-            with signals.handling(on_stop=lambda: _request_stop(stop),
-                                  on_abort=lambda: _kill_tree(proc, wait=False)):
-                while True:
-                    try:
-                        rc = proc.wait(timeout=POLL_S if watch is not None else None)
-                        break
-                    except subprocess.TimeoutExpired:
-                        lost = watch.problem(w.node_timeout)
-                        if lost:  # another node ended badly or went silent: do not wait for our workers
-                            _kill_tree(proc)
-                            rc = proc.returncode
-                            break
-        except BaseException:
-            _kill_tree(proc)
-            raise
+        # every node's stop request (this node's first): a worker stops on any of them
+        others = [stop_file(job_file(job_dir, kind, r)) for r in range(w.num_nodes) if w.per_node and r != w.node]
+        env = {**launcher_env(launcher), **relay_env,
+               signals.STOP_FILE_ENV: os.pathsep.join(str(f) for f in [stop, *others])}
+        proc = _start_launcher(cmd, env, out, launcher)
+        rc, lost = _wait_for(proc, stop, watch, w.node_timeout)
     stop.unlink(missing_ok=True)
+    return _outcome(kind, job_path, w, rc, lost, launcher, node, log_file if log_file and relay_env else None)
+
+
+def _start_launcher(cmd: list[str], env: dict[str, str], out, launcher: str) -> subprocess.Popen:
+    """Start the launcher in its own session: a terminal's Ctrl-C reaches only this process, which
+    forwards it as a stop request; and SIGINT/SIGTERM/SIGHUP blocked in the launcher (inherited, the
+    workers unblock them), so a signal sent to every process of the job reaches the workers, not the
+    launcher, which would kill its workers mid-step."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.SIGNALS)
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out is not None else None,
+                                start_new_session=True)
+    except FileNotFoundError as e:
+        raise LM4LVError(f"cannot start the {launcher} launcher ({e})") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _wait_for(proc: subprocess.Popen, stop: Path, watch, node_timeout) -> tuple[int | None, Any]:
+    """Wait for the launcher, forwarding stop requests and aborts; ``(exit code, lost)`` where
+    ``lost`` is another node that ended badly or went silent (its workers are then killed)."""
+    lost = None
+    try:
+        with signals.handling(on_stop=lambda: _request_stop(stop),
+                              on_abort=lambda: _kill_tree(proc, wait=False)):
+            while True:
+                try:
+                    return proc.wait(timeout=POLL_S if watch is not None else None), lost
+                except subprocess.TimeoutExpired:
+                    lost = watch.problem(node_timeout)
+                    if lost:  # another node ended badly or went silent: do not wait for our workers
+                        _kill_tree(proc)
+                        return proc.returncode, lost
+    except BaseException:
+        _kill_tree(proc)
+        raise
+
+
+def _outcome(kind: str, job_path: Path, w: Workers, rc: int | None, lost, launcher: str, node,
+             output: Path | None) -> Any:
+    """The launched job's result, or the error its workers, the launcher or another node reported
+    (``output``: the log file holding the workers' output, ``None`` when it was shown)."""
+    from ..util import logs
+
     errors = _worker_errors(job_path)
     if errors:
         raise LM4LVError("; ".join(errors))
@@ -416,9 +449,10 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
         # written after every worker finished the job (their last collective): only leaving failed
         logs.say(f"warning: the {kind} workers{f' of node {w.node}' if w.per_node else ''} crashed while exiting "
                  f"(launcher {launcher} exit code {rc}) after finishing the job; "
-                 + (f"see {log_file}" if log_file and relay_env else "see the output above"))
+                 + (f"see {output}" if output else "see the output above"))
     elif rc != 0:
         failed = f"{kind} workers failed (launcher {launcher} exit code {rc})"
+        watch = node.watch if node is not None else None
         if watch is not None:  # a broken run: find out whether another node was lost or ended badly
             node.presence.set_state(nodes.STOPPING, f"its {failed}")
             found = watch.explain(w.node_timeout)
@@ -430,7 +464,7 @@ def _run(kind: str, spec: JobSpec, job: Any, job_dir: Path, w: Workers, log_file
                                      "stopped with it", found[0][0])
             failed += f" on node {w.node} (the nodes meet at {w.master_addr}:{w.master_port})"
         crash = _worker_errors(job_path, "crash")
-        where = f"the workers' full output is in {log_file}" if log_file and relay_env else "see the output above"
+        where = f"the workers' full output is in {output}" if output else "see the output above"
         raise LM4LVError(f"{failed}" + (f"; first: {crash[0]}" if crash else "") + f"; {where}")
     return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
 

@@ -118,7 +118,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | Non
     parsed samples and the line saying what ``--init-from`` loads."""
     from ..config import is_frozen
     from ..model.loading import check_attn_implementation
-    from ..sources.hub import resolve_model
+    from ..sources.hub import resolve_hub_folders
     from ..precision import compute_dtype
     from ..tasks.lm4lv import check_cache_allowed
 
@@ -127,7 +127,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | Non
     if cfg.cache_features:
         check_cache_allowed(model)
     if not is_frozen(model):
-        resolve_model(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
+        resolve_hub_folders(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
     if not Path(model.llm).is_dir():
         raise ConfigError(f"llm {model.llm}: folder not found")
     for part in ("encoder", "decoder"):

@@ -1,6 +1,6 @@
 """Batched, KV-cached autoregressive generation of text and images, and its in-memory entry
 points: ``build_items`` turns samples into dataset items (loading and resizing their images),
-``generate_samples`` generates for them in batches, ``restore`` takes and returns PIL images.
+``generate_samples`` generates for them in batches (restoration builds on it: :mod:`.restore`).
 Result files are written by ``lm4lv_core.jobs.generate``.
 
 Generation continues each conversation from its last, empty gpt turn:
@@ -40,9 +40,9 @@ import torch
 from .compiled_decode import compiled_decode, eager_step
 from .query import check_query, query_rows, read_query
 from ..data.dataset import Batch, LM4LVDataset, collate, tensor_to_uint8
-from ..data.format import TASK_TOKEN, Sample, parse_sample
+from ..data.format import TASK_TOKEN, Sample
 from ..data.sequence import IMG_START, SLOT_TEXT
-from ..defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
+from ..defaults import GENERATE_BATCH_SIZE
 from ..errors import ConfigError
 from ..config import GenerationConfig  # noqa: F401  (declared with the other configs)
 from ..image.io import resize_to, restored_size
@@ -421,7 +421,7 @@ def check_decodable(model, n_tokens: int) -> None:
 def decode_images_of(model, features: torch.Tensor) -> torch.Tensor:
     """Generated tokens ``[M, N(, d_v)]`` → ``[M, 3, H, W]`` in [0, 1] through the vision decoder."""
     check_decodable(model, features.shape[1])
-    return model.decode_features(features)
+    return model.decode_tokens(features)
 
 
 @torch.inference_mode()
@@ -494,44 +494,13 @@ def generate_samples(model, samples: Sequence[Sample], cfg: GenerationConfig | N
     return results
 
 
-def restore(model, images, prompt: str = DEFAULT_PROMPT, *, batch_size: int = GENERATE_BATCH_SIZE,
-            cfg: GenerationConfig | None = None):
-    """Restore PIL images with a loaded model (image-only generation); returns PIL images.
+def __getattr__(name: str):
+    """``restore`` lives with the rest of restoration (:mod:`.restore`); importable from here too."""
+    if name == "restore":
+        from .restore import restore
 
-    ``prompt`` is the human turn; its ``<image>`` is the input image. With ``cfg.output_size``
-    ``input`` (the default) each result has its input's size (under ``crop``: the centre square's
-    footprint), with ``model`` the model's square size. With ``cfg.tile`` each image is restored
-    at its own resolution in tiles (results at the input's size; ``batch_size`` counts tiles).
-    """
-    cfg = cfg or GenerationConfig(mode="image")
-    if prompt.count("<image>") != 1:
-        raise ConfigError(f"restore prompt must hold exactly one <image>, got {prompt!r}")
-    names = [f"mem:{i}" for i in range(len(images))]
-    table = dict(zip(names, images))
-    samples = [parse_sample({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
-                             "image": [n]}, i, source="restore") for i, n in enumerate(names)]
-    loader = lambda p: table[p].convert("RGB")  # noqa: E731
-    was_training = model.training
-    model.eval()
-    try:
-        if cfg.tile is not None:  # at native resolution, in tiles
-            from PIL import Image
-
-            from .tiled import generate_tiled, model_tiling
-
-            tiled: dict[int, object] = {}
-            generate_tiled(model, samples, cfg, model_tiling(model, cfg), batch_size=batch_size, loader=loader,
-                           on_image=lambda i, s, px: tiled.__setitem__(i, Image.fromarray(px)))
-            return [tiled[i] for i in range(len(images))]
-        outs = generate_samples(model, samples, cfg, batch_size=batch_size, loader=loader)
-    finally:
-        model.train(was_training)
-    result = []
-    for i, o in enumerate(outs):
-        if not o.images:
-            raise ConfigError(f"image {i}: the model produced no image")
-        result.append(output_image(o.images[0], images[i].size, cfg, model))
-    return result
+        return restore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def output_image(image: torch.Tensor, input_size: tuple[int, int] | None, cfg: GenerationConfig, model):

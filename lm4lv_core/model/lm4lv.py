@@ -26,11 +26,11 @@ from ..errors import ConfigError
 from ..util.finite import nonfinite_names
 from ..util.fsutil import atomic_path
 from .logits import check_output_logits, output_logits
-from .loading import check_attn_implementation
+from .loading import load_llm
 from .losses import text_cross_entropy, zero_touching
 from ..precision import cast_by_trainability
 from ..util.params import parameter_dtype
-from ..vision import build_adapter, build_decoder, build_encoder, complete_config, vision_loss
+from ..vision import build_adapter, build_decoder, build_encoder, complete_config, vision_loss, visual_space
 
 CONFIG_FILE = MODEL_CONFIG
 LORA_DIR = "lora"
@@ -44,31 +44,8 @@ class LM4LVOutput(ModelOutput):
     loss: torch.Tensor | None = None
     text_loss: torch.Tensor | None = None
     vision_loss: torch.Tensor | None = None
-    vision_pred: torch.Tensor | None = None    # [T, N, head_dim] predictions (features or code logits)
+    vision_pred: torch.Tensor | None = None    # [T, N, out_dim] predictions (features or code logits)
     target_images: torch.Tensor | None = None  # [T] indices into batch.pixels (image targets, then query targets)
-
-
-def load_llm(path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
-    """Any Hugging Face causal LM folder and its tokenizer, its weights read in ``dtype`` (default
-    float32; never the checkpoint's own dtype, which transformers v5 would pick by default), with
-    ``attn_implementation`` (``auto`` or ``None``: what transformers picks for the family)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from .families import llm_config, resolve_attn_implementation
-
-    kwargs = {"dtype": dtype or torch.float32}
-    if attn_implementation:
-        check_attn_implementation(attn_implementation, dtype=kwargs["dtype"])
-        kwargs["attn_implementation"] = resolve_attn_implementation(attn_implementation, llm_config(path),
-                                                                    f" in {path}")
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        llm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise ConfigError(f"{path}: cannot load a causal LM folder ({e})") from None
-    return llm, tokenizer
 
 
 class LM4LV(nn.Module):
@@ -80,13 +57,13 @@ class LM4LV(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         d_llm = llm.get_input_embeddings().embedding_dim
-        complete_config(config, encoder.tokens)  # checks that the parts fit (a resolved config is complete)
+        complete_config(config, encoder.space)  # checks that the parts fit (a resolved config is complete)
         _check_decoder_fits(encoder, decoder)
         # what the LLM sees of an image (all of the encoder's tokens, or a truncated share of them)
-        self.space = encoder.tokens.truncated(config.num_visual_tokens, config.token_select)
+        self.space = visual_space(config, encoder.space)
         self.num_visual_tokens = self.space.num_tokens
         self.adapter = build_adapter(config.adapter, self.space.in_dim, d_llm)
-        self.deadapter = build_adapter(config.deadapter, d_llm, self.space.head_dim, partner=self.adapter)
+        self.deadapter = build_adapter(config.deadapter, d_llm, self.space.out_dim, partner=self.adapter)
         emb_w = llm.get_input_embeddings().weight
         std = 1.0 if emb_w.is_meta else float(emb_w.detach().float().std())  # meta: memory planning
         self.task_tokens = nn.Parameter(torch.randn(config.num_task_tokens, d_llm) * std)
@@ -96,10 +73,7 @@ class LM4LV(nn.Module):
         if self.vision_loss_fn.uses_decoder and self.num_visual_tokens != decoder.num_tokens:
             raise ConfigError(f"vision_loss {config.vision_loss!r} needs all {decoder.num_tokens} visual tokens "
                               f"the decoder expects (num_visual_tokens is {self.num_visual_tokens})")
-        self.builder = SequenceBuilder(tokenizer, template=config.template,
-                                       num_task_tokens=config.num_task_tokens,
-                                       num_visual_tokens=self.num_visual_tokens,
-                                       gpt_prefix=config.gpt_prefix, system_prompt=config.system_prompt)
+        self.builder = SequenceBuilder.for_model(config, tokenizer, self.num_visual_tokens)
         self._apply_trainability()
 
     # ------------------------------------------------------------------ building
@@ -360,7 +334,7 @@ class LM4LV(nn.Module):
         if hs:
             n = self.num_visual_tokens
             hidden = torch.cat(hs)
-            pred = self.deadapter(hidden.to(self.adapter_dtype)).view(-1, n, self.space.head_dim)
+            pred = self.deadapter(hidden.to(self.adapter_dtype)).view(-1, n, self.space.out_dim)
             img_ids = torch.cat([ids[mask].view(-1, n)[:, 0] for _, mask, ids in reads if mask.any()])
             target = feats[img_ids]
             vision_loss = self.vision_loss_fn(
@@ -385,21 +359,21 @@ class LM4LV(nn.Module):
         return module(x).float().sum() * 0.0
 
     @torch.no_grad()
-    def decode_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Tokens (features ``[M, N, d_v]`` or codes ``[M, N]``) → images ``[M, 3, H, W]`` in [0, 1]."""
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (features ``[M, N, d_v]`` or codes ``[M, N]``) → images ``[M, 3, H, W]`` in [0, 1]."""
         if self.decoder is None:
             raise ConfigError(f"encoder {self.config.encoder.name} has no vision decoder in this model: "
                               "it answers in text only (give --decoder FAMILY:SOURCE to paint images)")
-        if features.is_floating_point():
-            features = features.to(parameter_dtype(self.decoder))
-        return self.decoder(features).float()
+        if tokens.is_floating_point():
+            tokens = tokens.to(parameter_dtype(self.decoder))
+        return self.decoder(tokens).float()
 
 
 def _check_decoder_fits(encoder, decoder) -> None:
     """One-line error when the decoder does not read the encoder's tokens."""
     if decoder is None:
         return
-    enc, dec = encoder.tokens, decoder.tokens
+    enc, dec = encoder.space, decoder.space
     if enc.kind != dec.kind or enc.codebook_size != dec.codebook_size:
         raise ConfigError(f"the decoder reads {dec.kind}"
                           f"{f' of {dec.codebook_size}' if dec.codebook_size else ''} but the encoder gives "

@@ -70,8 +70,8 @@ class ModelShape:
     largest_layer: int         # parameter elements of the largest LLM layer (ZeRO-3 working set)
     lora_per_layer: list[tuple[int, int]] = field(default_factory=list)  # (in_features, r) per target
     vision_dim: int = 0        # width of what the adapter reads per slot (1: an integer code)
-    head_dim: int = 0          # width of the deadapter's prediction (a feature, or logits over K)
-    vision_tokens: int = 0
+    pred_dim: int = 0          # width of the deadapter's prediction (a feature, or logits over K)
+    encoder_tokens: int = 0    # tokens the encoder computes per image (visual_tokens: the ones kept)
     encoder_dim: int = 0
     encoder_forward_elements: int = 0  # a convolutional encoder's no-grad working set per image
     encoder_layers: int = 0
@@ -176,8 +176,8 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
                        vocab=model.llm.get_output_embeddings().weight.shape[0],
                        largest_layer=max((sum(p.numel() for p in m.parameters()) for m in layers), default=0),
                        lora_per_layer=lora, vision_dim=1 if model.space.codebook_size else model.space.dim,
-                       head_dim=model.space.head_dim,
-                       vision_tokens=model.encoder.num_tokens, visual_tokens=model.num_visual_tokens,
+                       pred_dim=model.space.out_dim,
+                       encoder_tokens=model.encoder.num_tokens, visual_tokens=model.num_visual_tokens,
                        image_size=model.encoder.image_size)
     from .families import model_type, quirks
 
@@ -195,17 +195,12 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
 
 def data_shape(cfg: ModelConfig, samples: Sequence[Any], limit: int = SCAN_SAMPLES) -> DataShape:
     """Render (tokenise) up to ``limit`` samples and keep the largest counts of any of them."""
-    from transformers import AutoTokenizer
-
-    from ..data.sequence import IGNORE_INDEX, SLOT_IMAGE, SequenceBuilder
-    from .prompt import vision_token_count
+    from ..data.sequence import IGNORE_INDEX, SLOT_IMAGE
+    from .prompt import config_sequence
 
     if not samples:
         raise ConfigError("the memory plan needs at least one sample")
-    tok = AutoTokenizer.from_pretrained(cfg.llm)
-    builder = SequenceBuilder(tok, template=cfg.template, num_task_tokens=cfg.num_task_tokens,
-                              num_visual_tokens=vision_token_count(cfg), gpt_prefix=cfg.gpt_prefix,
-                              system_prompt=cfg.system_prompt)
+    builder = config_sequence(cfg)
     best = DataShape(0, 0, 0, 0, 0, 0)
     for s in samples[:limit]:
         enc = builder.encode(s)
@@ -269,13 +264,13 @@ def activation_bytes(m: ModelShape, d: DataShape, run: RunShape, micro_batch: in
     final_norm = 4 * m.hidden * tokens
     text = micro_batch * d.text_loss_tokens * m.vocab * 4  # float32 log-softmax of text-loss positions
     slots = (micro_batch * d.image_slots * m.vision_dim * s  # adapter input
-             + micro_batch * d.target_slots * (m.hidden * s + 8 * m.head_dim))  # deadapter input, loss
+             + micro_batch * d.target_slots * (m.hidden * s + 8 * m.pred_dim))  # deadapter input, loss
     images = micro_batch * d.images
     inputs = images * 3 * m.image_size ** 2 * 4 + tokens * 7 * 8  # float32 pixels, seven int64 maps per token
     vision = 0.0  # a trained encoder / decoder (or the decoder under a pixel loss) keeps activations too;
     # --gradient-checkpointing recomputes their layers only when they train
     if run.train_encoder and not run.cache_features:
-        n = images * m.vision_tokens
+        n = images * m.encoder_tokens
         layer = _vit_layer_bytes(m.encoder_dim, m.encoder_intermediate, s) * n
         vision += m.encoder_layers * s * m.encoder_dim * n + layer if checkpointing else m.encoder_layers * layer
     if run.pixel_loss or run.train_decoder:
@@ -288,7 +283,7 @@ def activation_bytes(m: ModelShape, d: DataShape, run: RunShape, micro_batch: in
     loss = micro_batch * d.text_loss_tokens * m.vocab * (s + 4)
     encode = 0.0
     if not run.cache_features and not run.train_encoder:  # frozen encoder: working set of one layer, no grad
-        encode = images * s * (m.vision_tokens * (7 * m.encoder_dim + 2 * m.encoder_intermediate)
+        encode = images * s * (m.encoder_tokens * (7 * m.encoder_dim + 2 * m.encoder_intermediate)
                                + m.encoder_forward_elements)
     peak = max(saved + max(backward, loss), encode)
     return {"saved": saved, "peak": peak, "llm_layers": llm, "loss_and_adapters": final_norm + text + slots,
@@ -461,7 +456,7 @@ def format_plan(plan: Plan) -> str:
         f"memory plan per rank: {r.world} rank{'s' if r.world > 1 else ''}, {eng}, {r.precision}, "
         f"micro-batch {r.micro_batch}, {ck} gradient checkpointing",
         f"  LLM {m.layers} layers, width {m.hidden}, MLP {m.intermediate}, vocab {m.vocab}; vision "
-        f"{'codes of ' + str(m.head_dim) if m.vision_dim == 1 else 'width ' + str(m.vision_dim)}, "
+        f"{'codes of ' + str(m.pred_dim) if m.vision_dim == 1 else 'width ' + str(m.vision_dim)}, "
         f"{m.visual_tokens} slots per image; longest sample {d.seq_len} tokens "
         f"({d.text_loss_tokens} with text loss, {d.samples_scanned} samples rendered)",
     ]

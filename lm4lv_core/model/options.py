@@ -27,7 +27,7 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
 
     from ..config import load_yaml
     from ..util.logs import say
-    from ..sources.hub import resolve_model
+    from ..sources.hub import resolve_hub_folders
     from ..sources.reference import is_reference_vision_config, vision_fields
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -78,4 +78,4 @@ def resolve_model_config(*, preset: str | None = None, llm: str | None = None, m
         if isinstance(overrides.get(key), str):
             overrides[key] = ModuleSpec(overrides[key])
     base.update(overrides)
-    return resolve_model(ModelConfig(**base))
+    return resolve_hub_folders(ModelConfig(**base))

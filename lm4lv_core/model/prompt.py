@@ -10,9 +10,17 @@ from ..data.sequence import SLOT_IMAGE, SLOT_QUERY, SLOT_TASK, SLOT_TEXT, Encode
 
 def vision_token_count(cfg: ModelConfig) -> int:
     """Visual tokens per image, as the encoder's family tells from its config."""
-    from ..vision import token_space
+    from ..vision import visual_space
 
-    return token_space(cfg.encoder).truncated(cfg.num_visual_tokens, cfg.token_select).num_tokens
+    return visual_space(cfg).num_tokens
+
+
+def config_sequence(cfg: ModelConfig) -> SequenceBuilder:
+    """The sequence layout of a model of ``cfg`` (:meth:`SequenceBuilder.for_model`, as the model
+    builds it) from the LLM's tokenizer and the encoder's config alone, no weights loaded."""
+    from transformers import AutoTokenizer
+
+    return SequenceBuilder.for_model(cfg, AutoTokenizer.from_pretrained(cfg.llm), vision_token_count(cfg))
 
 
 def token_view(enc: Encoded, tokenizer) -> str:
@@ -51,9 +59,9 @@ def token_view(enc: Encoded, tokenizer) -> str:
 
 def vision_summary(cfg: ModelConfig) -> str:
     """One line on what the LLM sees of an image: family, token count and kind, adapters, loss."""
-    from ..vision import token_space
+    from ..vision import visual_space
 
-    space = token_space(cfg.encoder).truncated(cfg.num_visual_tokens, cfg.token_select)
+    space = visual_space(cfg)
     kind = f"codes of a codebook of {space.codebook_size}" if space.codebook_size else f"features of width {space.dim}"
     decoder = cfg.decoder.name if cfg.decoder is not None else "none (text answers only)"
     return (f"vision: encoder {cfg.encoder.name}, {space.num_tokens} tokens per image at {space.image_size} px "
@@ -65,12 +73,7 @@ def vision_summary(cfg: ModelConfig) -> str:
 def render_first_prompt(cfg: ModelConfig, sample: Sample) -> tuple[str, str, dict[str, int]]:
     """The sample's rendered text (the exact string the template tokenises), its ``token_view``,
     and counts of tokens, slots and trained positions."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.llm)
-    builder = SequenceBuilder(tok, template=cfg.template, num_task_tokens=cfg.num_task_tokens,
-                              num_visual_tokens=vision_token_count(cfg), gpt_prefix=cfg.gpt_prefix,
-                              system_prompt=cfg.system_prompt)
+    builder = config_sequence(cfg)
     enc = builder.encode(sample)
     counts = {
         "tokens": len(enc),
@@ -81,4 +84,4 @@ def render_first_prompt(cfg: ModelConfig, sample: Sample) -> tuple[str, str, dic
         "task slots": int((enc.slot_type == SLOT_TASK).sum()),
         "text-loss tokens": int((enc.labels != IGNORE_INDEX).sum()),
     }
-    return enc.text, token_view(enc, tok), counts
+    return enc.text, token_view(enc, builder.tok), counts

@@ -19,13 +19,13 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
     if is_frozen(cfg):
         return cfg
     from ..plugins import merge_records
-    from ..sources.hub import resolve_model
+    from ..sources.hub import resolve_hub_folders
     from ..vision import complete_config
     from .families import resolve_llm_options
 
     for f in fields(cfg):  # its own copies of the parts it may share with another config (dataclasses.replace)
         setattr(cfg, f.name, thawed(getattr(cfg, f.name)))
-    resolve_model(cfg)
+    resolve_hub_folders(cfg)
     complete_config(cfg)
     resolve_llm_options(cfg)
     cfg.plugins = merge_records(cfg.plugins)

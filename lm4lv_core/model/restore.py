@@ -1,11 +1,19 @@
-"""Restoring image files with a loaded model: ``restore_folder(model, src, dst)`` restores every
-image of a folder (recursively) into a mirrored folder, as ``lm4lv generate --input`` does on each
-of its workers (:func:`restore_items`).
+"""Restoring images with a loaded model — the one restoration every entry point builds on.
 
 Each image becomes a one-turn conversation, the restoration prompt (``<image>`` = the image)
-answered in image-only mode; the restored image is written at the input's size (see
-``GenerationConfig.output_size``), in the input's format family (:func:`lm4lv_core.data.outputs.restored_name`),
-atomically, so an output that exists is finished.
+answered in image-only mode (:func:`restore_images`): in batches of whole images, or with
+``GenerationConfig.tile`` at the image's own resolution in tiles (:mod:`.tiled`). The restored
+image comes out at the input's size (see ``GenerationConfig.output_size``).
+
+* :func:`restore`: PIL images in, PIL images out;
+* :func:`restore_folder`: every image of a folder (recursively) into a mirrored folder, as
+  ``lm4lv generate --input`` does on each of its workers (:func:`restore_items`): in the input's
+  format family (:func:`lm4lv_core.data.outputs.restored_name`), atomically, so an output that
+  exists is finished.
+
+The prompt is the same everywhere (:func:`restore_prompt`): the one given, else the model's
+recorded restoration prompt (``ModelConfig.restore_prompt``), else lm4lv's default
+(:data:`lm4lv_core.defaults.DEFAULT_PROMPT`, the prompt ``lm4lv data`` writes).
 """
 
 from __future__ import annotations
@@ -18,19 +26,15 @@ from typing import Callable, Sequence
 
 from ..data.format import IMAGE_TOKEN, Sample, parse_sample
 from ..data.outputs import RestoreItem, plan_restore
-from ..defaults import GENERATE_BATCH_SIZE
+from ..defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
 from ..errors import ConfigError
 from .generate import GenerationConfig, generate_samples, output_image
 
 
 def restore_prompt(model_prompt: str | None, prompt: str | None = None) -> str:
     """The prompt to restore with: ``prompt`` if given, else the model's recorded one
-    (``ModelConfig.restore_prompt``); it must hold exactly one ``<image>``."""
-    chosen = prompt if prompt is not None else model_prompt
-    if chosen is None:
-        raise ConfigError("this model has no recorded restoration prompt (its training data held no sample "
-                          "'<image> ... <task>' answered by an image, or it was saved before lm4lv recorded "
-                          "prompts); pass --prompt, e.g. --prompt '<image> <task>'")
+    (``ModelConfig.restore_prompt``), else :data:`DEFAULT_PROMPT`; it must hold exactly one ``<image>``."""
+    chosen = prompt if prompt is not None else (model_prompt or DEFAULT_PROMPT)
     if chosen.count(IMAGE_TOKEN) != 1:
         raise ConfigError(f"--prompt must hold exactly one {IMAGE_TOKEN} (the image to restore), got {chosen!r}")
     return chosen
@@ -45,48 +49,94 @@ def image_config(cfg: GenerationConfig | None) -> GenerationConfig:
     return dataclasses.replace(cfg, mode="image")
 
 
+def prompt_samples(images: Sequence[tuple[int, str]], prompt: str, source: str) -> list[Sample]:
+    """One generation sample per ``(key, image path)``: ``prompt`` with that image, keyed by ``key``."""
+    return [parse_sample({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
+                          "image": [src]}, key, source=source) for key, src in images]
+
+
 def restore_samples(items: Sequence[RestoreItem], prompt: str) -> list[Sample]:
     """One generation sample per item: ``prompt`` with the item's image, keyed by ``item.key``."""
-    return [parse_sample({"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}],
-                          "image": [it.src]}, it.key, source="--input") for it in items]
+    return prompt_samples([(it.key, it.src) for it in items], prompt, "--input")
+
+
+def restore_images(model, samples: Sequence[Sample], cfg: GenerationConfig | None = None, *,
+                   on_image: Callable[[Sample, object], None], batch_size: int = GENERATE_BATCH_SIZE,
+                   loader=None, size_of: Callable[[Sample], tuple[int, int]] | None = None, compile: bool = False,
+                   on_batch: Callable[[int, int], None] | None = None) -> None:
+    """The restoration: each sample's image restored (image-only generation, the model in eval mode
+    meanwhile) and handed to ``on_image(sample, PIL image)`` at the size ``cfg.output_size`` asks for.
+
+    ``loader(path)`` reads an input image (default: the file); ``size_of(sample)`` is its input's
+    (width, height) (default: read from the file's header). With ``cfg.tile`` each image is
+    restored at its own resolution in tiles (``batch_size`` then counts tiles).
+    ``on_batch(tiles, images)``: after each batch, how many tiles it held (its images when not
+    tiled) and how many images it finished."""
+    from ..image.io import oriented_size
+
+    cfg = image_config(cfg)
+    size_of = size_of or (lambda s: oriented_size(s.images[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.tile is not None:  # at native resolution, tiles of many images batched together
+            from PIL import Image
+
+            from .tiled import generate_tiled, model_tiling
+
+            generate_tiled(model, samples, cfg, model_tiling(model, cfg), batch_size=batch_size, loader=loader,
+                           on_image=lambda i, s, px: on_image(s, Image.fromarray(px)), compile=compile,
+                           on_batch=on_batch)
+            return
+
+        def finish(chunk: list[Sample], outs) -> None:
+            for s, o in zip(chunk, outs):
+                if not o.images:
+                    raise ConfigError(f"{s.images[0]}: the model produced no image")
+                on_image(s, output_image(o.images[0], size_of(s), cfg, model))
+            if on_batch is not None:
+                on_batch(len(chunk), len(chunk))
+
+        generate_samples(model, samples, cfg, batch_size=batch_size, loader=loader, on_batch=finish, compile=compile)
+    finally:
+        model.train(was_training)
+
+
+def restore(model, images, prompt: str | None = None, *, batch_size: int = GENERATE_BATCH_SIZE,
+            cfg: GenerationConfig | None = None):
+    """Restore PIL images with a loaded model; returns PIL images (:func:`restore_images`).
+
+    ``prompt`` is the human turn; its ``<image>`` is the input image (default: :func:`restore_prompt`).
+    With ``cfg.output_size`` ``input`` (the default) each result has its input's size (under ``crop``:
+    the centre square's footprint), with ``model`` the model's square size. With ``cfg.tile`` each
+    image is restored at its own resolution in tiles (``batch_size`` counts tiles).
+    """
+    prompt = restore_prompt(model.config.restore_prompt, prompt)
+    table = {f"mem:{i}": img for i, img in enumerate(images)}
+    result: dict[int, object] = {}
+    restore_images(model, prompt_samples(list(enumerate(table)), prompt, "restore"), cfg,
+                   on_image=lambda s, img: result.__setitem__(s.index, img), batch_size=batch_size,
+                   loader=lambda p: table[p].convert("RGB"), size_of=lambda s: table[s.images[0]].size)
+    return [result[i] for i in range(len(images))]
 
 
 def restore_items(model, items: Sequence[RestoreItem], out: str | os.PathLike, prompt: str, *,
                   cfg: GenerationConfig | None = None, batch_size: int = GENERATE_BATCH_SIZE,
                   compile: bool = False, on_batch: Callable[..., None] | None = None, on_tiles: bool = False) -> None:
-    """Restore ``items`` with a loaded model (in eval mode) into ``out``, batch by batch;
-    ``on_batch(n)`` is called after each batch's ``n`` images are written (with ``cfg.tile`` and
-    ``on_tiles``: ``on_batch(tiles, images)``, the batch's tiles and the images it finished)."""
-    from ..image.io import oriented_size, save_image
+    """Restore ``items`` into ``out`` (:func:`restore_images`), batch by batch; ``on_batch(n)`` is
+    called after each batch's ``n`` images are written (with ``cfg.tile`` and ``on_tiles``:
+    ``on_batch(tiles, images)``, the batch's tiles and the images it finished)."""
+    from ..image.io import save_image
 
-    cfg = image_config(cfg)
     out = Path(out)
     by_key = {it.key: it for it in items}
-
-    def write(chunk: list[Sample], outs) -> None:
-        for s, o in zip(chunk, outs):
-            it = by_key[s.index]
-            if not o.images:
-                raise ConfigError(f"{it.src}: the model produced no image")
-            save_image(output_image(o.images[0], oriented_size(it.src), cfg, model), out / it.dst)
-        if on_batch is not None:
-            on_batch(len(chunk))
-
-    if cfg.tile is not None:  # at native resolution, tiles of many images batched together
-        from PIL import Image
-
-        from .tiled import generate_tiled, model_tiling
-
-        def write_tiled(i: int, s: Sample, pixels) -> None:
-            save_image(Image.fromarray(pixels), out / by_key[s.index].dst)
-
-        generate_tiled(model, restore_samples(items, prompt), cfg, model_tiling(model, cfg), batch_size=batch_size,
-                       on_image=write_tiled, compile=compile,
-                       on_batch=(lambda tiles, images: on_batch(tiles, images)) if on_tiles and on_batch else
-                       (lambda tiles, images: on_batch(images)) if on_batch else None)
-        return
-    generate_samples(model, restore_samples(items, prompt), cfg, batch_size=batch_size, on_batch=write,
-                     compile=compile)
+    tiled = cfg is not None and cfg.tile is not None
+    after = None
+    if on_batch is not None:
+        after = (lambda tiles, images: on_batch(tiles, images)) if on_tiles and tiled else \
+            (lambda tiles, images: on_batch(images))
+    restore_images(model, restore_samples(items, prompt), cfg, batch_size=batch_size, compile=compile,
+                   on_image=lambda s, img: save_image(img, out / by_key[s.index].dst), on_batch=after)
 
 
 @dataclass
@@ -104,19 +154,13 @@ def restore_folder(model, src: str | os.PathLike | Sequence[str | os.PathLike], 
     """Restore the images of ``src`` (a folder, searched recursively, an image, or a list of them)
     into ``dst``, mirroring their relative paths (:func:`lm4lv_core.data.outputs.plan_restore`).
 
-    ``prompt``: the human turn (default: the model's recorded restoration prompt). Images whose
-    output exists are skipped unless ``overwrite``. ``cfg.tile``: restore each image at its own
-    resolution in tiles (``batch_size`` then counts tiles). Returns the counts.
+    ``prompt``: the human turn (default: :func:`restore_prompt`). Images whose output exists are
+    skipped unless ``overwrite``. ``cfg.tile``: restore each image at its own resolution in tiles
+    (``batch_size`` then counts tiles). Returns the counts.
     """
     prompt = restore_prompt(model.config.restore_prompt, prompt)
-    cfg = image_config(cfg)
     sources = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     items = plan_restore(sources, dst)
     todo = items if overwrite else [it for it in items if not (Path(dst) / it.dst).is_file()]
-    was_training = model.training
-    model.eval()
-    try:
-        restore_items(model, todo, dst, prompt, cfg=cfg, batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    restore_items(model, todo, dst, prompt, cfg=image_config(cfg), batch_size=batch_size)
     return RestoreCount(len(todo), len(items) - len(todo), len(items))

@@ -65,6 +65,11 @@ def resolve(ref: str, option: str = "model") -> tuple[str, dict[str, Any] | None
     return _fetch_once(ref, option)
 
 
+def part_folder(ref: str, option: str = "--encoder/--decoder") -> str:
+    """The local folder of a vision part's ``ref`` (a folder, or a hub id fetched by :func:`resolve`)."""
+    return resolve(ref, option)[0]
+
+
 def _fetch_once(ref: str, option: str) -> tuple[str, dict[str, Any]]:
     """Rank 0 fetches first when workers already run; the others then find it in the cache."""
     from ..util import dist
@@ -151,7 +156,7 @@ def local_path(ref: str, option: str = "model", record: dict[str, Any] | None = 
     return path, new
 
 
-def resolve_model(cfg):
+def resolve_hub_folders(cfg):
     """Point ``cfg`` (a ``ModelConfig``, changed in place and returned) at local folders for the LLM
     and every vision part's ``path``, and record the hub ones in ``cfg.hub``."""
     records = dict(getattr(cfg, "hub", None) or {})

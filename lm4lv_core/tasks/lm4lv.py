@@ -125,7 +125,7 @@ class LM4LVTask(TrainTask):
             return
         tokens = model.space.next_token(out.vision_pred.flatten(0, 1), lambda g: g.argmax(-1))
         with gather(model.decoder.parameters()):
-            pred = model.decode_features(tokens.view(*out.vision_pred.shape[:2], *tokens.shape[1:]))
+            pred = model.decode_tokens(tokens.view(*out.vision_pred.shape[:2], *tokens.shape[1:]))
         if path is None:
             return
         from ..image.grids import grid_scale, save_comparison

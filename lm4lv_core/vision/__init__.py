@@ -79,11 +79,18 @@ def token_space(spec: ModuleSpec) -> TokenSpace:
     return ENCODERS.get(spec.name).token_space(**spec.kwargs)
 
 
+def visual_space(cfg: ModelConfig, space: TokenSpace | None = None) -> TokenSpace:
+    """What the LLM sees of an image under ``cfg``: the encoder's token space (``space``, else told
+    from its config) truncated to ``cfg.num_visual_tokens`` (``cfg.token_select`` picks which)."""
+    space = space or token_space(cfg.encoder)
+    return space.truncated(cfg.num_visual_tokens, cfg.token_select)
+
+
 def cannot_paint(cfg: ModelConfig, space: TokenSpace | None = None) -> str | None:
     """Why a model of ``cfg`` cannot answer with images (``None``: it can): it keeps only some of
     each image's tokens (``num_visual_tokens``), or it has no decoder."""
     space = space or token_space(cfg.encoder)
-    if space.truncated(cfg.num_visual_tokens, cfg.token_select).of is not None:
+    if visual_space(cfg, space).of is not None:
         return (f"--num-visual-tokens {cfg.num_visual_tokens} keeps {cfg.num_visual_tokens} of the "
                 f"{space.num_tokens} tokens of encoder {cfg.encoder.name}, and a truncated model cannot paint "
                 "(text answers only)")
@@ -126,7 +133,7 @@ def complete_config(cfg: ModelConfig, space: TokenSpace | None = None) -> ModelC
     that the parts fit together; returns ``cfg`` (changed in place), so a run records what it uses.
     A truncated model (``num_visual_tokens``) cannot paint: it keeps no decoder."""
     space = space or token_space(cfg.encoder)
-    if cfg.decoder is not None and space.truncated(cfg.num_visual_tokens, cfg.token_select).of is not None:
+    if cfg.decoder is not None and visual_space(cfg, space).of is not None:
         cfg.decoder = None
     if cfg.adapter is None:
         cfg.adapter = ModuleSpec(space.default_adapter)
@@ -150,6 +157,6 @@ def complete_config(cfg: ModelConfig, space: TokenSpace | None = None) -> ModelC
 
 
 __all__ = ["VisionEncoder", "VisionDecoder", "TokenSpace", "PlanShape", "VisionLoss", "FEATURES", "CODES",
-           "build_encoder", "build_decoder", "build_adapter", "meta_part", "token_space", "vision_loss",
+           "build_encoder", "build_decoder", "build_adapter", "meta_part", "token_space", "visual_space", "vision_loss",
            "complete_config", "cannot_paint", "parse_part", "has_decoder", "check_adapters", "declare_adapter",
            "adapter_traits", "AdapterTraits", "ADAPTER", "DEADAPTER"]

@@ -2,7 +2,7 @@
 
 Every adapter is built as ``fn(in_dim, out_dim, **kwargs)``: the adapter maps the token space's
 ``in_dim`` (a feature width, or the codebook size for codes) to d_llm, the deadapter maps d_llm to
-its ``head_dim`` (a feature, or logits over the codebook). ``pseudo_inverse`` deadapters are also
+its ``out_dim`` (a feature, or logits over the codebook). ``pseudo_inverse`` deadapters are also
 given the adapter they invert (``partner``).
 
 Each adapter declares what it can do with :func:`declare_adapter` (an attribute on the function,

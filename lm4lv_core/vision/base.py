@@ -75,8 +75,8 @@ class TokenSpace:
         return self.codebook_size or self.dim
 
     @property
-    def head_dim(self) -> int:
-        """Width of the deadapter's output: a feature, or logits over the codebook."""
+    def out_dim(self) -> int:
+        """Width of the deadapter's output (the prediction): a feature, or logits over the codebook."""
         return self.codebook_size or self.dim
 
     @property
@@ -117,7 +117,7 @@ class TokenSpace:
         return tokens.long() if self.codebook_size else tokens.to(dtype)
 
     def next_token(self, head: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """A prediction ``[R, head_dim]`` → the token fed back next: the feature itself, or the
+        """A prediction ``[R, out_dim]`` → the token fed back next: the feature itself, or the
         code ``pick(logits)`` chooses (argmax or a sample)."""
         return pick(head.float()) if self.codebook_size else head
 
@@ -167,7 +167,9 @@ class VisionPart(nn.Module):
     codebook_size: int | None = None
 
     @property
-    def tokens(self) -> TokenSpace:
+    def space(self) -> TokenSpace:
+        """The part's token space, from the attributes a family sets (``dim``, ``num_tokens``,
+        ``image_size``, ``codebook_size``)."""
         return TokenSpace(self.num_tokens, self.dim, self.image_size, self.codebook_size)
 
     @classmethod
@@ -178,7 +180,7 @@ class VisionPart(nn.Module):
     @classmethod
     def token_space(cls, **kwargs) -> TokenSpace:
         """The token space from the part's config alone (no weights read). Default: build it."""
-        return cls(**kwargs).tokens
+        return cls(**kwargs).space
 
     @classmethod
     def meta(cls, **kwargs) -> "VisionPart":

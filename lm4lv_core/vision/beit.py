@@ -18,23 +18,18 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
+from ..sources.hub import part_folder
 from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, checkpoint_stats, normalize
 from .constants import HALF
 
 HF_CLASS = "BeitForMaskedImageModeling"
 
 
-def _folder(path: str) -> str:
-    from ..sources.hub import resolve
-
-    return resolve(path, "--encoder/--decoder")[0]
-
-
 def beit_config(path: str):
     from transformers import BeitConfig
 
     try:
-        return BeitConfig.from_pretrained(_folder(path))
+        return BeitConfig.from_pretrained(part_folder(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read a BEiT config ({e})") from None
 
@@ -45,7 +40,7 @@ def load_beit(path: str, dtype: torch.dtype | None = None):
 
     hf_logging.disable_progress_bar()
     try:
-        return BeitForMaskedImageModeling.from_pretrained(_folder(path), dtype=dtype or torch.float32).eval()
+        return BeitForMaskedImageModeling.from_pretrained(part_folder(path), dtype=dtype or torch.float32).eval()
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load a {HF_CLASS} folder ({e})") from None
 
@@ -70,7 +65,7 @@ class BeitEncoder(_BeitPart, VisionEncoder):
         super().__init__()
         self.path, self.layer = path, layer
         model = model if model is not None else load_beit(path, dtype)
-        self.mean, self.std = checkpoint_stats(_folder(path), HALF)
+        self.mean, self.std = checkpoint_stats(part_folder(path), HALF)
         self.beit, self.layernorm = model.beit, model.layernorm
         self._geometry(model.config)
         self.image_size = model.config.image_size

@@ -19,7 +19,7 @@ from .base import CODES, FEATURES
 
 # what the model can hand a vision loss, for each target image T (of N tokens)
 LOSS_INPUTS = {
-    "pred": "the deadapter's predictions [T, N, head_dim]",
+    "pred": "the deadapter's predictions [T, N, out_dim]",
     "target": "the encoder's tokens of the target images [T, N(, d)]",
     "target_pixels": "the target images [T, 3, H, W] in [0, 1]",
     "hidden": "the LLM hidden states the predictions were read from [T, N, d_llm]",

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
+from ..sources.hub import part_folder
 from ..util.params import parameter_dtype
 from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, VisionPart, conv_plan_shape, require
 
@@ -20,18 +21,12 @@ FAMILY = "sd-vae"
 PATCH = 2  # latent pixels per token side
 
 
-def _folder(path: str) -> str:
-    from ..sources.hub import resolve
-
-    return resolve(path, "--encoder/--decoder")[0]
-
-
 def vae_config(path: str) -> dict:
     require("diffusers", "diffusers", FAMILY)
     from diffusers import AutoencoderKL
 
     try:
-        return dict(AutoencoderKL.load_config(_folder(path)))
+        return dict(AutoencoderKL.load_config(part_folder(path)))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not an AutoencoderKL folder ({e})") from None
 
@@ -41,7 +36,7 @@ def load_vae(path: str, dtype: torch.dtype | None = None):
     from diffusers import AutoencoderKL
 
     try:
-        return AutoencoderKL.from_pretrained(_folder(path), torch_dtype=dtype or torch.float32).eval()
+        return AutoencoderKL.from_pretrained(part_folder(path), torch_dtype=dtype or torch.float32).eval()
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load an AutoencoderKL folder ({e})") from None
 

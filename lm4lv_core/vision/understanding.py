@@ -138,7 +138,7 @@ class _HFEncoder(_Normalised):
     @classmethod
     def token_space(cls, **kwargs):
         with torch.device("meta"):
-            return cls.meta(**kwargs).tokens
+            return cls.meta(**kwargs).space
 
     def plan_shape(self) -> PlanShape:
         c = self._cfg
@@ -323,7 +323,7 @@ class TimmEncoder(_Normalised):
     @classmethod
     def token_space(cls, **kwargs):
         with torch.device("meta"):
-            return cls.meta(**kwargs).tokens
+            return cls.meta(**kwargs).space
 
     def plan_shape(self) -> PlanShape:
         blocks = getattr(self.net, "blocks", [])

@@ -19,16 +19,11 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import DECODERS, ENCODERS
+from ..sources.hub import part_folder
 from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, VisionPart, conv_plan_shape, require
 from .ldm_checkpoint import CONFIG_FILE, is_ldm_vq_folder, ldm_vq_config, load_ldm_vqmodel
 
 FAMILY = "vqgan"
-
-
-def _folder(path: str) -> str:
-    from ..sources.hub import resolve
-
-    return resolve(path, "--encoder/--decoder")[0]
 
 
 def vq_config(path: str) -> dict:
@@ -36,7 +31,7 @@ def vq_config(path: str) -> dict:
     require("diffusers", "diffusers", FAMILY)
     from diffusers import VQModel
 
-    folder = _folder(path)
+    folder = part_folder(path)
     if is_ldm_vq_folder(folder):
         from ..config import load_yaml
 
@@ -55,7 +50,7 @@ def load_vq(path: str, dtype: torch.dtype | None = None):
     from diffusers import VQModel
 
     dtype = dtype or torch.float32
-    folder = _folder(path)
+    folder = part_folder(path)
     if is_ldm_vq_folder(folder):
         return load_ldm_vqmodel(folder, dtype)
     try:
@@ -137,7 +132,7 @@ class _VQDecoder(_VQPart, VisionDecoder):
         """Tokens → latents ``[B, C, g, g]`` (codes through the float32 codebook)."""
         b, g = tokens.shape[0], self.grid
         if self.codes:
-            self.tokens.check(tokens, "vqgan-codes decoder")
+            self.space.check(tokens, "vqgan-codes decoder")
             return self.quantize.get_codebook_entry(tokens.reshape(-1), (b, g, g, self.dim))
         return tokens.transpose(1, 2).reshape(b, self.dim, g, g)
 
