@@ -34,8 +34,9 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     write_pairs(root / "data", n=2)
     torch.manual_seed(0)
-    model = LM4LV.from_config(preset_config("tiny"))
-    model.config.restore_prompt = PROMPT
+    cfg = preset_config("tiny")
+    cfg.restore_prompt = PROMPT  # (before from_config, which freezes the model's config)
+    model = LM4LV.from_config(cfg)
     model.save_pretrained(root / "run" / "final")
     return root
 
