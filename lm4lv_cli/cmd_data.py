@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lm4lv_core.defaults import CROP_BORDER, DEFAULT_PROMPT, SIZE_POLICY
 from lm4lv_core.util.progress import progress_bar
+
+from . import options as opt
 
 _MAX_LISTED = 10
 
@@ -36,27 +37,11 @@ def _unmatched(console: Console, label: str, names: list[str]) -> None:
         console.print(f"[yellow]{len(names)} {label}:[/] {shown}")
 
 
+@opt.with_make_data_options
 def make_data(
     clean_dir: Optional[Path] = typer.Argument(None, help="Folder of clean images (recursive)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder to create."),
-    degradation: List[str] = typer.Option(
-        [], "--degradation", "-d",
-        help="NAME[:k=v,...], chain with + (e.g. blur:sigma=2+noise:sigma=15); repeatable."),
-    size: int = typer.Option(224, help=f"Output size: {SIZE_POLICY}."),
-    seed: int = typer.Option(0, help="Seed of the degradations and of the test split."),
-    test_fraction: float = typer.Option(0.1, help="Share of clean images held out for test."),
-    test_dir: Optional[Path] = typer.Option(
-        None, help="Separate folder of clean test images (replaces --test-fraction)."),
-    prompt: str = typer.Option(DEFAULT_PROMPT, help="Human turn; <image> is the degraded image."),
-    workers: int = typer.Option(1, help="Processes; outputs do not depend on it."),
-    overwrite: bool = typer.Option(False, help="Replace a dataset previously made here."),
-    lq: Optional[Path] = typer.Option(None, "--lq", help="Pair existing degraded images..."),
-    hq: Optional[Path] = typer.Option(None, "--hq", help="...with these clean images."),
     list_: bool = typer.Option(False, "--list", help="List the degradations and exit."),
-    resize: str = typer.Option("stretch", "--resize", help="stretch: SIZE x SIZE whatever the aspect ratio "
-                               "(as the reference); crop: shorter side to SIZE, centre square."),
-    on_error: str = typer.Option("stop", "--on-error", help="stop: an unreadable image is one error and nothing "
-                                 "is written; skip: make the rest, list the failures in DATA_DIR/failures.csv, exit 3."),
+    options: dict = None,
 ) -> None:
     """Build a restoration dataset: hq/, lq/<degradation>/, train.json, test.json, manifest.json.
 
@@ -68,12 +53,13 @@ def make_data(
     from lm4lv_core.errors import ConfigError
     from lm4lv_core.jobs.make_data import MakeDataConfig, make_data as build
 
-    if out is None:
+    o = opt.with_defaults(options, MakeDataConfig)
+    if o["out"] is None:
         raise ConfigError("--out DATA_DIR is required")
-    cfg = MakeDataConfig(out=out, clean_dir=clean_dir, degradations=degradation, size=size,
-                         seed=seed, test_fraction=test_fraction, test_dir=test_dir,
-                         prompt=prompt, workers=workers, overwrite=overwrite, lq_dir=lq,
-                         hq_dir=hq, resize=resize, on_error=on_error)
+    cfg = MakeDataConfig(out=o["out"], clean_dir=clean_dir, degradations=o["degradation"], size=o["size"],
+                         seed=o["seed"], test_fraction=o["test_fraction"], test_dir=o["test_dir"],
+                         prompt=o["prompt"], workers=o["workers"], overwrite=o["overwrite"], lq_dir=o["lq"],
+                         hq_dir=o["hq"], resize=o["resize"], on_error=o["on_error"])
     with progress_bar("make-data", rate=True) as bar:
         res = build(cfg, progress=bar.update)
     show_make_data(res)
@@ -97,57 +83,28 @@ def show_make_data(res) -> None:
     console.print(f"wrote {res.out}")
 
 
+@opt.with_eval_options
 def evaluate(
     metric: str = typer.Argument(..., help="psnr | ssim | lpips (or a comma list, or all)."),
     gt: Path = typer.Argument(..., help="Ground-truth image or folder."),
     pred: List[Path] = typer.Argument(..., help="Restored image(s) or folder(s) (paired by path / name); "
                                       "several are compared in one table."),
-    crop_border: int = typer.Option(CROP_BORDER, help="Pixels removed from each side before scoring."),
-    y_channel: bool = typer.Option(False, "--y-channel", help="Score BT.601 luma (PSNR/SSIM)."),
-    resize_to_smaller: bool = typer.Option(
-        False, "--resize-to-smaller", help="Resize both images of a pair to the smaller size "
-        "(bicubic) instead of failing on a size mismatch."),
-    lpips_net: str = typer.Option("alex", help="LPIPS backbone: alex | vgg."),
-    lpips_weights: Optional[Path] = typer.Option(
-        None, help="torchvision backbone state dict (else the torch hub cache is used)."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write summary + rows here."),
-    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write per-image rows here."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Draw a labelled comparison grid (PNG) of scored pairs."),
-    grid_rows: Optional[int] = typer.Option(None, "--grid-rows", help="Grid of the first N images (default: the worst, median "
-                                            "and best by PSNR gain of the last PRED over the first)."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated names of the PRED folders "
-                                         "(default: their shortest distinct paths)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --json/--csv/--grid/--html files an earlier "
-                                   "lm4lv eval wrote (other existing files are never replaced)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Processes scoring in parallel (default: the "
-                                          "machine's cores, at most 8; 1 for small folders). Rows do not depend on it."),
-    device: str = typer.Option("auto", "--device", help="Where LPIPS runs: auto (the GPU when one is present), "
-                               "cpu, cuda, cuda:K."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from the scores it streamed "
-                                "beside --csv / --json (same settings only)."),
-    on_error: str = typer.Option("stop", "--on-error", help="stop: the first unreadable / unscorable pair is "
-                                 "one error; skip: score the rest, list the failures in failures.csv, exit 3."),
-    html: Optional[Path] = typer.Option(None, "--html", help="Write a comparison page (open it from disk): means, "
-                                        "sortable per-image table, before/after slider with pixel zoom."),
-    ceiling: Optional[str] = typer.Option(None, "--ceiling", help="RUN or FAMILY:SOURCE: also score the vision "
-                                          "family's own reconstruction of GT (encode -> decode, no LLM), the best "
-                                          "a restoration through it can reach."),
+    options: dict = None,
 ) -> None:
     """Score restored images against ground truth with PSNR / SSIM / LPIPS (several PRED: one table
     with each folder's mean and its difference to the first)."""
+    from lm4lv_core.jobs.configs import EvalConfig
     from lm4lv_core.jobs.evaluate import evaluate as score
 
+    o = opt.with_defaults(options, EvalConfig)
+    labels = o.pop("labels")
     names = [s.strip() for s in labels.split(",")] if labels else None
-    failures = failures_path([csv_file, json_file, grid])
+    failures = failures_path([o["csv_file"], o["json_file"], o["grid"]])
     with progress_bar("eval", rate=True) as bar:
-        cmp = score(metric, gt, pred, labels=names, json_file=json_file, csv_file=csv_file, grid=grid,
-                    grid_rows=grid_rows, overwrite=overwrite, html=html, ceiling=ceiling, crop_border=crop_border, y_channel=y_channel,
-                    resize_to_smaller=resize_to_smaller, lpips_net=lpips_net, lpips_weights=lpips_weights,
-                    progress=bar.update, workers=workers, device=device, resume=resume, on_error=on_error,
-                    failures_file=failures)
-    show_eval(cmp, crop_border=crop_border, y_channel=y_channel, grid=grid)
-    if html:
-        typer.echo(f"page: {html}")
+        cmp = score(metric, gt, pred, labels=names, progress=bar.update, failures_file=failures, **o)
+    show_eval(cmp, crop_border=o["crop_border"], y_channel=o["y_channel"], grid=o["grid"])
+    if o["html"]:
+        typer.echo(f"page: {o['html']}")
     report_failures(len(cmp.failures), failures, "scored")
 
 

@@ -17,25 +17,16 @@ console = Console()
 O = typer.Option
 
 
-@opt.with_run_options
+@opt.with_ft_mae_options
 def ft_mae(
     images: Path = typer.Argument(..., help="Folder of training images (recursive)."),
-    out: Optional[Path] = O(None, "--out", help="Run directory."),
-    mae: Optional[str] = O(None, "--mae", help="MAE (ViTMAEForPreTraining) to start from: a folder or a Hugging Face id org/name[@revision]."),
-    preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose MAE to start from."),
-    lpips_weight: Optional[float] = O(None, "--lpips-weight", help="λ of L1 + λ·LPIPS; 0 disables LPIPS [1.0]."),
-    lpips_net: Optional[str] = O(None, "--lpips-net", help="alex | vgg [vgg, as the reference]."),
-    lpips_weights: Optional[str] = O(None, "--lpips-weights", help="torchvision backbone state dict (default: the torch hub cache, e.g. vgg16-397923af.pth)."),
-    train_encoder: Optional[bool] = O(None, "--train-encoder/--freeze-encoder", help="Also train the encoder [frozen]."),
     config: Optional[Path] = opt.CONFIG,
-    run_options: dict = None,
+    options: dict = None,
 ) -> None:
     """Fine-tune the MAE decoder with |x − D(E(x))|₁ + λ·LPIPS (encoder frozen by default)."""
-    options = {k: v for k, v in locals().items() if k not in ("config", "images", "run_options")}
     from lm4lv_core.jobs.ft_mae import finetune, resolve_finetune_options
 
-    options.update(run_options, data=str(images), out=str(out) if out else None)
-    train_cfg, mae_cfg = resolve_finetune_options(options, str(config) if config else None)
+    train_cfg, mae_cfg = resolve_finetune_options(dict(options, data=str(images)), str(config) if config else None)
     show_finetuned(train_cfg, finetune(train_cfg, mae_cfg))
 
 

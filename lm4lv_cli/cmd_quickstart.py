@@ -4,37 +4,29 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
-import typer
 from rich.console import Console
 from rich.table import Table
 
 from lm4lv_core.defaults import CROP_BORDER
 
+from . import options as opt
+
 console = Console()
-O = typer.Option
 
 
-def quickstart(
-    out: Path = O(Path("lm4lv-quickstart"), "--out", help="Folder for everything the quickstart makes."),
-    steps: int = O(2400, "--steps", min=1, help="LM4LV training steps."),
-    mae_steps: int = O(1500, "--mae-steps", min=0, help="MAE decoder fine-tuning steps (0 keeps the random decoder)."),
-    preset: str = O("tiny-64", "--preset", help="Tiny offline model preset."),
-    size: int = O(64, "--size", help="Image size (must match the preset's MAE)."),
-    lpips_weight: Optional[float] = O(None, "--lpips-weight", help="λ of ft-mae [1.0 when LPIPS weights are installed, else 0]."),
-    seed: int = O(0, "--seed", help="Seed of data, initialisation and data order."),
-    overwrite: bool = O(False, "--overwrite", help="Replace an earlier quickstart in --out."),
-    verbose: bool = O(False, "--verbose", help="Show third-party warnings and logs too (each stage's log file has them)."),
-) -> None:
+@opt.with_quickstart_options
+def quickstart(options: dict = None) -> None:
     """Run make-data → ft-mae → train → generate → eval on scikit-image samples; write report.md."""
     from lm4lv_core.config import save_yaml
     from lm4lv_core.errors import ConfigError
     from lm4lv_core.jobs import quickstart as qs
     from lm4lv_core.util.fsutil import remove_entries
 
-    cfg = qs.QuickstartConfig(out=str(out), preset=preset, size=size, mae_steps=mae_steps, steps=steps,
-                              seed=seed, lpips_weight=lpips_weight, overwrite=overwrite)
+    o = opt.with_defaults(options, qs.QuickstartConfig)
+    verbose = bool(o.pop("verbose"))
+    cfg = qs.QuickstartConfig(**dict(o, out=str(Path(o["out"]))))
+    out, size, seed, lpips_weight = Path(cfg.out), cfg.size, cfg.seed, cfg.lpips_weight
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise ConfigError(f"--out {out}: not empty; pass --overwrite to replace an earlier quickstart")

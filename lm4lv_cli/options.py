@@ -2,10 +2,11 @@
 (``lm4lv_core.config.option``: type, default, one-line doc, flag, help panel), and its Typer option,
 help text with the default, and docs table come from that declaration.
 
-``@with_train_options`` (train), ``@with_run_options`` (ft-mae) and ``@with_node_options``
-(generate, recon) replace a command's dict parameter by one option per entry of their table and
-hand the values back as that dict (``None`` = not given), the flat form the option resolver layers
-(``lm4lv_core.engine.options``).
+``@with_train_options`` (train), ``@with_ft_mae_options`` (ft-mae), ``@with_worker_options``
+(generate, recon), ``@with_eval_options`` (eval) and the like replace a command's dict parameter
+by one option per entry of their table and hand the values back as that dict (``None`` = not
+given), the flat form the option resolver layers (``lm4lv_core.engine.options``);
+:func:`with_defaults` fills in the declared defaults where a command needs them itself.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import typing
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
@@ -21,18 +23,24 @@ import typer
 from lm4lv_core.config import (PANELS, GenerationConfig, LoraConfig, ModelConfig, ModelSources, declared,
                                option_name)
 from lm4lv_core.engine.config import TrainConfig
+from lm4lv_core.jobs.configs import EvalConfig, MakeDataConfig, QuickstartConfig
+from lm4lv_core.jobs.demo import DemoConfig
+from lm4lv_core.tasks.mae_config import MAEFinetuneConfig
 
 O = typer.Option
 
 CONFIG = O(None, "--config", help="YAML file holding any of these options (the command line overrides it).")
 
 
-def _base_type(tp: Any) -> type:
-    """The command-line type of a field's annotation: ``X | None`` → X; lists and specs → str."""
+def _base_type(tp: Any) -> Any:
+    """The command-line type of a field's annotation: ``X | None`` → X; ``list[X]`` → a repeatable
+    option; other unions and specs → str."""
+    if typing.get_origin(tp) is list:
+        return typing.List[_base_type(typing.get_args(tp)[0])]
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:
         tp = args[0] if len(args) == 1 else str
-    return tp if tp in (bool, int, float, str) else str
+    return tp if tp in (bool, int, float, str, Path) or typing.get_origin(tp) is list else str
 
 
 def default_text(f: dataclasses.Field) -> str | None:
@@ -63,12 +71,14 @@ def declared_options(*classes: type, exclude: tuple[str, ...] = ()) -> dict[str,
             name = option_name(f)
             if name in exclude:
                 continue
-            flags = f.metadata.get("flags") or "--" + name.replace("_", "-")
+            flags = (f.metadata.get("flags") or "--" + name.replace("_", "-")).split()
             base = _base_type(hints[f.name])
-            typ, default = (bool, False) if base is bool and "/" not in flags else (Optional[base], None)
+            typ, default = (bool, False) if base is bool and "/" not in flags[0] else (Optional[base], None)
             panel = f.metadata.get("panel") or None
+            bounds = {"min": f.metadata["min"]} if f.metadata.get("min") is not None else {}
             rows.append((PANELS.index(panel) if panel in PANELS else -1, name,
-                         (typ, O(default, flags, help=help_text(f), rich_help_panel=panel, show_default=False))))
+                         (typ, O(default, *flags, help=help_text(f), rich_help_panel=panel, show_default=False,
+                                 **bounds))))
     return {name: decl for _, name, decl in sorted(rows, key=lambda r: r[0])}
 
 
@@ -89,6 +99,24 @@ WORKER_OPTIONS = {**{k: RUN_OPTIONS[k] for k in ("nproc", "engine", "precision")
 GENERATION_OPTIONS = {**declared_options(GenerationConfig), "attn_implementation": TRAIN_OPTIONS["attn_implementation"]}
 TILE_OPTIONS = {k: GENERATION_OPTIONS[k] for k in ("tile", "tile_overlap")}
 VERBOSE = RUN_OPTIONS["verbose"][1]
+
+
+def by_panel(table: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """``table`` ordered by help panel (as :func:`declared_options` orders one class's options)."""
+    order = sorted(enumerate(table.items()), key=lambda r: (
+        PANELS.index(r[1][1][1].rich_help_panel) if r[1][1][1].rich_help_panel in PANELS else -1, r[0]))
+    return {name: decl for _, (name, decl) in order}
+
+
+# ft-mae: the options of a run, its folder, where the MAE comes from (--mae, or --preset as train's) and the loss
+FT_MAE_OPTIONS = by_panel({**RUN_OPTIONS, "out": TRAIN_OPTIONS["out"], "preset": TRAIN_OPTIONS["preset"],
+                           **declared_options(MAEFinetuneConfig)})
+# the image commands' own configs; --workers, --on-error and --overwrite are the shared declarations of
+# lm4lv_core.config, --verbose and --precision those of the training runs
+MAKE_DATA_OPTIONS = declared_options(MakeDataConfig)
+EVAL_OPTIONS = declared_options(EvalConfig)
+QUICKSTART_OPTIONS = by_panel({**declared_options(QuickstartConfig), "verbose": RUN_OPTIONS["verbose"]})
+DEMO_OPTIONS = by_panel({**declared_options(DemoConfig), "precision": RUN_OPTIONS["precision"]})
 
 
 def _with_options(table: dict[str, tuple[Any, Any]], param: str) -> Callable[[Callable], Callable]:
@@ -117,7 +145,11 @@ def _with_options(table: dict[str, tuple[Any, Any]], param: str) -> Callable[[Ca
     return deco
 
 
-with_run_options = _with_options(RUN_OPTIONS, "run_options")
+with_ft_mae_options = _with_options(FT_MAE_OPTIONS, "options")
+with_make_data_options = _with_options(MAKE_DATA_OPTIONS, "options")
+with_eval_options = _with_options(EVAL_OPTIONS, "options")
+with_quickstart_options = _with_options(QUICKSTART_OPTIONS, "options")
+with_demo_options = _with_options(DEMO_OPTIONS, "options")
 with_train_options = _with_options(TRAIN_OPTIONS, "options")
 with_node_options = _with_options(NODE_OPTIONS, "nodes")
 with_import_options = _with_options(IMPORT_OPTIONS, "model")
@@ -130,6 +162,8 @@ def with_defaults(values: dict[str, Any], *classes: type) -> dict[str, Any]:
     """``values`` with every option not given (``None``) set to its declared default in ``classes``."""
     defaults = {option_name(f): f.default for cls in classes for f in dataclasses.fields(cls)
                 if f.default is not dataclasses.MISSING}
+    defaults.update({option_name(f): f.default_factory() for cls in classes for f in declared(cls, cli_only=True)
+                     if f.default_factory is not dataclasses.MISSING})  # (a repeatable option's empty list)
     return {k: (defaults.get(k) if v is None else v) for k, v in values.items()}
 
 
@@ -150,20 +184,35 @@ def markdown_table(table: dict[str, tuple[Any, Any]]) -> str:
     """A Markdown table of options (flag, panel, help with its default), as in ``--help``."""
     rows = ["| option | group | what it does [default] |", "|---|---|---|"]
     for _, (_, info) in table.items():
-        flags = " / ".join(f"`{f}`" for f in info.param_decls[0].split("/"))
+        flags = " / ".join(f"`{f}`" for decl in info.param_decls for f in decl.split("/"))
         text = info.help.replace("\\[", "[")  # (as written, whether or not the app escaped it for rich)
         rows.append(f"| {flags} | {info.rich_help_panel or ''} | {text.replace('|', chr(92) + '|')} |")
     return "\n".join(rows)
 
 
 def options_page() -> str:
-    """``docs/options.md``: every declared option of train, generate and recon, from the declarations."""
+    """``docs/options.md``: every declared option of every command, from the declarations."""
+    sections = [
+        ("`lm4lv train` (and its `--config` file)", TRAIN_OPTIONS),
+        ("`lm4lv generate`: decoding and tiles", GENERATION_OPTIONS),
+        ("`lm4lv generate`, `lm4lv recon`: workers", WORKER_OPTIONS),
+        ("`lm4lv ft-mae` (and its `--config` file)", FT_MAE_OPTIONS),
+        ("`lm4lv make-data`", MAKE_DATA_OPTIONS),
+        ("`lm4lv eval`", EVAL_OPTIONS),
+        ("`lm4lv quickstart`", QUICKSTART_OPTIONS),
+        ("`lm4lv demo` (besides the required `--run`)", DEMO_OPTIONS),
+    ]
     parts = ["# Options", "",
-             "Generated from the declarations in `lm4lv_core/config.py` and `lm4lv_core/engine/config.py` "
-             "(`python -m lm4lv_cli.options > docs/options.md`); `--help` shows the same text.", "",
-             "## `lm4lv train` (and its `--config` file)", "", markdown_table(TRAIN_OPTIONS), "",
-             "## `lm4lv generate`: decoding and tiles", "", markdown_table(GENERATION_OPTIONS), "",
-             "## `lm4lv generate`, `lm4lv recon`: workers", "", markdown_table(WORKER_OPTIONS), ""]
+             "Generated from the declarations in `lm4lv_core/config.py`, `lm4lv_core/engine/config.py`, "
+             "`lm4lv_core/tasks/mae_config.py`, `lm4lv_core/jobs/configs.py` and `lm4lv_core/jobs/demo.py` "
+             "(`python -m lm4lv_cli.options > docs/options.md`); `--help` shows the same text. An option "
+             "several commands take (`--workers`, `--on-error`, `--overwrite`, `--verbose`, `--precision`) "
+             "is declared once.", ""]
+    for title, table in sections:
+        parts += [f"## {title}", "", markdown_table(table), ""]
+    parts += ["## `lm4lv import-reference`", "",
+              "The model options of `lm4lv train`, as declared there: "
+              + ", ".join(f"`{info.param_decls[0].split('/')[0]}`" for _, info in IMPORT_OPTIONS.values()) + ".", ""]
     return "\n".join(parts)
 
 

@@ -22,23 +22,45 @@ TEMPLATES = ("default", "vicuna_v1.1", "llama2", "simple", "chat_template")  # r
 
 
 # option panels of the help (``lm4lv train --help``), in this order
-PANELS = ("Data", "Model", "Vision", "What trains", "LoRA", "Training", "Generation", "Tiles", "Launch", "Output")
+PANELS = ("Data", "Model", "Vision", "What trains", "LoRA", "Training", "Generation", "Tiles", "Scoring", "Launch",
+          "Output")
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, panel: str = "", flags: str | None = None,
            shows: str | None = None, cli: bool = True, may_change: bool = False, run_only: bool = False,
-           name: str | None = None, factory: Any = None) -> Any:
+           name: str | None = None, factory: Any = None, min: int | float | None = None) -> Any:
     """A config field and its option, declared once: ``doc`` is its one-line help; the command-line
     flag (``--field-name``, or ``flags`` such as ``"--train-adapter/--freeze-adapter"``), the help's
     ``[default]`` (the default itself, or ``shows`` when it is decided at run time), the help panel,
     what ``--config`` accepts and what ``--resume`` compares are derived from it. ``cli=False``: a
     recorded field no option sets; ``may_change``: a resumed run may change it; ``run_only``: never
-    taken from a saved run's config; ``name``: the option's name when it differs from the field's."""
+    taken from a saved run's config; ``name``: the option's name when it differs from the field's;
+    ``min``: the least value the command line accepts. ``flags`` may add a short alias after a
+    space (``"--out -o"``)."""
     md = {"doc": doc, "panel": panel, "flags": flags, "shows": shows, "cli": cli, "may_change": may_change,
-          "run_only": run_only, "name": name}
+          "run_only": run_only, "name": name, "min": min}
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=default, metadata=md)
+
+
+# options several commands take: one declaration each (a fresh field for every config that takes it)
+def workers_option(default: int | None, shows: str | None = None) -> Any:
+    """``--workers``: processes working in parallel (make-data, eval)."""
+    return option(default, "Processes working in parallel; the results do not depend on it.", panel="Launch",
+                  shows=shows)
+
+
+def on_error_option() -> Any:
+    """``--on-error``: what an image that cannot be read or processed does (make-data, eval)."""
+    return option("stop", "stop: the first image that cannot be read or processed is one error and the command "
+                  "stops; skip: do the rest, list the failures in failures.csv beside the outputs, exit 3.",
+                  panel="Launch")
+
+
+def overwrite_option(what: str) -> Any:
+    """``--overwrite``: replace ``what`` an earlier run of the command wrote (make-data, eval, quickstart)."""
+    return option(False, f"Replace {what}.", panel="Output", flags="--overwrite")
 
 
 def declared(cls: type, *, cli_only: bool = False) -> list[dataclasses.Field]:

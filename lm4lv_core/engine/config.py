@@ -88,8 +88,8 @@ class TrainConfig:
                               "cosine (linear warmup, cosine decay) | constant (linear warmup).", panel="Training")
     report_to: str = option("none", "Also log to: tensorboard (RUN/tensorboard) | wandb (local files in RUN/wandb) "
                             "| a comma list | none.", panel="Output", may_change=True)
-    verbose: bool = option(False, "Show third-party warnings and logs on the console too (RUN/train.log has them "
-                           "always).", panel="Output", flags="--verbose", may_change=True, run_only=True)
+    verbose: bool = option(False, "Show third-party warnings and logs on the console too (the run's log file, "
+                           "e.g. RUN/train.log, has them always).", panel="Output", flags="--verbose", may_change=True, run_only=True)
     gradient_checkpointing: bool = option(False, "Recompute transformer layers in the backward pass: less "
                                           "activation memory, one more forward.", panel="Training",
                                           flags="--gradient-checkpointing/--no-gradient-checkpointing",

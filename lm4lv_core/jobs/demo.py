@@ -10,13 +10,27 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import option
 from ..errors import ConfigError
 from ..precision import FP32
 
 DEFAULT_PORT = 7860
 LOCAL_HOST = "127.0.0.1"
+
+
+@dataclass
+class DemoConfig:
+    """The options of ``lm4lv demo`` besides ``--run`` and ``--precision`` (the training runs')."""
+
+    port: int = option(DEFAULT_PORT, "Port to serve on.", panel="Launch")
+    host: str = option(LOCAL_HOST, "Address to bind: 127.0.0.1 (this machine only, the default); 0.0.0.0 lets "
+                       "other machines of your network open it.", panel="Launch")
+    share: bool = option(False, "Also ask Gradio for a public *.gradio.live link (needs internet; anyone with the "
+                         "link can use your model while it runs).", panel="Launch", flags="--share")
+    examples: Path | None = option(None, "Folder of images offered as examples.", panel="Data")
 
 
 class Restorer:

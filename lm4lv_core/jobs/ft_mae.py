@@ -17,7 +17,8 @@ from ..engine.resume import fingerprint
 from ..engine.run import TrainingJob, prepare_run_dir, run_training, train_in_worker
 from ..image.io import require_images
 from ..sources.presets import mae_path
-from ..tasks.mae_decoder import MAEFinetuneConfig, MAETask
+from ..tasks.mae_config import MAEFinetuneConfig
+from ..tasks.mae_decoder import MAETask
 from ..vision.mae import MAEAutoencoder
 
 MAE_KEYS = ("mae", "preset", "lpips_weight", "lpips_net", "lpips_weights", "train_encoder", "hub")

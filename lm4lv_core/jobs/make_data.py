@@ -44,6 +44,7 @@ from PIL import Image
 
 from .. import __version__
 from ..defaults import DEFAULT_PROMPT, SIZE_POLICY  # noqa: F401 (SIZE_POLICY: re-exported)
+from .configs import MakeDataConfig  # noqa: F401 (its config, re-exported)
 from ..image.degrade import Pipeline, parse_spec
 from ..errors import ConfigError, LM4LVError
 from ..util.fsutil import temp_dir, user_entries, write_json_atomic, writing
@@ -56,65 +57,6 @@ PARTIAL_SETTINGS = ".lm4lv-settings.json"
 # bytes per pixel of one image in flight (uint8 copies and the float working copies of degradations)
 BYTES_PER_PIXEL = 3 * 8 * 3
 _SPLIT_TAG = 0x5B1A
-
-
-@dataclass
-class MakeDataConfig:
-    """Options of ``lm4lv make-data``. Either ``clean_dir`` + ``degradations`` (build mode) or
-    ``lq_dir`` + ``hq_dir`` (pairing mode: existing images are referenced, not copied)."""
-
-    out: Path
-    clean_dir: Path | None = None
-    degradations: list[str] = field(default_factory=list)
-    size: int = 224
-    seed: int = 0
-    test_fraction: float = 0.1
-    test_dir: Path | None = None
-    prompt: str = DEFAULT_PROMPT
-    workers: int = 1
-    overwrite: bool = False
-    lq_dir: Path | None = None
-    hq_dir: Path | None = None
-    resize: str = "stretch"
-    on_error: str = "stop"  # skip: leave out images that fail, list them in DATA_DIR/failures.csv
-
-    def __post_init__(self) -> None:
-        for name in ("out", "clean_dir", "test_dir", "lq_dir", "hq_dir"):
-            v = getattr(self, name)
-            if v is not None:
-                setattr(self, name, Path(v).expanduser().resolve())
-        self.degradations = list(self.degradations)
-        if self.pairing:
-            if self.lq_dir is None or self.hq_dir is None:
-                raise ConfigError("pairing mode needs both --lq and --hq")
-            if self.clean_dir is not None or self.degradations or self.test_dir is not None:
-                raise ConfigError("--lq/--hq pair existing images: do not also give CLEAN_DIR, "
-                                  "--degradation or --test-dir")
-        else:
-            if self.clean_dir is None:
-                raise ConfigError("give CLEAN_DIR (a folder of clean images) or --lq and --hq")
-            if not self.degradations:
-                raise ConfigError("give at least one --degradation (`--list` shows them)")
-        if self.size < 0:
-            raise ConfigError(f"--size must be >= 0, got {self.size}")
-        check_resize(self.resize)
-        if self.on_error not in ("stop", "skip"):
-            raise ConfigError(f"--on-error must be one of stop, skip, got {self.on_error!r}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
-        if not 0.0 <= self.test_fraction <= 1.0:
-            raise ConfigError(f"--test-fraction must be in [0, 1], got {self.test_fraction}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if self.prompt.count("<image>") != 1:
-            raise ConfigError("--prompt must contain <image> exactly once (the degraded image)")
-        for src in (self.clean_dir, self.test_dir, self.lq_dir, self.hq_dir):
-            if src is not None and (self.out == src or src in self.out.parents):
-                raise ConfigError(f"--out {self.out} must not be inside the input folder {src}")
-
-    @property
-    def pairing(self) -> bool:
-        return self.lq_dir is not None or self.hq_dir is not None
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..util.fsutil import write_text_atomic
 from ..image.io import load_rgb, resize_shorter, save_png
+from .configs import QUICKSTART_DEGRADATIONS, QuickstartConfig  # noqa: F401 (its config, re-exported)
 
 # scikit-image sample images: RGB and grayscale photographs and textures
 TRAIN_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
@@ -30,34 +31,7 @@ OWN_ENTRIES = ("images", "data", "mae", "run", "generated", "scores", "grid.png"
 # LoRA on attention and MLP: a *random* LLM must learn to carry degraded token t to the slot
 # before target token t; a pretrained LLM does this frozen (the paper's setting)
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-# both degrade the held-out images below what the tiny decoder can paint (the ceiling): a ×4 down-up
-# of 64 px images stays ~30 dB, above any restoration through a tiny MAE
-DEGRADATIONS = ("noise:sigma=25", "jpeg:quality=4")
-
-
-@dataclass
-class QuickstartConfig:
-    out: str = "lm4lv-quickstart"
-    preset: str = "tiny-64"
-    size: int = 64
-    degradations: tuple[str, ...] = DEGRADATIONS
-    mae_steps: int = 1500
-    steps: int = 2400
-    micro_batch: int = 8
-    lr: float = 4e-3        # LM4LV (adapters, task tokens, LoRA)
-    mae_lr: float = 2e-3    # ft-mae
-    crops: int = 8          # random crops per training image, plus as many colour-augmented ones (0: none)
-    lora_r: int = 16        # LoRA on attention + MLP of the random LLM (0: frozen LLM, the paper's default)
-    lora_alpha: int = 32
-    seed: int = 0
-    lpips_weight: float | None = None  # None: 1.0 when LPIPS weights are available, else 0
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mae_steps < 0 or self.steps < 1:
-            raise ConfigError("--mae-steps must be >= 0 and --steps >= 1")
-        if self.size < 16:
-            raise ConfigError(f"--size must be >= 16, got {self.size}")
+DEGRADATIONS = QUICKSTART_DEGRADATIONS
 
 
 @dataclass
@@ -123,7 +97,7 @@ def augment_train_images(src: Path, dst: Path, size: int, per_image: int, seed: 
 
 def lpips_available() -> bool:
     """Whether the backbone of ft-mae's default LPIPS network is in the torch hub cache."""
-    from ..tasks.mae_decoder import MAEFinetuneConfig
+    from ..tasks.mae_config import MAEFinetuneConfig
     from ..image.metrics import lpips_backbone_file, lpips_cache_dir
 
     return (lpips_cache_dir() / lpips_backbone_file(MAEFinetuneConfig.lpips_net)).is_file()

@@ -6,9 +6,8 @@ fine-tuned here is the decoder LM4LV uses (``--mae-decoder``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,10 +15,9 @@ from torch import nn
 from ..data.dataset import image_to_tensor, tensor_to_uint8
 from ..engine.config import TrainConfig
 from ..engine.task import TrainTask
-from ..errors import ConfigError
 from ..image.io import load_rgb, require_images
-from ..util.finite import require_finite
 from ..vision.mae import MAEAutoencoder
+from .mae_config import MAEFinetuneConfig  # noqa: F401 (its config, re-exported)
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -48,33 +46,6 @@ class ImageBatch:
     @property
     def size(self) -> int:
         return int(self.pixels.shape[0])
-
-
-@dataclass
-class MAEFinetuneConfig:
-    """What ``lm4lv ft-mae`` trains: the MAE folder and the loss ``L1 + lpips_weight · LPIPS``.
-
-    LPIPS uses VGG16 by default, the perceptual network of the reference's decoder fine-tuning."""
-
-    mae: str
-    lpips_weight: float = 1.0
-    lpips_net: str = "vgg"
-    lpips_weights: str | None = None
-    train_encoder: bool = False
-    hub: dict[str, Any] = field(default_factory=dict)  # {"mae": {id, revision, commit, path}} for a hub id
-
-    def __post_init__(self) -> None:
-        require_finite(self, ("lpips_weight",))
-        if self.lpips_weight < 0:
-            raise ConfigError(f"--lpips-weight must be >= 0, got {self.lpips_weight}")
-
-    def build_lpips(self):
-        """The frozen LPIPS module, or ``None`` when its weight is 0 (L1 only)."""
-        if self.lpips_weight == 0:
-            return None
-        from ..image.metrics import build_lpips
-
-        return build_lpips(self.lpips_net, self.lpips_weights)
 
 
 class MAETask(TrainTask):
