@@ -187,7 +187,7 @@ def test_restore_api_returns_pil_images(models, lq_images):
 
     model = models["tiny"]
     imgs = [load_rgb(p) for p in lq_images[:3]]
-    out = restore(model, imgs, batch_size=2)
+    out = restore(model, imgs, batch_size=2, prompt="<image> <task>")
     assert [o.size for o in out] == [(32, 32)] * 3 and all(isinstance(o, Image.Image) for o in out)
     with pytest.raises(ConfigError, match="exactly one <image>"):
         restore(model, imgs, prompt="<task>")

@@ -195,7 +195,7 @@ def test_restore_returns_images_at_their_input_size(tmp_path):
     from lm4lv_core.sources.presets import preset_config
 
     torch.manual_seed(0)
-    model = LM4LV.from_config(preset_config("tiny")).eval()
+    model = LM4LV.from_config(preset_config("tiny", restore_prompt="<image> <task>")).eval()
     img = load_rgb(_photo(tmp_path / "p.png"))
     assert [o.size for o in restore(model, [img, img.resize((24, 40))])] == [(W, H), (24, 40)]
     assert restore(model, [img], cfg=GenerationConfig(mode="image", output_size="model"))[0].size == (32, 32)

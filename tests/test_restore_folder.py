@@ -1,5 +1,5 @@
 """`lm4lv generate --input`: restore image files and folders into mirrored paths with the run's
-recorded restoration prompt (else the default one); re-runs, --overwrite, --prompt, refusals, two workers."""
+recorded restoration prompt; re-runs, --overwrite, --prompt, refusals, two workers."""
 
 from __future__ import annotations
 
@@ -146,23 +146,29 @@ def test_prompt_overrides_the_recorded_one_and_a_run_without_one_needs_it(setup,
 
 
 
-def test_a_model_without_a_recorded_prompt_restores_with_the_default_one(setup, tmp_path, monkeypatch, capsys):
-    """One default prompt: the API's and the command's (``DEFAULT_PROMPT``), with a note on the command."""
+def test_a_model_without_a_recorded_prompt_needs_one_given(setup, tmp_path, monkeypatch, capsys):
+    """One rule for the command and the API: the prompt given, else the recorded one, else an error
+    (never a prompt the model did not learn)."""
     from lm4lv_core.defaults import DEFAULT_PROMPT
+    from lm4lv_core.errors import ConfigError
     from lm4lv_core.model.lm4lv import LM4LV
     from lm4lv_core.model.restore import restore
 
     img = setup / "inputs" / "a.png"
     code, log = lm4lv(monkeypatch, capsys, "generate", "--run", setup / "bare", "--input", img, "--out",
                       tmp_path / "out")
-    assert code == 0 and "recorded no restoration prompt" in log and DEFAULT_PROMPT in log, log
+    assert code == 2 and "no recorded restoration prompt" in log.strip().splitlines()[-1], log
+    assert not (tmp_path / "out").exists()
+    code, log = lm4lv(monkeypatch, capsys, "generate", "--run", setup / "bare", "--input", img, "--out",
+                      tmp_path / "out", "--prompt", DEFAULT_PROMPT)
+    assert code == 0, log
     model = LM4LV.from_pretrained(setup / "bare" / "final")
     with Image.open(img) as im:
-        (default,) = restore(model, [im.convert("RGB")])
+        with pytest.raises(ConfigError, match="no recorded restoration prompt"):
+            restore(model, [im.convert("RGB")])
         (explicit,) = restore(model, [im.convert("RGB")], prompt=DEFAULT_PROMPT)
     got = np.asarray(Image.open(tmp_path / "out" / "a.png"), dtype=np.int16)
-    assert np.array_equal(got, np.asarray(default, dtype=np.int16))
-    assert np.array_equal(np.asarray(default), np.asarray(explicit))
+    assert np.array_equal(got, np.asarray(explicit, dtype=np.int16))
 
 
 def test_command_line_mistakes(setup, tmp_path):

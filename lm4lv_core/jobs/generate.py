@@ -23,7 +23,7 @@ from ..config import ModelConfig, from_dict, load_yaml, to_dict
 from ..data.format import Sample, load_checked
 from ..data.outputs import (PARTS, RESULTS, append_line, finished_records, image_names, manifest, merge_results,
                             output_stems, prepare_out, sample_hash)
-from ..defaults import ATTN_AUTO, DEFAULT_PROMPT, GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, RUN_CONFIG, WEIGHTS_FILE
+from ..defaults import ATTN_AUTO, GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, RUN_CONFIG, WEIGHTS_FILE
 from ..engine import launch
 from ..engine.launch import Workers, register_job
 from ..engine.model_source import ModelSource, find_model
@@ -313,7 +313,8 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
                    verbose: bool = False, on_note=None, on_error: str = "stop") -> RestoreSummary:
     """Parent side of ``lm4lv generate --input``: restore image files and folders into ``out``
     (mirrored paths, see :func:`lm4lv_core.data.outputs.plan_restore`) with ``prompt``, else the
-    run's recorded restoration prompt, else lm4lv's default (:func:`lm4lv_core.model.restore.restore_prompt`); re-runs skip restored images, ``overwrite`` redoes them.
+    run's recorded restoration prompt (:func:`lm4lv_core.model.restore.restore_prompt`); re-runs skip
+    restored images, ``overwrite`` redoes them.
     Every input is checked first (readable, decodable in this machine's memory): ``on_error="stop"``
     refuses the job naming the bad files, ``"skip"`` restores the rest and lists them in
     ``OUT/failures.csv`` (``RestoreSummary.failures``).
@@ -330,9 +331,6 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
     saved = source.model
     gen.resize = gen.resize or saved.resize
     out = Path(out).resolve()
-    if prompt is None and not saved.restore_prompt and on_note:
-        on_note(f"this model recorded no restoration prompt: restoring with lm4lv's default {DEFAULT_PROMPT!r} "
-                "(--prompt gives another)")
     job = RestoreJob(model=str(source.path), out=str(out), prompt=restore_prompt(saved.restore_prompt, prompt),
                      batch_size=batch_size, precision=precision, generation=gen, compile=compile,
                      attn_implementation=attn_implementation, model_config=source.config)

@@ -33,8 +33,14 @@ from .generate import GenerationConfig, generate_samples, output_image
 
 def restore_prompt(model_prompt: str | None, prompt: str | None = None) -> str:
     """The prompt to restore with: ``prompt`` if given, else the model's recorded one
-    (``ModelConfig.restore_prompt``), else :data:`DEFAULT_PROMPT`; it must hold exactly one ``<image>``."""
-    chosen = prompt if prompt is not None else (model_prompt or DEFAULT_PROMPT)
+    (``ModelConfig.restore_prompt``); it must hold exactly one ``<image>``. A model that recorded
+    none (its data held no restoration sample) needs one given: guessing could restore with a
+    prompt it never learnt."""
+    chosen = prompt if prompt is not None else model_prompt
+    if chosen is None:
+        raise ConfigError("this model has no recorded restoration prompt (its training data held no sample "
+                          "'<image> ... <task>' answered by an image); pass --prompt (Python: prompt=), "
+                          f"e.g. --prompt '{DEFAULT_PROMPT}'")
     if chosen.count(IMAGE_TOKEN) != 1:
         raise ConfigError(f"--prompt must hold exactly one {IMAGE_TOKEN} (the image to restore), got {chosen!r}")
     return chosen
