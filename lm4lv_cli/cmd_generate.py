@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from lm4lv_core.defaults import GENERATE_BATCH_SIZE
 from lm4lv_core.errors import ConfigError
 
 from . import options as opt
@@ -18,34 +17,22 @@ console = Console()
 
 @opt.with_worker_options
 @opt.with_generation_options
+@opt.with_generate_options
 def generate(
-    run: Path = typer.Option(..., "--run", help="Training run folder (uses its final/) or a saved model folder."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Data file: prompts ending with an empty gpt turn, or training "
-                                        "samples (their last answer is dropped and generated)."),
-    inputs: Optional[list[Path]] = typer.Option(None, "--input", "-i", metavar="PATH", help="Instead of --data: images or folders "
-                                                "(searched recursively) to restore, --input PATH [PATH ...]; "
-                                                "outputs mirror their paths under --out."),
     more_inputs: Optional[list[Path]] = typer.Argument(None, hidden=True, metavar="PATH"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="With --input: the restoration prompt, <image> = the "
-                                         "image [the one recorded by training]."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/, results.jsonl, generate.json (with --input: "
-                             "the restored images at their inputs' relative paths, and generate.json)."),
-    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Base of relative image paths (default: the data file's folder)."),
-    batch_size: int = typer.Option(GENERATE_BATCH_SIZE, "--batch-size", help="Samples per batch and worker."),
     workers: dict = None,
     gen: dict = None,
-    html: Optional[Path] = typer.Option(None, "--html", help="Also write a comparison page (open it from disk): each "
-                                        "input beside what lm4lv made of it, and the ground truth with PSNR / SSIM "
-                                        "for training samples whose image answer was generated."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Regenerate every sample (deletes this folder's previous outputs; "
-                                   "with --input: restores every image again)."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show third-party warnings and logs on the console too (OUT/generate.log has them always)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decode step of image-only batches (static KV cache); pays off on a GPU."),
-    on_error: str = typer.Option("stop", "--on-error", help="With --input: stop: an unreadable input refuses the job, "
-                                 "naming it; skip: restore the rest, list the failures in OUT/failures.csv, exit 3."),
+    options: dict = None,
 ) -> None:
     """Generate images (and text) for a data file with a trained model, or restore image files and
     folders (--input); re-runs skip finished samples and images."""
+    from lm4lv_core.jobs.configs import GenerateOptions
+
+    o = opt.with_defaults(options, GenerateOptions)
+    run, data, inputs, prompt, out, image_root = (o[k] for k in ("run", "data", "inputs", "prompt", "out", "image_root"))
+    batch_size, overwrite, compile, on_error, html = (o[k] for k in ("batch_size", "overwrite", "compile", "on_error",
+                                                                     "html"))
+    verbose = bool(workers.pop("verbose", None))
     paths = [*(inputs or []), *(more_inputs or [])]
     if more_inputs and not inputs:
         raise ConfigError(f"unexpected argument {more_inputs[0]}: images to restore go after --input")

@@ -9,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lm4lv_core.defaults import CROP_BORDER, RECON_BATCH_SIZE
 
 from . import options as opt
 
@@ -37,31 +36,28 @@ def show_finetuned(train_cfg, summary) -> None:
 
 @opt.with_worker_options
 @opt.with_tile_options
+@opt.with_recon_model_options
+@opt.with_recon_options
 def recon_mae(
     images: Path = typer.Argument(..., help="Folder of images to reconstruct (recursive)."),
-    out: Path = O(..., "--out", help="Output folder (same relative names, .png)."),
-    mae: Optional[str] = O(None, "--mae", help="MAE folder (e.g. RUN/final of ft-mae) or Hugging Face id org/name[@revision]."),
-    preset: Optional[str] = O(None, "--preset", help="Tiny offline preset whose vision parts to use."),
-    encoder: Optional[str] = O(None, "--encoder", help="Vision encoder FAMILY:SOURCE (any family with a decoder), e.g. vqgan-codes:./vq-f16."),
-    decoder: Optional[str] = O(None, "--decoder", help="Vision decoder FAMILY:SOURCE [the encoder's family]."),
-    batch_size: int = O(RECON_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass."),
+    model: dict = None,
     workers: dict = None,
     tiles: dict = None,
-    crop_border: int = O(CROP_BORDER, "--crop-border", min=0, help="Pixels cropped from each side before PSNR/SSIM."),
-    overwrite: bool = O(False, "--overwrite", help="Write into a non-empty --out (replacing only an earlier recon-mae's reconstructions)."),
-    verbose: bool = opt.VERBOSE,
+    options: dict = None,
 ) -> None:
     """Reconstruct a folder through a vision encoder and decoder (an MAE by default) and print
     PSNR / SSIM against the inputs: the ceiling a vision family gives."""
     from lm4lv_core.engine.config import TrainConfig
     from lm4lv_core.jobs.recon_mae import mean_rows, reconstruct
 
-    precision = opt.with_defaults(workers, TrainConfig)["precision"]
+    from lm4lv_core.jobs.configs import ReconOptions
 
-    rows = reconstruct(images, out, mae=mae, preset=preset, encoder=encoder, decoder=decoder, batch_size=batch_size,
-                       crop_border=crop_border,
-                       precision=precision, overwrite=overwrite,
-                       workers=opt.workers_of(workers), verbose=verbose, **tiles)
+    w = opt.with_defaults(workers, TrainConfig)
+    o = opt.with_defaults(options, ReconOptions)
+    mae, preset, encoder = model["mae"], model["preset"], model["encoder"]
+    rows = reconstruct(images, o["out"], **model, batch_size=o["batch_size"], crop_border=o["crop_border"],
+                       precision=w["precision"], overwrite=o["overwrite"], workers=opt.workers_of(workers),
+                       verbose=bool(w["verbose"]), **tiles)
     table = Table(title=f"{'MAE' if mae else encoder or preset} reconstruction of {images}")
     for col in ("images", "PSNR (dB)", "SSIM"):
         table.add_column(col, justify="right")

@@ -23,7 +23,8 @@ import typer
 from lm4lv_core.config import (PANELS, GenerationConfig, LoraConfig, ModelConfig, ModelSources, declared,
                                option_name)
 from lm4lv_core.engine.config import TrainConfig
-from lm4lv_core.jobs.configs import EvalConfig, MakeDataConfig, QuickstartConfig
+from lm4lv_core.jobs.configs import (EvalConfig, GenerateOptions, ImportOptions, MakeDataConfig, QuickstartConfig,
+                                     ReconOptions)
 from lm4lv_core.jobs.demo import DemoConfig
 from lm4lv_core.tasks.mae_config import MAEFinetuneConfig
 
@@ -74,6 +75,8 @@ def declared_options(*classes: type, exclude: tuple[str, ...] = ()) -> dict[str,
             flags = (f.metadata.get("flags") or "--" + name.replace("_", "-")).split()
             base = _base_type(hints[f.name])
             typ, default = (bool, False) if base is bool and "/" not in flags[0] else (Optional[base], None)
+            if f.metadata.get("required"):
+                typ, default = base, ...
             panel = f.metadata.get("panel") or None
             bounds = {"min": f.metadata["min"]} if f.metadata.get("min") is not None else {}
             rows.append((PANELS.index(panel) if panel in PANELS else -1, name,
@@ -94,7 +97,8 @@ IMPORT_OPTIONS = {k: TRAIN_OPTIONS[k] for k in (
 NODE_OPTIONS = {k: RUN_OPTIONS[k] for k in ("launcher", "num_nodes", "node_rank", "master_addr", "master_port",
                                             "node_timeout", "hostfile")}
 # how many workers, where and in which precision (generate, recon: the same declarations as train's)
-WORKER_OPTIONS = {**{k: RUN_OPTIONS[k] for k in ("nproc", "engine", "precision")}, **NODE_OPTIONS}
+WORKER_OPTIONS = {**{k: RUN_OPTIONS[k] for k in ("nproc", "engine", "precision")}, **NODE_OPTIONS,
+                  "verbose": RUN_OPTIONS["verbose"]}
 # the decoding options of generate (GenerationConfig) and the LLM's attention
 GENERATION_OPTIONS = {**declared_options(GenerationConfig), "attn_implementation": TRAIN_OPTIONS["attn_implementation"]}
 TILE_OPTIONS = {k: GENERATION_OPTIONS[k] for k in ("tile", "tile_overlap")}
@@ -153,6 +157,15 @@ with_demo_options = _with_options(DEMO_OPTIONS, "options")
 with_train_options = _with_options(TRAIN_OPTIONS, "options")
 with_node_options = _with_options(NODE_OPTIONS, "nodes")
 with_import_options = _with_options(IMPORT_OPTIONS, "model")
+GENERATE_OPTIONS = declared_options(GenerateOptions)
+RECON_OPTIONS = declared_options(ReconOptions)
+IMPORT_OWN_OPTIONS = declared_options(ImportOptions)
+# the vision parts recon reconstructs through: train's declarations of them
+RECON_MODEL_OPTIONS = {k: TRAIN_OPTIONS[k] for k in ("preset", "mae", "encoder", "decoder")}
+with_generate_options = _with_options(GENERATE_OPTIONS, "options")
+with_recon_options = _with_options(RECON_OPTIONS, "options")
+with_import_own_options = _with_options(IMPORT_OWN_OPTIONS, "options")
+with_recon_model_options = _with_options(RECON_MODEL_OPTIONS, "model")
 with_worker_options = _with_options(WORKER_OPTIONS, "workers")
 with_generation_options = _with_options(GENERATION_OPTIONS, "gen")
 with_tile_options = _with_options(TILE_OPTIONS, "tiles")
@@ -194,8 +207,11 @@ def options_page() -> str:
     """``docs/options.md``: every declared option of every command, from the declarations."""
     sections = [
         ("`lm4lv train` (and its `--config` file)", TRAIN_OPTIONS),
+        ("`lm4lv generate`", GENERATE_OPTIONS),
         ("`lm4lv generate`: decoding and tiles", GENERATION_OPTIONS),
         ("`lm4lv generate`, `lm4lv recon`: workers", WORKER_OPTIONS),
+        ("`lm4lv recon`", {**RECON_OPTIONS, **RECON_MODEL_OPTIONS}),
+        ("`lm4lv import-reference` (and the model options of `train`)", IMPORT_OWN_OPTIONS),
         ("`lm4lv ft-mae` (and its `--config` file)", FT_MAE_OPTIONS),
         ("`lm4lv make-data`", MAKE_DATA_OPTIONS),
         ("`lm4lv eval`", EVAL_OPTIONS),

@@ -28,17 +28,18 @@ PANELS = ("Data", "Model", "Vision", "What trains", "LoRA", "Training", "Generat
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, panel: str = "", flags: str | None = None,
            shows: str | None = None, cli: bool = True, may_change: bool = False, run_only: bool = False,
-           name: str | None = None, factory: Any = None, min: int | float | None = None) -> Any:
+           name: str | None = None, factory: Any = None, min: int | float | None = None,
+           required: bool = False) -> Any:
     """A config field and its option, declared once: ``doc`` is its one-line help; the command-line
     flag (``--field-name``, or ``flags`` such as ``"--train-adapter/--freeze-adapter"``), the help's
     ``[default]`` (the default itself, or ``shows`` when it is decided at run time), the help panel,
     what ``--config`` accepts and what ``--resume`` compares are derived from it. ``cli=False``: a
     recorded field no option sets; ``may_change``: a resumed run may change it; ``run_only``: never
     taken from a saved run's config; ``name``: the option's name when it differs from the field's;
-    ``min``: the least value the command line accepts. ``flags`` may add a short alias after a
-    space (``"--out -o"``)."""
+    ``min``: the least value the command line accepts; ``required``: the command line must give it.
+    ``flags`` may add a short alias after a space (``"--out -o"``)."""
     md = {"doc": doc, "panel": panel, "flags": flags, "shows": shows, "cli": cli, "may_change": may_change,
-          "run_only": run_only, "name": name, "min": min}
+          "run_only": run_only, "name": name, "min": min, "required": required}
     if factory is not None:
         return field(default_factory=factory, metadata=md)
     return field(default=default, metadata=md)

@@ -12,15 +12,17 @@ import pytest
 
 from lm4lv_core.config import GenerationConfig, LoraConfig, ModelConfig, ModelSources, declared, option_name
 from lm4lv_core.engine.config import TrainConfig
-from lm4lv_core.jobs.configs import EvalConfig, MakeDataConfig, QuickstartConfig
+from lm4lv_core.jobs.configs import (EvalConfig, GenerateOptions, ImportOptions, MakeDataConfig, QuickstartConfig,
+                                     ReconOptions)
 from lm4lv_core.jobs.demo import DemoConfig
 from lm4lv_core.tasks.mae_config import MAEFinetuneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = (TrainConfig, ModelSources, ModelConfig, LoraConfig, GenerationConfig, MAEFinetuneConfig, MakeDataConfig,
-           EvalConfig, QuickstartConfig, DemoConfig)
+           EvalConfig, QuickstartConfig, DemoConfig, GenerateOptions, ReconOptions, ImportOptions)
 # each command and the configs whose declared fields are its options
-COMMANDS = [("train", (TrainConfig, ModelSources, ModelConfig, LoraConfig)), ("generate", (GenerationConfig,)),
+COMMANDS = [("train", (TrainConfig, ModelSources, ModelConfig, LoraConfig)), ("generate", (GenerationConfig, GenerateOptions)),
+            ("recon", (ReconOptions,)), ("import-reference", (ImportOptions,)),
             ("ft-mae", (MAEFinetuneConfig,)), ("make-data", (MakeDataConfig,)), ("eval", (EvalConfig,)),
             ("quickstart", (QuickstartConfig,)), ("demo", (DemoConfig,))]
 
@@ -72,7 +74,8 @@ def test_docs_options_page_is_generated_from_the_declarations():
         "regenerate it: python -m lm4lv_cli.options > docs/options.md"
 
 
-@pytest.mark.parametrize("command", ["train", "ft-mae", "make-data", "eval", "quickstart", "demo"])
+@pytest.mark.parametrize("command", ["train", "generate", "recon", "import-reference", "ft-mae", "make-data", "eval",
+                                     "quickstart", "demo"])
 def test_no_command_declares_an_option_default_of_its_own(command):
     """Every option is a declared one (a config field's), except the required ones and the few that
     are actions of the command rather than settings (--config, --dry-run, --list, ...)."""

@@ -1,4 +1,5 @@
-"""The configs of the image commands ``lm4lv make-data``, ``lm4lv eval`` and ``lm4lv quickstart``:
+"""The configs of the commands beside train's (``make-data``, ``eval``, ``quickstart``, ``generate``, ``recon``,
+``import-reference``):
 each field is the command's option of the same name, declared once (:func:`lm4lv_core.config.option`).
 
 Importing this module imports neither torch nor numpy (the command line reads these declarations)."""
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import option, on_error_option, overwrite_option, workers_option
-from ..defaults import CROP_BORDER, DEFAULT_PROMPT, SIZE_POLICY
+from ..defaults import CROP_BORDER, DEFAULT_PROMPT, GENERATE_BATCH_SIZE, RECON_BATCH_SIZE, SIZE_POLICY
 from ..errors import ConfigError
 
 
@@ -148,3 +149,56 @@ class QuickstartConfig:
             raise ConfigError("--mae-steps must be >= 0 and --steps >= 1")
         if self.size < 16:
             raise ConfigError(f"--size must be >= 16, got {self.size}")
+
+
+@dataclass(kw_only=True)
+class GenerateOptions:
+    """The options of ``lm4lv generate`` beside its decoding (``GenerationConfig``) and worker options."""
+
+    run: Path = option(doc="Training run folder (its final/, else its newest checkpoint), a checkpoint "
+                       "RUN/checkpoints/step-N or a saved model folder.", panel="Data", required=True)
+    data: Path | None = option(None, "Data file: prompts ending with an empty gpt turn, or training samples (their "
+                               "last answer is dropped and generated).", panel="Data")
+    inputs: list[Path] = option(doc="Instead of --data: images or folders (searched recursively) to restore, "
+                                "--input PATH [PATH ...]; outputs mirror their paths under --out.", panel="Data",
+                                flags="--input -i", factory=list)
+    prompt: str | None = option(None, "With --input: the restoration prompt, <image> = the image.", panel="Data",
+                                shows="the one recorded by training")
+    image_root: Path | None = option(None, "Base of relative image paths.", panel="Data",
+                                     shows="the data file's folder")
+    out: Path = option(doc="Output folder: images/, results.jsonl, generate.json (with --input: the restored images "
+                       "at their inputs' relative paths, and generate.json).", panel="Output", flags="--out -o",
+                       required=True)
+    batch_size: int = option(GENERATE_BATCH_SIZE, "Samples (with --tile: tiles) per batch and worker.",
+                             panel="Generation", min=1)
+    compile: bool = option(False, "torch.compile the decode step of image-only batches (static KV cache); pays "
+                           "off on a GPU.", panel="Generation", flags="--compile")
+    html: Path | None = option(None, "Also write a comparison page (open it from disk): each input beside what "
+                               "lm4lv made of it, and the ground truth with PSNR / SSIM for training samples whose "
+                               "image answer was generated.", panel="Output")
+    overwrite: bool = overwrite_option("this folder's earlier outputs: regenerate every sample (with --input: restore "
+                                       "every image again)")
+    on_error: str = on_error_option()
+
+
+@dataclass(kw_only=True)
+class ReconOptions:
+    """The options of ``lm4lv recon`` beside its vision parts, worker and tile options."""
+
+    out: Path = option(doc="Output folder (same relative names, .png).", panel="Output", required=True)
+    batch_size: int = option(RECON_BATCH_SIZE, "Images (with --tile: tiles) per forward pass.", panel="Generation",
+                             min=1)
+    crop_border: int = option(CROP_BORDER, "Pixels cropped from each side before PSNR/SSIM.", panel="Scoring", min=0)
+    overwrite: bool = overwrite_option("an earlier recon's reconstructions in a non-empty --out")
+
+
+@dataclass(kw_only=True)
+class ImportOptions:
+    """The options of ``lm4lv import-reference`` beside the model options of ``train``."""
+
+    out: Path = option(doc="The lm4lv saved model folder to write (use it with lm4lv generate --run).",
+                       panel="Output", flags="--out -o", required=True)
+    config_from: Path | None = option(None, "Take the model (LLM, vision parts, adapters, template, LoRA) from an "
+                                      "lm4lv run, checkpoint or saved model folder; its weights are not used.",
+                                      panel="Model")
+    overwrite: bool = overwrite_option("--out")
