@@ -54,7 +54,7 @@ def recon_mae(
 
     w = opt.with_defaults(workers, TrainConfig)
     o = opt.with_defaults(options, ReconOptions)
-    mae, preset, encoder = model["mae"], model["preset"], model["encoder"]
+    mae, preset, encoder, out = model["mae"], model["preset"], model["encoder"], o["out"]
     rows = reconstruct(images, o["out"], **model, batch_size=o["batch_size"], crop_border=o["crop_border"],
                        precision=w["precision"], overwrite=o["overwrite"], workers=opt.workers_of(workers),
                        verbose=bool(w["verbose"]), **tiles)

@@ -19,18 +19,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ModelConfig, from_dict, load_yaml, to_dict
+from ..config import ModelConfig, from_dict, to_dict
 from ..data.format import Sample, load_checked
 from ..data.outputs import (PARTS, RESULTS, append_line, finished_records, image_names, manifest, merge_results,
                             output_stems, prepare_out, sample_hash)
-from ..defaults import ATTN_AUTO, GENERATE_BATCH_SIZE, JOB_DIR, MODEL_CONFIG, RUN_CONFIG, WEIGHTS_FILE
+from ..defaults import ATTN_AUTO, GENERATE_BATCH_SIZE, JOB_DIR
 from ..engine import launch
 from ..engine.launch import Workers, register_job
-from ..engine.model_source import ModelSource, find_model
+from ..engine.model_source import find_model
 from ..errors import ConfigError, Interrupted
 from ..precision import FP32, precision
 from ..model.generate import GenerationConfig
-from ..util.finite import nonfinite_in_file, require_finite
+from ..util.finite import require_finite
 from ..util.progress import rank0_progress
 
 LOG_FILE = "generate.log"

@@ -9,7 +9,6 @@ the hidden state *before* each target image slot and *at* each target query slot
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
