@@ -103,12 +103,23 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
 
     from lm4lv_cli.app import main
 
+    from lm4lv_core import plugins
+
     monkeypatch.setattr(sys, "argv", ["lm4lv", *map(str, args)])
+    # a command's plugins stay with it (as in a process of its own): what it loads and exports is undone
+    loaded, env = dict(plugins._loaded), os.environ.get(plugins.ENV)
     code = 0
     try:
         main()
     except SystemExit as e:
         code = int(e.code or 0)
+    finally:
+        plugins._loaded.clear()
+        plugins._loaded.update(loaded)
+        if env is None:
+            os.environ.pop(plugins.ENV, None)
+        else:
+            os.environ[plugins.ENV] = env
     cap = capsys.readouterr()
     return code, cap.out + cap.err
 
