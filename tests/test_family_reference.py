@@ -202,11 +202,17 @@ def test_vision_config_options_reach_the_encoder_through_the_cli(clip, tmp_path,
     from conftest import run_cli, write_pairs
     from lm4lv_core.sources.presets import preset_dir
 
+    import json
+
     data = write_pairs(tmp_path / "data", n=2)
+    samples = json.loads(data.read_text())
+    for x in samples:  # captions: a model without a decoder answers in text (the real run's check)
+        x["image"], x["conversations"][1]["value"] = x["image"][:1], "a picture"
+    data.write_text(json.dumps(samples))
     vc = tmp_path / "vision.yaml"
     vc.write_text(f"encoder: {{name: clip, kwargs: {{path: '{clip / 'vision'}', feature: local}}}}\n")
     code, out = run_cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "run", "--llm",
                         preset_dir("tiny") / "llm", "--vision-config", vc, "--dry-run")
     assert code == 0, out
     assert "vision: encoder clip, 16 tokens per image at 32 px (features of width 32)" in out
-    assert "[image 1: 16 slots, target]" in out and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()
