@@ -51,8 +51,8 @@ class Registry(Generic[T]):
             return self._items[key]
         hint = f" ({self.hint})" if self.hint else ""
         if not plugins.is_target(name):
-            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._items)}{hint}, "
-                              "or a package.module:Class of your own")
+            raise ConfigError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._items)}, or a "
+                              f"package.module:Class of your own{hint}")
         try:
             entry = plugins.resolve_target(name)
         except ConfigError as e:

@@ -179,7 +179,7 @@ def test_query_model_saves_and_reloads(query_model, query_data, tmp_path):
     assert torch.equal(a.features[0], b.features[0])
     from PIL import Image
 
-    (img,) = restore(loaded, [Image.open(prompts[0].images[0])])
+    (img,) = restore(loaded, [Image.open(prompts[0].images[0])], prompt="<image> <task>")
     assert img.size == (32, 32)
 
 
