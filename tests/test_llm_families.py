@@ -188,7 +188,9 @@ def test_family_memory_plan(name, family_root, data):
         assert plan.activations["saved"] > 0 and plan.fits
     text = format_plan(plan)
     assert ("approximate: the activation model is calibrated on Llama layers" in text) == (name != "llama3")
-    assert cfg.attn_implementation == FAMILIES[name][2]
+    from lm4lv_core.model.resolve import resolve_config
+
+    assert resolve_config(cfg).attn_implementation == FAMILIES[name][2]
 
 
 # the family matrix keeps its breadth (training, generation, LoRA targets, memory plan: every family

@@ -307,7 +307,9 @@ def test_query_trains_under_every_engine(query_data, tmp_path, setup):
     out = tmp_path / "run"
     train(TrainConfig(data=str(query_data), out=str(out), micro_batch=2, max_steps=1, lr_schedule="constant",
                       warmup_ratio=0.0, **setup, **extra), cfg)
-    assert cfg.query  # from the data, recorded in the run
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["query"]  # from the data, recorded in the run
     saved = load_file(str(out / "final" / "trainable.safetensors"))["query_tokens"]
     assert saved.shape == start.shape and torch.equal(saved, start) == (not train_query)
     model = LM4LV.from_pretrained(out / "final").eval()

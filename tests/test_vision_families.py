@@ -80,8 +80,9 @@ def test_family_trains_generates_and_round_trips(family, pairs, tmp_path):
     torch.manual_seed(0)
     model = LM4LV.from_config(cfg)
     assert model.space.kind == kind
-    assert cfg.vision_loss == ("code_ce" if kind == CODES else "feature_mse")  # the family's defaults, recorded
-    assert cfg.adapter.name == ("embedding" if kind == CODES else "linear")
+    # the family's defaults, recorded in the model's resolved config (the caller's is left as it was)
+    assert model.config.vision_loss == ("code_ce" if kind == CODES else "feature_mse")
+    assert model.config.adapter.name == ("embedding" if kind == CODES else "linear")
     root, raw = pairs
     # train 2 steps: finite loss, the adapters get gradients, the loss moves
     model.train()
@@ -231,7 +232,7 @@ def test_truncated_tokens_first_or_strided(pairs):
             assert torch.equal(model.encode_images(x), all_tokens[:, idx])
         out = model.train()(_train_batch(model, root, raw))
         assert torch.isfinite(out.loss) and out.vision_pred.shape[1] == 5
-    with pytest.raises(ConfigError, match="decoder needs 17 visual tokens"):
+    with pytest.raises(ConfigError, match="keeps 5 of the 17 tokens of encoder mae, and a truncated model cannot paint"):
         generate_samples(model.eval(), _gen_samples(root, ["<image> <task>"]), GenerationConfig(mode="image"))
     with pytest.raises(ConfigError, match="--token-select"):
         preset_config("tiny", token_select="random")

@@ -91,12 +91,12 @@ def complete_for_run(model: ModelConfig, samples: list[Sample]) -> ModelConfig:
     """Resolve the run's model config once and freeze it (:func:`lm4lv_core.model.resolve.resolve_config`),
     after filling what follows from the data: a learnable query when it holds ``<query>``, and the
     restoration prompt ``generate --input`` uses. A resumed run with a query keeps it."""
-    from ..config import is_frozen
+    from ..config import is_frozen, thawed
     from ..model.resolve import resolve_config
     from ..tasks.lm4lv import complete_from_data
 
     if not is_frozen(model):
-        complete_from_data(model, samples)
+        model = complete_from_data(thawed(model), samples)
     return resolve_config(model)
 
 
@@ -112,11 +112,11 @@ def llm_summary(model: ModelConfig) -> str:
                if model.query else ""))
 
 
-def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | None]:
+def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | None, ModelConfig]:
     """Everything that can be checked before workers start (the real run and ``--dry-run`` alike);
-    resolves and freezes the model config, makes the data and image paths absolute and returns the
-    parsed samples and the line saying what ``--init-from`` loads."""
-    from ..config import is_frozen
+    makes the data and image paths absolute and returns the parsed samples, the line saying what
+    ``--init-from`` loads, and the model config resolved and frozen (the run's record)."""
+    from ..config import is_frozen, thawed
     from ..model.loading import check_attn_implementation
     from ..sources.hub import resolve_hub_folders
     from ..precision import compute_dtype
@@ -126,8 +126,8 @@ def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | Non
     check_image_answers(model, samples, cfg.data)
     if cfg.cache_features:
         check_cache_allowed(model)
-    if not is_frozen(model):
-        resolve_hub_folders(model)  # hub ids (and recorded snapshots that were removed) -> cache folders
+    if not is_frozen(model):  # hub ids (and recorded snapshots that were removed) -> cache folders, on a copy
+        model = resolve_hub_folders(thawed(model))
     if not Path(model.llm).is_dir():
         raise ConfigError(f"llm {model.llm}: folder not found")
     for part in ("encoder", "decoder"):
@@ -135,7 +135,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | Non
         path = spec.kwargs.get("path") if spec is not None else None
         if path is not None and not Path(path).is_dir():
             raise ConfigError(f"{part} {path}: folder not found")
-    complete_for_run(model, samples)
+    model = complete_for_run(model, samples)
     init = _check_init_from(cfg, model) if cfg.init_from else None
     require_gpu_for(cfg.precision)
     check_attn_implementation(model.attn_implementation, dtype=compute_dtype(cfg.precision))
@@ -149,7 +149,7 @@ def check(cfg: TrainConfig, model: ModelConfig) -> tuple[list[Sample], str | Non
         checked_deepspeed_overrides(cfg, cfg.world_size())
     cfg.image_root = str(Path(cfg.image_root if cfg.image_root is not None else Path(cfg.data).parent).resolve())
     cfg.data = str(Path(cfg.data).resolve())
-    return samples, init
+    return samples, init, model
 
 
 def _check_init_from(cfg: TrainConfig, model: ModelConfig) -> str | None:
@@ -175,7 +175,7 @@ def data_fingerprint(samples: list[Sample]) -> str:
 
 def train(cfg: TrainConfig, model: ModelConfig) -> Any:
     """Train LM4LV: check data, images and config, then run the workers."""
-    samples, _ = check(cfg, model)
+    samples, _, model = check(cfg, model)
     return run_training("train", TrainJob(train=cfg, model=model, data_fingerprint=data_fingerprint(samples)))
 
 
@@ -200,7 +200,7 @@ def dry_run(cfg: TrainConfig, model: ModelConfig, gpu_memory: float | None = Non
 
     if gpu_memory is not None and not (0 < gpu_memory < float("inf")):
         raise ConfigError(f"--gpu-memory must be a finite number > 0 (GiB), got {gpu_memory}")
-    samples, init = check(cfg, model)
+    samples, init, model = check(cfg, model)
     text, tokens, counts = render_first_prompt(model, samples[0])
     gpu = gpu_memory if gpu_memory is not None else detected_gpu_memory_gib()
     from ..engine.backends import checked_deepspeed_overrides

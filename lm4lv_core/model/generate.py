@@ -410,8 +410,9 @@ def check_decodable(model, n_tokens: int) -> None:
     """One-line error when the model has no vision decoder, or it cannot turn images of
     ``n_tokens`` visual tokens into pixels."""
     if model.decoder is None:
-        raise ConfigError(f"this model has no vision decoder (encoder {model.config.encoder.name}): it answers "
-                          "in text only; use --mode text, or train with --decoder FAMILY:SOURCE")
+        from ..vision import cannot_paint
+
+        raise ConfigError(f"{cannot_paint(model.config, model.encoder.space)}; use --mode text")
     need = model.decoder.num_tokens
     if n_tokens != need:
         raise ConfigError(f"the decoder needs {need} visual tokens per image but the model generates "

@@ -9,13 +9,12 @@ the restoration prompt: :func:`lm4lv_core.jobs.train.complete_for_run`)."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 from ..config import ModelConfig, freeze, is_frozen, thawed
 
 
 def resolve_config(cfg: ModelConfig) -> ModelConfig:
-    """Complete ``cfg`` in place and freeze it (a frozen config is returned as it is)."""
+    """``cfg`` resolved and frozen: a frozen config as it is, else a resolved copy (the caller's
+    config is left as it was)."""
     if is_frozen(cfg):
         return cfg
     from ..plugins import merge_records
@@ -23,8 +22,7 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
     from ..vision import complete_config
     from .families import resolve_llm_options
 
-    for f in fields(cfg):  # its own copies of the parts it may share with another config (dataclasses.replace)
-        setattr(cfg, f.name, thawed(getattr(cfg, f.name)))
+    cfg = thawed(cfg)  # its own copy, parts shared with other configs included
     resolve_hub_folders(cfg)
     complete_config(cfg)
     resolve_llm_options(cfg)

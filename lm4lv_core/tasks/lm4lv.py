@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..config import ModelConfig, is_frozen
+from ..config import ModelConfig, is_frozen, thawed
 from ..data.dataset import Batch, Item, LM4LVDataset, collate, tensor_to_uint8
 from ..data.format import IMAGE_TOKEN, QUERY_TOKEN, TASK_TOKEN, Sample, load_checked
 from ..engine.config import TrainConfig
@@ -42,11 +42,12 @@ class LM4LVTask(TrainTask):
 
         if not is_frozen(self.model_config):  # the Python API: the data's share is decided here
             c = self.train_config
-            complete_from_data(self.model_config, load_checked(c.data, image_root=c.image_root, mode="train",
-                                                               check_files=False))
+            samples = load_checked(c.data, image_root=c.image_root, mode="train", check_files=False)
+            self.model_config = complete_from_data(thawed(self.model_config), samples)
         # frozen parts in the compute dtype from the first byte; trainables keep float32 masters
         self.model = LM4LV.from_config(self.model_config, compute_dtype(self.train_config.precision),
                                        trainable_dtype=torch.float32)
+        self.model_config = self.model.config  # resolved and frozen
         if self.train_config.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.model.train()
