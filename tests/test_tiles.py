@@ -184,12 +184,15 @@ def run(tmp_path_factory) -> Path:
 def test_restore_tiles_of_two_images_in_one_batch_each_land_in_their_own(work, run, monkeypatch):
     """A stand-in model whose generated image is its input: tiled restore() gives the inputs back
     (at 32 px tiles = the model's size), batches mixing both images' tiles; the resize path does not."""
+    from lm4lv_core.model import generate as g
+
+    own = g.generate_batch
     sys.path.insert(0, str(work))
     try:
-        import echo_model
+        import echo_model  # (it replaces generate_batch when imported: put back below, then patched for this test)
     finally:
         sys.path.remove(str(work))
-    from lm4lv_core.model import generate as g
+        g.generate_batch = own
     from lm4lv_core.model.generate import GenerationConfig, restore
     from lm4lv_core.model.lm4lv import LM4LV
 
