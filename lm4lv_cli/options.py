@@ -149,22 +149,23 @@ def _with_options(table: dict[str, tuple[Any, Any]], param: str) -> Callable[[Ca
     return deco
 
 
-with_ft_mae_options = _with_options(FT_MAE_OPTIONS, "options")
-with_make_data_options = _with_options(MAKE_DATA_OPTIONS, "options")
-with_eval_options = _with_options(EVAL_OPTIONS, "options")
-with_quickstart_options = _with_options(QUICKSTART_OPTIONS, "options")
-with_demo_options = _with_options(DEMO_OPTIONS, "options")
-with_train_options = _with_options(TRAIN_OPTIONS, "options")
-with_node_options = _with_options(NODE_OPTIONS, "nodes")
-with_import_options = _with_options(IMPORT_OPTIONS, "model")
 GENERATE_OPTIONS = declared_options(GenerateOptions)
 RECON_OPTIONS = declared_options(ReconOptions)
 IMPORT_OWN_OPTIONS = declared_options(ImportOptions)
 # the vision parts recon reconstructs through: train's declarations of them
 RECON_MODEL_OPTIONS = {k: TRAIN_OPTIONS[k] for k in ("preset", "mae", "encoder", "decoder")}
+
+# one decorator per (table, parameter) a command takes
+with_train_options = _with_options(TRAIN_OPTIONS, "options")
+with_ft_mae_options = _with_options(FT_MAE_OPTIONS, "options")
+with_make_data_options = _with_options(MAKE_DATA_OPTIONS, "options")
+with_eval_options = _with_options(EVAL_OPTIONS, "options")
+with_quickstart_options = _with_options(QUICKSTART_OPTIONS, "options")
+with_demo_options = _with_options(DEMO_OPTIONS, "options")
 with_generate_options = _with_options(GENERATE_OPTIONS, "options")
 with_recon_options = _with_options(RECON_OPTIONS, "options")
 with_import_own_options = _with_options(IMPORT_OWN_OPTIONS, "options")
+with_import_options = _with_options(IMPORT_OPTIONS, "model")
 with_recon_model_options = _with_options(RECON_MODEL_OPTIONS, "model")
 with_worker_options = _with_options(WORKER_OPTIONS, "workers")
 with_generation_options = _with_options(GENERATION_OPTIONS, "gen")
