@@ -3,7 +3,7 @@ peak memory that stays flat in the number of images. Prints one JSON object (las
 
     python benchmarks/eval_scale.py [--pairs 300] [--size 128] [--workers N] [--cmd-pairs 1500]
         [--cmd-size 256] [--rss-small 1000] [--rss-large 20000] [--gen-small 20] [--gen-large 200]
-        [--repeats 1] [--skip-generate] [--skip-rss] [--out DIR]
+        [--repeats 1] [--skip-speed] [--skip-generate] [--skip-rss] [--out DIR]
 
 The plain loop is a single-process script over the same pairs: Pillow + scikit-image
 (``peak_signal_noise_ratio``, ``structural_similarity`` with the Gaussian 11x11 window, sigma 1.5) and,
@@ -137,26 +137,8 @@ def peak_mib(cmd: list[str]) -> float:
     return int(r.stdout.strip().splitlines()[-1]) / 1024
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=300)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
-    ap.add_argument("--cmd-pairs", type=int, default=1500)
-    ap.add_argument("--cmd-size", type=int, default=256)
-    ap.add_argument("--rss-small", type=int, default=1000)
-    ap.add_argument("--rss-large", type=int, default=20000)
-    ap.add_argument("--gen-small", type=int, default=20)
-    ap.add_argument("--gen-large", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=1, help="take every timing R times (median reported)")
-    ap.add_argument("--skip-rss", action="store_true")
-    ap.add_argument("--skip-generate", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    a = ap.parse_args()
-    root = a.out or Path(tempfile.mkdtemp(prefix="lm4lv-eval-scale-"))
-    root.mkdir(parents=True, exist_ok=True)
-    res: dict = {"machine": {"cpus": os.cpu_count()}, "args": {k: str(v) for k, v in vars(a).items()}}
-
+def measure_speed(a: argparse.Namespace, root: Path, res: dict) -> None:
+    """The speed figures (see the module docstring) into ``res``."""
     reps = max(1, a.repeats)
     # --- speed: psnr,ssim,lpips
     import torch
@@ -212,6 +194,31 @@ def main() -> None:
         "process": {"plain_s": t_plain, "lm4lv_s": t_cmd, "ratio": t_cmd / t_plain},
         "steady": {"plain_images_per_s": s_plain, "lm4lv_images_per_s": s_cmd, "time_ratio": s_plain / s_cmd},
         "runs": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=300)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8))
+    ap.add_argument("--cmd-pairs", type=int, default=1500)
+    ap.add_argument("--cmd-size", type=int, default=256)
+    ap.add_argument("--rss-small", type=int, default=1000)
+    ap.add_argument("--rss-large", type=int, default=20000)
+    ap.add_argument("--gen-small", type=int, default=20)
+    ap.add_argument("--gen-large", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=1, help="take every timing R times (median reported)")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="measure peak memory only")
+    ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    root = a.out or Path(tempfile.mkdtemp(prefix="lm4lv-eval-scale-"))
+    root.mkdir(parents=True, exist_ok=True)
+    res: dict = {"machine": {"cpus": os.cpu_count()}, "args": {k: str(v) for k, v in vars(a).items()}}
+
+    if not a.skip_speed:
+        measure_speed(a, root, res)
     if a.skip_rss:
         print(json.dumps(res, indent=1))
         return

@@ -9,8 +9,6 @@ K1=0.01, K2=0.03) averaged over channels. ``y_channel=True`` scores the ITU-R BT
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import warnings
@@ -23,8 +21,9 @@ from PIL import Image
 
 from ..defaults import CROP_BORDER
 from ..errors import ConfigError, LM4LVError
-from ..util.fsutil import write_json_atomic, write_text_atomic
-from .io import load_rgb, pair_images
+from ..util.fsutil import JsonStream, write_csv_atomic, write_json_atomic
+from .io import load_rgb, pair_relative
+from .pairs import PairPlan, ScoredRows
 from ..registry import Registry
 
 PSNR_IDENTICAL = 100.0
@@ -329,10 +328,11 @@ del _m
 
 @dataclass
 class EvalReport:
-    """Per-image rows (``name``, ``gt``, ``pred`` and one value per metric) and summary."""
+    """Per-image rows (``name``, ``gt``, ``pred`` and one value per metric) and summary. ``rows``
+    is a list, or the compact :class:`~lm4lv_core.image.pairs.ScoredRows` of a scored folder."""
 
     metrics: list[str]
-    rows: list[dict[str, Any]]
+    rows: Sequence[dict[str, Any]]
     unmatched_gt: list[str] = field(default_factory=list)
     unmatched_pred: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -341,8 +341,14 @@ class EvalReport:
     def count(self) -> int:
         return len(self.rows)
 
+    def values(self, metric: str) -> np.ndarray:
+        """One metric's values over the rows, in order."""
+        if isinstance(self.rows, ScoredRows):
+            return self.rows.column(metric)
+        return np.asarray([r[metric] for r in self.rows], dtype=float)
+
     def mean(self, metric: str) -> float:
-        return float(np.mean([r[metric] for r in self.rows])) if self.rows else math.nan
+        return float(np.mean(self.values(metric))) if self.count else math.nan
 
     def summary(self) -> dict[str, Any]:
         return {"count": self.count, "mean": {m: self.mean(m) for m in self.metrics},
@@ -350,15 +356,10 @@ class EvalReport:
                 "unmatched_pred": self.unmatched_pred}
 
     def write_json(self, path: str | os.PathLike) -> None:
-        write_json_atomic(path, {**self.summary(), "images": self.rows})
+        write_json_atomic(path, {**self.summary(), "images": JsonStream(self.rows)})
 
     def write_csv(self, path: str | os.PathLike) -> None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["name", "gt", "pred", *self.metrics],
-                           lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.rows)
-        write_text_atomic(path, buf.getvalue())
+        write_csv_atomic(path, ["name", "gt", "pred", *self.metrics], self.rows)
 
 
 def _match_sizes(gt: np.ndarray, pred: np.ndarray, resize_to_smaller: bool,
@@ -404,7 +405,7 @@ def check_on_error(value: str) -> str:
     return value
 
 
-def score_pairs(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]],
+def score_pairs(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]] | PairPlan,
                 metrics: Sequence[str] = ("psnr", "ssim"), crop_border: int = CROP_BORDER,
                 y_channel: bool = False, resize_to_smaller: bool = False,
                 lpips_net: str = "alex", lpips_weights: str | os.PathLike | None = None,
@@ -413,23 +414,34 @@ def score_pairs(pairs: Iterable[tuple[str | os.PathLike, str | os.PathLike]],
                 device: str | None = None, on_error: str = "stop",
                 failures: list[tuple[str, str]] | None = None, done: dict[int, dict] | None = None,
                 on_row: Callable[[int, dict], None] | None = None, _scorer: Any = None) -> EvalReport:
-    """Score (gt, pred) image file pairs. LPIPS ignores ``y_channel`` (it needs RGB).
+    """Score (gt, pred) image file pairs (or a :class:`PairPlan`). LPIPS ignores ``y_channel`` (it
+    needs RGB).
 
     ``workers``: processes scoring in parallel (see :mod:`lm4lv_core.image.scoring`; rows keep the
     order of ``pairs``). ``on_error="skip"`` leaves a failed pair out and appends ``(path, reason)``
     to ``failures``; ``done``: rows by pair index already scored (``--resume``), not scored again;
-    ``on_row(i, row)`` sees every newly scored row as it arrives."""
+    ``on_row(i, row)`` sees every newly scored row as it arrives. The report's rows are
+    :class:`ScoredRows`: memory grows by a few floats per pair, not by a row dictionary."""
     from .scoring import Scorer
 
     metrics = validate_metrics(metrics)
-    pairs = list(pairs)
+    plan = pairs if isinstance(pairs, PairPlan) else PairPlan.of_pairs(list(pairs))
+    rows = ScoredRows(plan, metrics)
+    for i, row in (done or {}).items():
+        rows.add(i, row)
+
+    def sink(i: int, row: dict) -> None:
+        rows.add(i, row)
+        if on_row:
+            on_row(i, row)
+
     settings = {"crop_border": crop_border, "y_channel": y_channel,
                 "resize_to_smaller": resize_to_smaller}
     scorer = _scorer or Scorer(metrics, settings, lpips_net=lpips_net, lpips_weights=lpips_weights,
                                lpips_module=lpips_module, workers=workers, device=device)
     try:
-        rows = scorer.score(pairs, progress=progress, on_error=on_error, failures=failures, done=done,
-                            on_row=on_row)
+        scorer.score(plan, progress=progress, on_error=on_error, failures=failures, done=done,
+                     on_row=sink, collect=False)
     finally:
         if _scorer is None:
             scorer.close()
@@ -456,9 +468,10 @@ def validate_metrics(metrics: Sequence[str] | str) -> list[str]:
     return out
 
 
-def plan_pairs(gt: str | os.PathLike, pred: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
-    """``(name, gt file, pred file)`` of two files or two folders (paired by relative path / stem,
-    see :func:`lm4lv_core.image.io.pair_images`), and the unmatched names of each folder."""
+def plan_pairs(gt: str | os.PathLike, pred: str | os.PathLike) -> tuple[PairPlan, list[str], list[str]]:
+    """The pairs of two files or two folders (paired by relative path / stem, see
+    :func:`lm4lv_core.image.io.pair_images`; each named by its pairing key), and the unmatched
+    relative paths of each folder."""
     gt, pred = Path(gt), Path(pred)
     for p in (gt, pred):
         if not p.exists():
@@ -466,13 +479,14 @@ def plan_pairs(gt: str | os.PathLike, pred: str | os.PathLike) -> tuple[list[tup
     if gt.is_file() != pred.is_file():
         raise LM4LVError("GT and PRED must both be files or both be folders")
     if gt.is_file():
-        return [(pred.name, gt, pred)], [], []
-    pairing = pair_images(gt, pred)
-    if not pairing.pairs:
+        return PairPlan.of_files(gt, pred), [], []
+    pairs, only_gt, only_pred = pair_relative(gt, pred)
+    if not pairs:
         raise LM4LVError(f"no image in {pred} matches one in {gt} by relative path or name "
-                         f"({len(pairing.only_a)} GT, {len(pairing.only_b)} predicted images)")
-    return (pairing.pairs, [p.relative_to(gt).as_posix() for p in pairing.only_a],
-            [p.relative_to(pred).as_posix() for p in pairing.only_b])
+                         f"({len(only_gt)} GT, {len(only_pred)} predicted images)")
+    plan = PairPlan(gt, pred, [a for _, a, _ in pairs], [b for _, _, b in pairs])
+    del pairs
+    return plan, only_gt, only_pred
 
 
 def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: str | os.PathLike,
@@ -480,16 +494,13 @@ def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: st
     """Score two files, or two folders paired by relative path / stem (see
     :func:`lm4lv_core.image.io.pair_images`). Keyword arguments go to :func:`score_pairs`."""
     metrics = validate_metrics(metrics)
-    planned, only_gt, only_pred = plan_pairs(gt, pred)
-    return report_of(metrics, planned, only_gt, only_pred, **kwargs)
+    plan, only_gt, only_pred = plan_pairs(gt, pred)
+    return report_of(metrics, plan, only_gt, only_pred, **kwargs)
 
 
-def report_of(metrics: Sequence[str], planned: Sequence[tuple[str, Path, Path]], only_gt: list[str],
-              only_pred: list[str], **kwargs: Any) -> EvalReport:
+def report_of(metrics: Sequence[str], plan: PairPlan, only_gt: list[str], only_pred: list[str],
+              **kwargs: Any) -> EvalReport:
     """Score planned pairs (:func:`plan_pairs`); rows are named by their pairing key."""
-    report = score_pairs([(a, b) for _, a, b in planned], metrics, **kwargs)
-    names = {str(b): key for key, _, b in planned}
-    for row in report.rows:
-        row["name"] = names[row["pred"]]
+    report = score_pairs(plan, metrics, **kwargs)
     report.unmatched_gt, report.unmatched_pred = only_gt, only_pred
     return report

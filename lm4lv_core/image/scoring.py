@@ -15,8 +15,7 @@ import os
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import ConfigError, LM4LVError
 
@@ -151,18 +150,34 @@ class Scorer:
     def score(self, pairs: Sequence[tuple[str | os.PathLike, str | os.PathLike]], *,
               progress: Callable[[int, int], None] | None = None, on_error: str = "stop",
               failures: list[tuple[str, str]] | None = None, done: dict[int, dict] | None = None,
-              on_row: Callable[[int, dict], None] | None = None) -> list[dict]:
-        """Rows of ``pairs`` in their order (failed ones left out under ``on_error="skip"``)."""
+              on_row: Callable[[int, dict], None] | None = None, collect: bool = True) -> list[dict]:
+        """Rows of ``pairs`` in their order (failed ones left out under ``on_error="skip"``).
+
+        ``pairs`` is read by index as the pairs go out (a :class:`~lm4lv_core.image.pairs.PairPlan`
+        is never expanded); ``collect=False`` keeps no row (``on_row`` takes each) and returns []."""
         done = done or {}
-        todo = [(i, str(g), str(p)) for i, (g, p) in enumerate(pairs) if i not in done]
         total, count = len(pairs), len(done)
-        results: dict[int, dict] = dict(done)
+        results: dict[int, dict] = dict(done) if collect else {}
         if progress and count:
             progress(count, total)
-        n = self.workers if self.workers is not None else default_workers(len(todo))
+        n_todo = total - sum(1 for i in done if 0 <= i < total)
+        n = self.workers if self.workers is not None else default_workers(n_todo)
         if self.lpips_module is not None:
             n = 1  # a module given by the caller is used here
-        n = max(1, min(n, len(todo)))
+        n = max(1, min(n, n_todo))
+
+        def chunks(step: int) -> Iterator[list[tuple[int, str, str]]]:
+            chunk: list[tuple[int, str, str]] = []
+            for i in range(total):
+                if i in done:
+                    continue
+                g, p = pairs[i]
+                chunk.append((i, str(g), str(p)))
+                if len(chunk) == step:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
 
         def take(batch: list[tuple[int, dict | None, str | None]]) -> None:
             nonlocal count
@@ -174,7 +189,8 @@ class Scorer:
                         path = str(pairs[i][1])
                         failures.append((path, err[len(path) + 2:] if err.startswith(path + ": ") else err))
                 else:
-                    results[i] = row
+                    if collect:
+                        results[i] = row
                     if on_row:
                         on_row(i, row)
             count += len(batch)
@@ -183,16 +199,14 @@ class Scorer:
 
         if n == 1 and self.pool is None:
             self._local()
-            step = 8
-            for k in range(0, len(todo), step):
-                take(_score_chunk(todo[k:k + step]))
+            for chunk in chunks(8):
+                take(_score_chunk(chunk))
         else:
             pool = self._pool(n)
-            step = max(1, min(16, len(todo) // (self.pool_size * 8) or 1))
-            chunks = (todo[k:k + step] for k in range(0, len(todo), step))
+            step = max(1, min(16, n_todo // (self.pool_size * 8) or 1))
             pending: deque = deque()
             try:
-                for chunk in chunks:
+                for chunk in chunks(step):
                     pending.append(pool.submit(_score_chunk, chunk))
                     if len(pending) >= 4 * self.pool_size:
                         take(pending.popleft().result())

@@ -15,8 +15,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import ConfigError, LM4LVError
-from ..util.fsutil import write_json_atomic, write_text_atomic
+from ..util.fsutil import JsonStream, write_csv_atomic, write_json_atomic, write_text_atomic
 from ..image.metrics import METRICS, EvalReport, check_on_error, plan_pairs, report_of, validate_metrics
+from ..image.pairs import PairPlan, ScoredRows
 
 GRID_TILE_MAX = 256  # larger images are shown reduced in grids
 GRID_SOFTWARE = "lm4lv eval"  # the PNG text chunk "Software" of a grid: tells --overwrite it is ours
@@ -42,7 +43,7 @@ class Comparison:
     reports: list[EvalReport]
     metrics: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped by --on-error skip
-    _index: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _index: dict[int, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -51,23 +52,32 @@ class Comparison:
     def mean(self, k: int) -> dict[str, float]:
         return {m: self.reports[k].mean(m) for m in self.metrics}
 
+    def _positions(self, k: int) -> dict[str, int]:
+        """Image name → position of its row in folder ``k`` (a dictionary join, built once)."""
+        index = self._index.get(k)
+        rows = self.reports[k].rows
+        if index is None or len(index) != len(rows):
+            names = rows.names() if isinstance(rows, ScoredRows) else (r["name"] for r in rows)
+            index = self._index[k] = {n: j for j, n in enumerate(names)}
+        return index
+
     def common_names(self) -> list[str]:
         """Images every folder scored, in the first folder's order."""
-        sets = [{r["name"] for r in rep.rows} for rep in self.reports[1:]]
-        return [r["name"] for r in self.reports[0].rows if all(r["name"] in s for s in sets)]
+        others = [self._positions(k) for k in range(1, len(self.reports))]
+        return [n for n in self._positions(0) if all(n in o for o in others)]
 
     def row(self, k: int, name: str) -> dict[str, Any]:
-        """Folder ``k``'s row of image ``name`` (a dictionary join, built once per folder)."""
-        index = self._index.get(k)
-        if index is None or len(index) != len(self.reports[k].rows):
-            index = self._index[k] = {r["name"]: r for r in self.reports[k].rows}
-        return index[name]
+        """Folder ``k``'s row of image ``name``."""
+        return self.reports[k].rows[self._positions(k)[name]]
 
     def difference(self, k: int) -> dict[str, float]:
         """Mean over the images both folders scored of (folder ``k`` − first folder)."""
-        a = {r["name"]: r for r in self.reports[0].rows}
-        pairs = [(r, a[r["name"]]) for r in self.reports[k].rows if r["name"] in a]
-        return {m: float(np.mean([r[m] - f[m] for r, f in pairs])) if pairs else float("nan")
+        first, here = self._positions(0), self._positions(k)
+        joined = [(j, first[n]) for n, j in here.items() if n in first]
+        if not joined:
+            return {m: float("nan") for m in self.metrics}
+        mine, theirs = (np.asarray(x, dtype=np.int64) for x in zip(*joined))
+        return {m: float(np.mean(self.reports[k].values(m)[mine] - self.reports[0].values(m)[theirs]))
                 for m in self.metrics}
 
     def summary(self) -> dict[str, Any]:
@@ -81,17 +91,13 @@ class Comparison:
     def write_json(self, path: str | os.PathLike) -> None:
         data = self.summary()
         for entry, rep in zip(data["predictions"], self.reports):
-            entry["images"] = rep.rows
+            entry["images"] = JsonStream(rep.rows)
         write_json_atomic(path, data)
 
     def write_csv(self, path: str | os.PathLike) -> None:
         """One row per (folder, image): ``label, name, gt, pred`` and the metrics."""
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["label", "name", "gt", "pred", *self.metrics], lineterminator="\n")
-        w.writeheader()
-        for label, rep in zip(self.labels, self.reports):
-            w.writerows({"label": label, **r} for r in rep.rows)
-        write_text_atomic(path, buf.getvalue())
+        rows = ({"label": label, **r} for label, rep in zip(self.labels, self.reports) for r in rep.rows)
+        write_csv_atomic(path, ["label", "name", "gt", "pred", *self.metrics], rows)
 
 
 def compare_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequence[str | os.PathLike],
@@ -207,12 +213,14 @@ class Journal:
                 self.f.flush()
         return self
 
-    def done(self, k: int, planned: Sequence[tuple[str, Path, Path]]) -> dict[int, dict]:
+    def done(self, k: int, plan: PairPlan) -> dict[int, dict]:
         """Rows of folder ``k`` scored before, by pair index (the same gt and pred files only)."""
         out = {}
-        for i, (_, g, p) in enumerate(planned):
-            r = self.rows.get((k, str(p)))
-            if r is not None and r.get("gt") == str(g):
+        if not self.rows:
+            return out
+        for i, (g, p) in enumerate(plan):
+            r = self.rows.get((k, p))
+            if r is not None and r.get("gt") == g:
                 out[i] = r
         return out
 

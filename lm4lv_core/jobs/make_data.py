@@ -37,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -47,8 +47,8 @@ from ..defaults import DEFAULT_PROMPT, SIZE_POLICY  # noqa: F401 (SIZE_POLICY: r
 from .configs import MakeDataConfig  # noqa: F401 (its config, re-exported)
 from ..image.degrade import Pipeline, parse_spec
 from ..errors import ConfigError, LM4LVError
-from ..util.fsutil import temp_dir, user_entries, write_json_atomic, writing
-from ..image.io import (RESIZE_POLICIES, check_resize, require_images, load_rgb, pair_images, save_png,
+from ..util.fsutil import JsonStream, temp_dir, user_entries, write_json_atomic, writing
+from ..image.io import (RESIZE_POLICIES, check_resize, require_images, load_rgb, save_png,
                       to_square)
 
 OUR_ENTRIES = ("hq", "lq", "test", "train.json", "test.json", "manifest.json", "failures.csv")
@@ -132,7 +132,7 @@ def _process(jobs: list[_Job]) -> list[tuple[str, str]]:
     return failed
 
 
-def _run_jobs(jobs: list[_Job], workers: int,
+def _run_jobs(jobs: "_Jobs", workers: int,
               progress: Callable[[int, int], None] | None) -> list[tuple[str, str]]:
     """Run jobs in this process or in ``workers`` spawned processes (a bounded window of
     chunks in flight); the first error cancels the rest and is re-raised. Returns the failures
@@ -245,8 +245,9 @@ def _commit(tmp: Path, out: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _split(keys: list[str], fraction: float, seed: int) -> set[str]:
-    """Seeded permutation; at least one image per split when there are two or more."""
+def _split(keys: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """Which of the sorted ``keys`` are test images (a boolean mask): a seeded permutation; at
+    least one image per split when there are two or more."""
     n = len(keys)
     n_test = int(round(fraction * n))
     if n > 1 and fraction > 0:
@@ -254,7 +255,9 @@ def _split(keys: list[str], fraction: float, seed: int) -> set[str]:
     if n > 1 and fraction < 1:
         n_test = min(n - 1, n_test)
     perm = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_TAG])).permutation(n)
-    return {keys[i] for i in perm[:n_test]}
+    mask = np.zeros(n, dtype=bool)
+    mask[perm[:n_test]] = True
+    return mask
 
 
 def _sample(prompt: str, lq: Path, hq: Path, test: bool) -> dict[str, Any]:
@@ -277,18 +280,62 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "pillow": PIL.__version__, "scipy": scipy.__version__}
 
 
-def _collect(root: Path, what: str) -> dict[str, Path]:
+@dataclass
+class _Sources:
+    """The clean images of a folder, sorted by output key (``a/b.png``): relative paths as strings
+    (``rels[i]`` is the same object as ``keys[i]`` when they are equal), so a folder of 100 000
+    images costs a few MiB."""
+
+    root: Path
+    keys: list[str]
+    rels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _collect(root: Path, what: str) -> _Sources:
+    from ..image.io import list_relative
+
     if not root.is_dir():
         raise LM4LVError(f"{what} {root}: not a folder")
-    files = require_images(root, what)
-    out: dict[str, Path] = {}
-    for f in files:
-        key = f.relative_to(root).with_suffix(".png").as_posix()
-        if key in out:
-            raise LM4LVError(f"{root}: {out[key].relative_to(root)} and {f.relative_to(root)} "
-                             f"would both be written as {key}; rename one")
-        out[key] = f
-    return out
+    rels = list_relative(root)
+    if not rels:
+        require_images(root, what)  # its one-line error
+    by_key: dict[str, str] = {}
+    for r in rels:
+        key = os.path.splitext(r)[0] + ".png"
+        if key in by_key:
+            raise LM4LVError(f"{root}: {by_key[key]} and {r} would both be written as {key}; rename one")
+        by_key[key] = key if key == r else r
+    del rels
+    keys = sorted(by_key)
+    return _Sources(root, keys, [by_key[k] for k in keys])
+
+
+class _Jobs:
+    """The jobs of a dataset in order (train images, then the test folder's), made on demand from
+    :class:`_Sources`: ``jobs[i:j]`` is a list of :class:`_Job`."""
+
+    def __init__(self, parts: list[tuple[_Sources, str]], tmp: Path, size: int, seed: int,
+                 pipelines: tuple[tuple[str, Pipeline], ...], resize: str, skip: bool) -> None:
+        self.parts, self.args = parts, (tmp, size, seed, pipelines, resize, skip)
+        self.bounds = np.cumsum([0] + [len(src) for src, _ in parts])
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def job(self, i: int) -> _Job:
+        k = int(np.searchsorted(self.bounds, i, side="right")) - 1
+        src, prefix = self.parts[k]
+        j = i - int(self.bounds[k])
+        return _Job(src.root / src.rels[j], src.keys[j], prefix, *self.args)
+
+    def __getitem__(self, sl: slice) -> list[_Job]:
+        return [self.job(i) for i in range(*sl.indices(len(self)))]
+
+    def __iter__(self) -> Iterator[_Job]:
+        return (self.job(i) for i in range(len(self)))
 
 
 # --------------------------------------------------------------------------- entry points
@@ -326,10 +373,10 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
     if dupes:
         raise ConfigError(f"degradation given twice: {', '.join(sorted(dupes))}")
     train_src = _collect(cfg.clean_dir, "CLEAN_DIR")
-    test_src = _collect(cfg.test_dir, "--test-dir") if cfg.test_dir else {}
+    test_src = _collect(cfg.test_dir, "--test-dir") if cfg.test_dir else None
     _check_out(cfg)
-    test_keys = (set() if cfg.test_dir else _split(sorted(train_src), cfg.test_fraction,
-                                                    cfg.seed))
+    test_mask = (np.zeros(len(train_src), dtype=bool) if cfg.test_dir
+                 else _split(train_src.keys, cfg.test_fraction, cfg.seed))
     if cfg.size:  # an absurd --size is refused before anything is written
         from ..util.memory import check_allocation
 
@@ -341,30 +388,38 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
                 "version": __version__}
     skip = cfg.on_error == "skip"
     with _staging(cfg.out, settings) as tmp:
-        pipelines = tuple(zip(slugs, pipes))
-        jobs = [_Job(src, key, "", tmp, cfg.size, cfg.seed, pipelines, cfg.resize, skip)
-                for key, src in sorted(train_src.items())]
-        jobs += [_Job(src, key, "test/", tmp, cfg.size, cfg.seed, pipelines, cfg.resize, skip)
-                 for key, src in sorted(test_src.items())]
+        parts = [(train_src, "")] + ([(test_src, "test/")] if test_src is not None else [])
+        jobs = _Jobs(parts, tmp, cfg.size, cfg.seed, tuple(zip(slugs, pipes)), cfg.resize, skip)
         resumed = sum(all(o.is_file() for o in job.outputs()) for job in jobs) if any(tmp.iterdir()) else 0
         failures = _run_jobs(jobs, cfg.workers, progress)
+        bad = {p for p, _ in failures}
         if failures:
-            bad = {p for p, _ in failures}
-            jobs = [j for j in jobs if str(j.src) not in bad]
             write_failures(tmp / "failures.csv", failures)
-            if not jobs:
+            if len(bad) >= len(jobs):
                 raise LM4LVError(f"make-data: every one of the {len(bad)} image(s) failed; the first: "
                                  f"{failures[0][0]}: {failures[0][1]}")
-        train, test = [], []
-        for job in jobs:
-            is_test = bool(job.prefix) or job.key in test_keys
-            hq = cfg.out / f"{job.prefix}hq" / job.key
-            for slug in slugs:
-                lq = cfg.out / f"{job.prefix}lq" / slug / job.key
-                (test if is_test else train).append(_sample(cfg.prompt, lq, hq, is_test))
-        write_json_atomic(tmp / "train.json", train)
-        write_json_atomic(tmp / "test.json", test)
-        n_test_imgs = sum(1 for j in jobs if j.prefix or j.key in test_keys)
+
+        def made(test: bool) -> Iterator[tuple[str, str]]:
+            """(prefix, key) of the images made into the train (or test) split, in order."""
+            for src, prefix in parts:
+                for j, key in enumerate(src.keys):
+                    if (bool(prefix) or (src is train_src and test_mask[j])) != test:
+                        continue
+                    if bad and str(src.root / src.rels[j]) in bad:
+                        continue
+                    yield prefix, key
+
+        def samples(test: bool) -> Iterator[dict[str, Any]]:
+            for prefix, key in made(test):
+                hq = cfg.out / f"{prefix}hq" / key
+                for slug in slugs:
+                    yield _sample(cfg.prompt, cfg.out / f"{prefix}lq" / slug / key, hq, test)
+
+        n_test_imgs = sum(1 for _ in made(True))
+        n_imgs = len(jobs) - len(bad)
+        n_train, n_test = (n_imgs - n_test_imgs) * len(slugs), n_test_imgs * len(slugs)
+        write_json_atomic(tmp / "train.json", JsonStream(samples(False)))
+        write_json_atomic(tmp / "test.json", JsonStream(samples(True)))
         manifest = {
             "tool": "lm4lv make-data", "mode": "degrade", "clean_dir": str(cfg.clean_dir),
             "test_dir": str(cfg.test_dir) if cfg.test_dir else None, "size": cfg.size,
@@ -375,14 +430,14 @@ def _degrade_data(cfg: MakeDataConfig, progress: Callable[[int, int], None] | No
                               "steps": [{"name": st.name, "params": st.params()}
                                         for st in p.steps]}
                              for s, p in zip(cfg.degradations, pipes)],
-            "counts": {"images": len(jobs), "train_images": len(jobs) - n_test_imgs,
-                       "test_images": n_test_imgs, "train_samples": len(train),
-                       "test_samples": len(test)},
+            "counts": {"images": n_imgs, "train_images": n_imgs - n_test_imgs,
+                       "test_images": n_test_imgs, "train_samples": n_train,
+                       "test_samples": n_test},
             "versions": _versions(),
             "resize": cfg.resize,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-    return MakeDataResult(cfg.out, "degrade", len(jobs), len(train), len(test), slugs, failures=failures,
+    return MakeDataResult(cfg.out, "degrade", n_imgs, n_train, n_test, slugs, failures=failures,
                           resumed=resumed)
 
 
@@ -395,34 +450,38 @@ def write_failures(path: Path, failures: list[tuple[str, str]]) -> None:
 
 def _pair_data(cfg: MakeDataConfig) -> MakeDataResult:
     assert cfg.lq_dir is not None and cfg.hq_dir is not None
-    pairing = pair_images(cfg.lq_dir, cfg.hq_dir)
-    only_lq = [p.relative_to(cfg.lq_dir).as_posix() for p in pairing.only_a]
-    only_hq = [p.relative_to(cfg.hq_dir).as_posix() for p in pairing.only_b]
-    if not pairing.pairs:
+    from ..image.io import pair_relative
+
+    pairs, only_lq, only_hq = pair_relative(cfg.lq_dir, cfg.hq_dir)
+    if not pairs:
         raise LM4LVError(f"no image of --lq {cfg.lq_dir} pairs with one of --hq {cfg.hq_dir} "
                          f"by relative path or name ({len(only_lq)} LQ and {len(only_hq)} HQ "
                          "images unpaired)")
-    for _, lq, hq in pairing.pairs:
-        for p in (lq, hq):
+    for _, rl, rh in pairs:
+        for p in (cfg.lq_dir / rl, cfg.hq_dir / rh):
             try:
                 with Image.open(p) as im:
                     im.verify()
             except Exception as e:  # noqa: BLE001 - any decoder error means unreadable
                 raise LM4LVError(f"{p}: cannot read image ({e})") from None
     _check_out(cfg)
-    test_keys = _split([k for k, _, _ in pairing.pairs], cfg.test_fraction, cfg.seed)
-    train = [_sample(cfg.prompt, lq, hq, False) for k, lq, hq in pairing.pairs
-             if k not in test_keys]
-    test = [_sample(cfg.prompt, lq, hq, True) for k, lq, hq in pairing.pairs if k in test_keys]
+    test_mask = _split([k for k, _, _ in pairs], cfg.test_fraction, cfg.seed)
+    n_test = int(test_mask.sum())
+
+    def samples(test: bool) -> Iterator[dict[str, Any]]:
+        for (_, rl, rh), is_test in zip(pairs, test_mask):
+            if bool(is_test) == test:
+                yield _sample(cfg.prompt, cfg.lq_dir / rl, cfg.hq_dir / rh, test)
+
     with _staging(cfg.out) as tmp:
-        write_json_atomic(tmp / "train.json", train)
-        write_json_atomic(tmp / "test.json", test)
+        write_json_atomic(tmp / "train.json", JsonStream(samples(False)))
+        write_json_atomic(tmp / "test.json", JsonStream(samples(True)))
         write_json_atomic(tmp / "manifest.json", {
             "tool": "lm4lv make-data", "mode": "pair", "lq_dir": str(cfg.lq_dir),
             "hq_dir": str(cfg.hq_dir), "seed": cfg.seed, "test_fraction": cfg.test_fraction,
             "prompt": cfg.prompt,
-            "counts": {"pairs": len(pairing.pairs), "train_samples": len(train),
-                       "test_samples": len(test)},
+            "counts": {"pairs": len(pairs), "train_samples": len(pairs) - n_test,
+                       "test_samples": n_test},
             "unpaired_lq": only_lq, "unpaired_hq": only_hq, "versions": _versions()})
-    return MakeDataResult(cfg.out, "pair", len(pairing.pairs), len(train), len(test), [],
+    return MakeDataResult(cfg.out, "pair", len(pairs), len(pairs) - n_test, n_test, [],
                           only_lq, only_hq)

@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import OutputError
 
@@ -114,8 +114,72 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+class JsonStream:
+    """A JSON list whose items come from an iterable and are written one at a time by
+    :func:`write_json_atomic` (a list of 100 000 samples or rows is never held as text)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items = items
+
+
+def _json_chunks(obj: Any, indent: int | None, level: int) -> Iterator[str]:
+    """``json.dumps(obj, indent=indent)`` in pieces, with :class:`JsonStream` lists streamed."""
+    pad = "" if indent is None else "\n" + " " * (indent * level)
+    inner = "" if indent is None else "\n" + " " * (indent * (level + 1))
+    sep = ", " if indent is None else ","
+    if isinstance(obj, JsonStream):
+        first = True
+        for item in obj.items:
+            yield ("[" if first else sep) + inner
+            yield from _json_chunks(item, indent, level + 1)
+            first = False
+        yield "[]" if first else pad + "]"
+    elif isinstance(obj, dict) and any(_has_stream(v) for v in obj.values()):
+        yield "{"
+        for k, (key, value) in enumerate(obj.items()):
+            yield (sep if k else "") + inner + json.dumps(str(key), ensure_ascii=False) + ": "
+            yield from _json_chunks(value, indent, level + 1)
+        yield pad + "}"
+    elif isinstance(obj, (list, tuple)) and any(_has_stream(v) for v in obj):
+        yield "["
+        for k, value in enumerate(obj):
+            yield (sep if k else "") + inner
+            yield from _json_chunks(value, indent, level + 1)
+        yield pad + "]"
+    else:
+        text = json.dumps(obj, indent=indent, ensure_ascii=False)
+        yield text.replace("\n", pad) if indent is not None and level else text
+
+
+def _has_stream(obj: Any) -> bool:
+    if isinstance(obj, JsonStream):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_stream(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_stream(v) for v in obj)
+    return False
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """``obj`` as JSON, atomically; :class:`JsonStream` values inside it are written item by item."""
+    if not _has_stream(obj):
+        write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for chunk in _json_chunks(obj, indent, 0):
+            f.write(chunk)
+        f.write("\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    """A CSV file with a header and one line per row, written row by row, atomically."""
+    import csv
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fieldnames), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def foreign_entries(folder: str | os.PathLike, names: Iterable[str],
