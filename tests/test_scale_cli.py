@@ -145,6 +145,58 @@ def test_overwrite_refuses_a_foreign_file_in_checkpoints(tmp_path):
     assert not (run / "checkpoints").exists()
 
 
+def test_overwrite_knows_what_lm4lv_writes_in_final_tensorboard_and_wandb(tmp_path):
+    from lm4lv_core.engine.run import prepare_run_dir
+    from lm4lv_core.errors import ConfigError
+
+    run = tmp_path / "run"
+    own = {"final": ["lm4lv.yaml", "trainable.safetensors", "lora/adapter_config.json",  # an LM4LV model
+                     "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json"],  # ft-mae's Hugging Face MAE folder, sharded
+           "tensorboard": ["events.out.tfevents.1796624526.host.example.11018.0"],
+           "wandb": ["offline-run-20261207_062127-rrop964w/run-rrop964w.wandb", "run-20261207_062127-ab12cd34/x",
+                     "debug-cli.me.log", "lm4lv-run-id"]}
+    for sub, names in own.items():
+        for name in names:
+            (run / sub / name).parent.mkdir(parents=True, exist_ok=True)
+            (run / sub / name).write_text("lm4lv")
+    for link, target in (("latest-run", "offline-run-20261207_062127-rrop964w"),
+                         ("debug.log", "offline-run-20261207_062127-rrop964w/run-rrop964w.wandb"),
+                         ("debug-internal.log", "offline-run-20261207_062127-rrop964w/run-rrop964w.wandb")):
+        (run / "wandb" / link).symlink_to(target)
+    for foreign in ("final/NOTES.txt", "tensorboard/mine", "wandb/settings"):
+        (run / foreign).mkdir() if foreign == "tensorboard/mine" else (run / foreign).write_text("mine")
+        with pytest.raises(ConfigError, match=str(run / foreign)):
+            prepare_run_dir(run, overwrite=True)
+        assert all((run / sub / name).exists() for sub, names in own.items() for name in names)
+        (run / foreign).rmdir() if foreign == "tensorboard/mine" else (run / foreign).unlink()
+    prepare_run_dir(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_overwrite_refuses_a_foreign_file_in_final_or_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lm4lv_core.engine.run import prepare_run_dir
+
+    data = write_pairs(tmp_path / "d", n=4, size=32)
+    run = tmp_path / "run"
+    train = ["train", "--data", data, "--preset", "tiny", "--out", run, "--max-steps", "1", "--save-every", "1"]
+    code, out = lm4lv(*train, "--report-to", "tensorboard")
+    assert code == 0, out
+    written = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert any(p.startswith("tensorboard/events.out.tfevents.") for p in written) and "final/lm4lv.yaml" in written
+    for foreign in (run / "final" / "NOTES.txt", run / "tensorboard" / "NOTES.txt"):
+        foreign.write_text("mine")
+        code, out = lm4lv(*train, "--overwrite")
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and str(foreign) in errors[0] and "Traceback" not in out, out
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p != foreign) == written
+        foreign.unlink()
+    prepare_run_dir(run, overwrite=True)  # what the run wrote is lm4lv's own: all of it goes
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
 def test_overwrite_refusal_through_the_command(folder, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
