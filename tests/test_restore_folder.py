@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import run_cli
 from lm4lv_core.data.format import parse_sample
+from lm4lv_core.errors import LM4LVError
 from lm4lv_core.tasks.lm4lv import restoration_prompt
 
 PROMPT = "<image> restore <task>"
@@ -285,3 +286,75 @@ def test_two_workers_restore_every_image_once(setup, tmp_path, monkeypatch, caps
         x = np.asarray(Image.open(a[rel]), dtype=np.int16)
         y = np.asarray(Image.open(b[rel]), dtype=np.int16)
         assert np.abs(x - y).mean() < 1, rel
+
+
+def _cut_jpeg(src: Path, dst: Path) -> Path:
+    """A JPEG cut off in its pixel data: its header reads (it passes generate's check before the
+    workers start), decoding it fails."""
+    import io
+
+    buf = io.BytesIO()
+    Image.open(src).convert("RGB").save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    dst.write_bytes(data[:int(len(data) * 0.8)])
+    return dst
+
+
+@pytest.mark.parametrize("tile", [None, 16])
+def test_restore_items_leaves_out_an_image_that_fails_to_decode(setup, tmp_path, tile):
+    from lm4lv_core.config import GenerationConfig
+    from lm4lv_core.data.format import find_image_problems
+    from lm4lv_core.data.outputs import plan_restore
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.model.restore import image_config, restore_items, restore_samples
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i, seed in enumerate([5, 6, 7, 8]):
+        _picture(24, 20, seed).save(inp / f"{i}.png")
+    bad = _cut_jpeg(inp / "1.png", inp / "1b.jpg")  # between 1.png and 2.png: in the middle of a batch
+    items = plan_restore([inp], tmp_path / "out")
+    assert find_image_problems(restore_samples(items, PROMPT)) == []  # the check before the workers passes it
+    model = LM4LV.from_pretrained(setup / "run" / "final")
+    failed, counted = [], []
+    restore_items(model, items, tmp_path / "out", PROMPT, cfg=image_config(GenerationConfig(tile=tile)),
+                  batch_size=3, on_batch=lambda n: counted.append(n),
+                  on_failure=lambda it, reason: failed.append((it.src, reason)))
+    assert [(src, reason.split(" (")[0]) for src, reason in failed] == [(str(bad), "cannot read image")]
+    assert sorted(_outputs(tmp_path / "out")) == ["0.png", "1.png", "2.png", "3.png"]
+    assert sum(counted) == 4  # every written image counted once
+    with pytest.raises(LM4LVError, match="1b.jpg"):  # without on_failure the first failure stops it
+        restore_items(model, items, tmp_path / "again", PROMPT, cfg=image_config(GenerationConfig(tile=tile)))
+
+
+def test_restore_items_isolates_a_failure_after_decoding_and_stops_on_one_not_the_images(setup, tmp_path,
+                                                                                         monkeypatch):
+    import lm4lv_core.image.io as image_io
+    from lm4lv_core.data.outputs import plan_restore
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.model.restore import restore_items
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i, seed in enumerate([5, 6, 7, 8, 9]):
+        _picture(24, 20, seed).save(inp / f"{i}.png")
+    items = plan_restore([inp], tmp_path / "out")
+    model = LM4LV.from_pretrained(setup / "run" / "final")
+    size_of = image_io.oriented_size
+
+    def flaky(path):  # fails after the image was read: while sizing its restored image
+        if Path(path).name == "3.png":
+            raise LM4LVError(f"{path}: vanished")
+        return size_of(path)
+
+    monkeypatch.setattr(image_io, "oriented_size", flaky)
+    failed, counted = [], []
+    restore_items(model, items, tmp_path / "out", PROMPT, batch_size=2, on_batch=lambda n: counted.append(n),
+                  on_failure=lambda it, reason: failed.append((Path(it.src).name, reason)))
+    assert failed == [("3.png", "vanished")]
+    assert sorted(_outputs(tmp_path / "out")) == ["0.png", "1.png", "2.png", "4.png"] and sum(counted) == 4
+
+    monkeypatch.setattr(image_io, "oriented_size", lambda path: (_ for _ in ()).throw(LM4LVError("no GPU left")))
+    with pytest.raises(LM4LVError, match="no GPU left"):  # not an image's own failure: it stops
+        restore_items(model, items, tmp_path / "other", PROMPT, batch_size=2, on_failure=lambda *a: None)
+    assert _outputs(tmp_path / "other") == {}

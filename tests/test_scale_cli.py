@@ -145,6 +145,58 @@ def test_overwrite_refuses_a_foreign_file_in_checkpoints(tmp_path):
     assert not (run / "checkpoints").exists()
 
 
+def test_overwrite_knows_what_lm4lv_writes_in_final_tensorboard_and_wandb(tmp_path):
+    from lm4lv_core.engine.run import prepare_run_dir
+    from lm4lv_core.errors import ConfigError
+
+    run = tmp_path / "run"
+    own = {"final": ["lm4lv.yaml", "trainable.safetensors", "lora/adapter_config.json",  # an LM4LV model
+                     "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                     "model.safetensors.index.json"],  # ft-mae's Hugging Face MAE folder, sharded
+           "tensorboard": ["events.out.tfevents.1796624526.host.example.11018.0"],
+           "wandb": ["offline-run-20261207_062127-rrop964w/run-rrop964w.wandb", "run-20261207_062127-ab12cd34/x",
+                     "debug-cli.me.log", "lm4lv-run-id"]}
+    for sub, names in own.items():
+        for name in names:
+            (run / sub / name).parent.mkdir(parents=True, exist_ok=True)
+            (run / sub / name).write_text("lm4lv")
+    for link, target in (("latest-run", "offline-run-20261207_062127-rrop964w"),
+                         ("debug.log", "offline-run-20261207_062127-rrop964w/run-rrop964w.wandb"),
+                         ("debug-internal.log", "offline-run-20261207_062127-rrop964w/run-rrop964w.wandb")):
+        (run / "wandb" / link).symlink_to(target)
+    for foreign in ("final/NOTES.txt", "tensorboard/mine", "wandb/settings"):
+        (run / foreign).mkdir() if foreign == "tensorboard/mine" else (run / foreign).write_text("mine")
+        with pytest.raises(ConfigError, match=str(run / foreign)):
+            prepare_run_dir(run, overwrite=True)
+        assert all((run / sub / name).exists() for sub, names in own.items() for name in names)
+        (run / foreign).rmdir() if foreign == "tensorboard/mine" else (run / foreign).unlink()
+    prepare_run_dir(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_overwrite_refuses_a_foreign_file_in_final_or_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lm4lv_core.engine.run import prepare_run_dir
+
+    data = write_pairs(tmp_path / "d", n=4, size=32)
+    run = tmp_path / "run"
+    train = ["train", "--data", data, "--preset", "tiny", "--out", run, "--max-steps", "1", "--save-every", "1"]
+    code, out = lm4lv(*train, "--report-to", "tensorboard")
+    assert code == 0, out
+    written = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert any(p.startswith("tensorboard/events.out.tfevents.") for p in written) and "final/lm4lv.yaml" in written
+    for foreign in (run / "final" / "NOTES.txt", run / "tensorboard" / "NOTES.txt"):
+        foreign.write_text("mine")
+        code, out = lm4lv(*train, "--overwrite")
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and str(foreign) in errors[0] and "Traceback" not in out, out
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p != foreign) == written
+        foreign.unlink()
+    prepare_run_dir(run, overwrite=True)  # what the run wrote is lm4lv's own: all of it goes
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
 def test_overwrite_refusal_through_the_command(folder, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -169,3 +221,51 @@ def test_generate_input_skip_and_stop(folder, tmp_path):
     assert code == 3 and "1 image(s)" in out and "Traceback" not in out
     assert len(list((tmp_path / "r").glob("*.png"))) == 19
     assert [r["path"] for r in _failures(tmp_path / "r" / "failures.csv")] == [str(bad)]
+
+
+def _cut_jpeg(src: Path, dst: Path) -> Path:
+    """A JPEG cut off in its pixel data: its header reads, so it passes the check before the
+    workers start; decoding it fails, in the worker."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(src).convert("RGB").save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    dst.write_bytes(data[:int(len(data) * 0.8)])
+    return dst
+
+
+@pytest.mark.slow
+def test_generate_input_skips_an_image_that_fails_in_a_worker(tmp_path):
+    from lm4lv_core.data.format import find_image_problems
+    from lm4lv_core.data.outputs import plan_restore
+    from lm4lv_core.model.lm4lv import LM4LV
+    from lm4lv_core.model.restore import restore_samples
+    from lm4lv_core.sources.presets import preset_config
+
+    LM4LV.from_config(preset_config("tiny", restore_prompt="<image> <task>")).save_pretrained(tmp_path / "m")
+    lq = write_pairs(tmp_path / "d", n=4, size=32).parent / "lq"
+    cut = _cut_jpeg(lq / "1.png", lq / "1b.jpg")
+    assert find_image_problems(restore_samples(plan_restore([cut], tmp_path / "x"), "<image>")) == []
+    gen = ["generate", "--run", tmp_path / "m", "--input", lq]
+    code, out = lm4lv(*gen, "-o", tmp_path / "stop", "--nproc", "2")
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and str(cut) in errors[0] and "Traceback" not in out, out
+    assert not (tmp_path / "stop" / "1b.jpg").exists()
+    # one more on the other worker (the images are dealt round-robin), and one the check finds
+    cut2 = _cut_jpeg(lq / "3.png", lq / "3b.jpg")
+    unreadable = lq / "2b.png"
+    unreadable.write_bytes(b"not an image")
+    for nproc in ("1", "2"):
+        out_dir = tmp_path / f"skip{nproc}"
+        code, out = lm4lv(*gen, "-o", out_dir, "--nproc", nproc, "--on-error", "skip")
+        assert code == 3 and "3 image(s) could not be restored" in out and "4/7 images restored" in out, out
+        assert "Traceback" not in out and "error:" not in out
+        assert sorted(p.name for p in out_dir.iterdir() if p.suffix in (".png", ".jpg")) == \
+            ["0.png", "1.png", "2.png", "3.png"]
+        rows = _failures(out_dir / "failures.csv")
+        assert [r["path"] for r in rows] == [str(cut), str(unreadable), str(cut2)]
+        assert rows[0]["reason"].startswith("cannot read image (image file is truncated")
+        assert rows[1]["reason"].startswith("unreadable image")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,12 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 WANDB_PROJECT = "lm4lv"
 WANDB_RUN_ID = "lm4lv-run-id"  # in RUN/wandb: the W&B run a resumed run continues
+# what each tracker writes into its folder (regular expressions of entry names; `--overwrite`
+# removes only these): SummaryWriter's event files; W&B's run folders, the links to the latest
+# run and its logs, its debug logs, and lm4lv's run id
+TENSORBOARD_ENTRIES = r"events\.out\.tfevents\..+"
+WANDB_ENTRIES = (r"(offline-)?run-\d{8}_\d{6}-[\w-]+|latest-run|debug(-internal|-core|-cli\..+)?\.log|"
+                 + re.escape(WANDB_RUN_ID))
 # tracker -> (module it needs, package and extra that install it)
 _NEEDS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 

@@ -27,7 +27,21 @@ LOG_FILE = "train.log"  # third-party output of every run (the console shows lm4
 OWN_ENTRIES = ("checkpoints", "final", "previews", "metrics.csv", "loss.png", "report.html", "data_order.csv", "run.json",
                RUN_CONFIG, JOB_DIR, ".final.tmp", LOG_FILE, "tensorboard", "wandb")
 # inside these, --overwrite removes only what matches (lm4lv's names); anything else is refused
+# (final/, tensorboard/ and wandb/ too: see own_patterns)
 OWN_PATTERNS = {"checkpoints": r"step-\d+", "previews": r"step-\d+\.png"}
+
+
+def own_patterns() -> dict[str, str]:
+    """The entries lm4lv writes inside each subfolder of a run (name → regular expression of entry
+    names), as declared where they are written: ``OWN_PATTERNS``; ``final/``: what a saved model
+    folder holds (an LM4LV model's, or ft-mae's Hugging Face MAE folder); ``tensorboard/``,
+    ``wandb/``: what the trackers write there (:mod:`.reporting`)."""
+    from ..model.lm4lv import SAVED_ENTRIES as LM4LV_SAVED
+    from ..vision.mae import SAVED_ENTRIES as MAE_SAVED
+    from .reporting import TENSORBOARD_DIR, TENSORBOARD_ENTRIES, WANDB_DIR, WANDB_ENTRIES
+
+    return {**OWN_PATTERNS, "final": f"(?:{LM4LV_SAVED})|(?:{MAE_SAVED})", TENSORBOARD_DIR: TENSORBOARD_ENTRIES,
+            WANDB_DIR: WANDB_ENTRIES}
 
 
 @dataclass(kw_only=True)
@@ -77,8 +91,9 @@ def check_resume(job: TrainingJob) -> None:
 def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = False,
                     keep: tuple[str, ...] = ()) -> Path:
     """Refuse to reuse a non-empty run folder without --resume/--overwrite; with --overwrite,
-    remove lm4lv's own outputs of the earlier run (other files are left alone). ``keep``: entries
-    that other nodes of this run may have made already (neither counted nor removed)."""
+    remove lm4lv's own outputs of the earlier run (other files are left alone; a file of the user's
+    inside one of lm4lv's subfolders, :func:`own_patterns`, refuses it before anything is removed).
+    ``keep``: entries that other nodes of this run may have made already (neither counted nor removed)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
@@ -86,7 +101,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool = False, overwrite: bool = 
         raise ConfigError(f"--out {out}: the run folder is not empty; pass --resume to continue it "
                           "or --overwrite to replace lm4lv's files in it")
     if overwrite and out.is_dir():
-        remove_entries(out, [e for e in OWN_ENTRIES if e not in keep], OWN_PATTERNS)
+        remove_entries(out, [e for e in OWN_ENTRIES if e not in keep], own_patterns())
     out.mkdir(parents=True, exist_ok=True)
     return out
 

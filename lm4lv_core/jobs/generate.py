@@ -285,10 +285,13 @@ class RestoreJob:
     compile: bool = False
     attn_implementation: str = ATTN_AUTO
     model_config: ModelConfig | None = None  # a training checkpoint's model (its run's config.yaml)
+    on_error: str = "stop"  # skip: an image that fails in a worker is left out and reported back
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.on_error not in ("stop", "skip"):
+            raise ConfigError(f"--on-error must be one of stop, skip, got {self.on_error!r}")
         precision(self.precision)
         if isinstance(self.model_config, dict):
             self.model_config = from_dict(ModelConfig, self.model_config, source="restore job: model_config")
@@ -317,7 +320,9 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
     restored images, ``overwrite`` redoes them.
     Every input is checked first (readable, decodable in this machine's memory): ``on_error="stop"``
     refuses the job naming the bad files, ``"skip"`` restores the rest and lists them in
-    ``OUT/failures.csv`` (``RestoreSummary.failures``).
+    ``OUT/failures.csv`` (``RestoreSummary.failures``). An image that passes that check but fails in
+    a worker (e.g. a file cut off in its pixel data) stops the job under ``"stop"``; under ``"skip"``
+    it gets no output and joins the list (the workers hand their failures back with their result).
     ``on_note(text)`` receives notes for the user (e.g. which checkpoint restores)."""
     from ..data.format import find_image_problems
     from ..data.outputs import prepare_restore_out, plan_restore, restore_manifest
@@ -333,7 +338,7 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
     out = Path(out).resolve()
     job = RestoreJob(model=str(source.path), out=str(out), prompt=restore_prompt(saved.restore_prompt, prompt),
                      batch_size=batch_size, precision=precision, generation=gen, compile=compile,
-                     attn_implementation=attn_implementation, model_config=source.config)
+                     attn_implementation=attn_implementation, model_config=source.config, on_error=on_error)
     _check_device(job)
     _check_tiling(saved, gen)
     workers = (workers or Workers()).resolve()
@@ -346,7 +351,7 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
         from ..report.html import check_page_target
 
         check_page_target(html, overwrite)
-    items = plan_restore(inputs, out)
+    items = plan_items = plan_restore(inputs, out)
     skip = on_error == "skip"
     problems = find_image_problems(restore_samples(items, job.prompt), limit=len(items) if skip else 10)
     failures: list[tuple[str, str]] = []
@@ -374,23 +379,31 @@ def restore_inputs(run: str | os.PathLike, inputs: list[str | os.PathLike], out:
             (out / FAILURES_FILE).unlink(missing_ok=True)
         job.items, job.total = [vars(it) for it in todo], len(items)
         if todo:
-            launch.run_job("restore", job, job_dir=out / JOB_DIR, workers=workers,
-                           log_file=out / LOG_FILE, verbose=verbose)
+            result = launch.run_job("restore", job, job_dir=out / JOB_DIR, workers=workers,
+                                    log_file=out / LOG_FILE, verbose=verbose)
+            failed = [(src, reason) for src, reason in (result or {}).get("failures", [])]
+            if failed:  # images that failed in the workers, with those the check left out, in input order
+                order = {it.src: it.key for it in plan_items}
+                failures = sorted(failures + failed, key=lambda f: order.get(f[0], len(order)))
+                from .evaluate import write_failures
+
+                write_failures(out / FAILURES_FILE, failures)
     after = sum((out / it.dst).is_file() for it in items)
     if html:
         from .generate_page import restoration_page
 
         restoration_page(html, out, items)
-    return RestoreSummary(len(items) - len(todo), after, len(items) + len(failures), out, failures)
+    return RestoreSummary(len(items) - len(todo), after, len(plan_items), out, failures)
 
 
 FAILURES_FILE = "failures.csv"  # generate --input --on-error skip: path,reason of the inputs left out
 
 
 @register_job("restore", RestoreJob)
-def restore_job(job: RestoreJob) -> dict[str, int]:
+def restore_job(job: RestoreJob) -> dict:
     """Worker entry: restore this rank's share of ``job.items`` (round-robin); returns this
-    rank's count ``{"restored"}``."""
+    rank's count ``{"restored"}`` and the images every rank left out under ``on_error="skip"``
+    (``{"failures": [[path, reason], ...]}``, merged on every rank: rank 0's result reaches the parent)."""
     from ..data.outputs import RestoreItem
     from ..model.lm4lv import LM4LV
     from ..model.restore import restore_items
@@ -402,6 +415,7 @@ def restore_job(job: RestoreJob) -> dict[str, int]:
     items = [RestoreItem(**d) for d in job.items]
     mine = items[rank::world]
     stopped = bool(mine) and signals.requested()
+    failures: list[list[str]] = []
     if mine and not stopped:
         dtype = compute_dtype(job.precision)
         load = memreport.LoadMeter()
@@ -426,16 +440,21 @@ def restore_job(job: RestoreJob) -> dict[str, int]:
                 if signals.requested():
                     raise _StopAfterBatch
 
+            def failed(it: RestoreItem, reason: str) -> None:
+                failures.append([it.src, reason])
+
             try:
                 restore_items(model, mine, job.out, job.prompt, cfg=job.generation, batch_size=job.batch_size,
-                              compile=job.compile, on_batch=after_batch, on_tiles=True)
+                              compile=job.compile, on_batch=after_batch, on_tiles=True,
+                              on_failure=failed if job.on_error == "skip" else None)
             except _StopAfterBatch:
                 stopped = True
     dist.barrier()
-    stopped = any(dist.all_gather_objects(stopped))
+    outcomes = dist.all_gather_objects((stopped, failures))  # every rank's: rank 0 returns them all
+    stopped = any(s for s, _ in outcomes)
     if stopped and rank == 0:
         out = Path(job.out)
         done = job.total - len(items) + sum((out / it.dst).is_file() for it in items)
         raise Interrupted(f"interrupted: {done} of {job.total} images restored and kept; "
                           "run the same command again to restore the rest")
-    return {"restored": len(mine)}
+    return {"restored": len(mine) - len(failures), "failures": [f for _, fs in outcomes for f in fs]}

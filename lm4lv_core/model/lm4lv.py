@@ -9,6 +9,7 @@ the hidden state *before* each target image slot and *at* each target query slot
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from ..vision import build_adapter, build_decoder, build_encoder, complete_confi
 
 CONFIG_FILE = MODEL_CONFIG
 LORA_DIR = "lora"
+# what save_pretrained writes into a model folder (a regular expression of entry names): `train
+# --overwrite` removes only these from a run's final/
+SAVED_ENTRIES = "|".join(re.escape(name) for name in (CONFIG_FILE, WEIGHTS_FILE, LORA_DIR))
 EMBEDDINGS = ("task_tokens", "query_tokens")  # learnt input embeddings, saved with the trainable weights
 
 

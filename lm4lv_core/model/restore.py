@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from ..data.format import IMAGE_TOKEN, Sample, parse_sample
 from ..data.outputs import RestoreItem, plan_restore
 from ..defaults import DEFAULT_PROMPT, GENERATE_BATCH_SIZE
-from ..errors import ConfigError
+from ..errors import ConfigError, LM4LVError
 from .generate import GenerationConfig, generate_samples, output_image
 
 
@@ -128,21 +128,119 @@ def restore(model, images, prompt: str | None = None, *, batch_size: int = GENER
 
 def restore_items(model, items: Sequence[RestoreItem], out: str | os.PathLike, prompt: str, *,
                   cfg: GenerationConfig | None = None, batch_size: int = GENERATE_BATCH_SIZE,
-                  compile: bool = False, on_batch: Callable[..., None] | None = None, on_tiles: bool = False) -> None:
+                  compile: bool = False, on_batch: Callable[..., None] | None = None, on_tiles: bool = False,
+                  on_failure: Callable[[RestoreItem, str], None] | None = None) -> None:
     """Restore ``items`` into ``out`` (:func:`restore_images`), batch by batch; ``on_batch(n)`` is
     called after each batch's ``n`` images are written (with ``cfg.tile`` and ``on_tiles``:
-    ``on_batch(tiles, images)``, the batch's tiles and the images it finished)."""
-    from ..image.io import save_image
+    ``on_batch(tiles, images)``, the batch's tiles and the images it finished).
 
+    ``on_failure(item, reason)``: an image that fails on its own (an :class:`LM4LVError` naming its
+    file, e.g. a file that passed the header check but does not decode) is left out, with no output,
+    and the rest restored (see :func:`_restore_skipping`); without it the first failure stops the
+    restoration."""
     out = Path(out)
-    by_key = {it.key: it for it in items}
     tiled = cfg is not None and cfg.tile is not None
     after = None
     if on_batch is not None:
         after = (lambda tiles, images: on_batch(tiles, images)) if on_tiles and tiled else \
             (lambda tiles, images: on_batch(images))
+    if on_failure is not None:
+        _restore_skipping(model, items, out, prompt, cfg=cfg, batch_size=batch_size, compile=compile,
+                          on_batch=after, on_failure=on_failure)
+        return
+    _restore_into(model, items, out, prompt, cfg=cfg, batch_size=batch_size, compile=compile, on_batch=after)
+
+
+def _restore_into(model, items: Sequence[RestoreItem], out: Path, prompt: str, *, cfg, batch_size: int,
+                  compile: bool, on_batch, loader=None, on_written: Callable[[RestoreItem], None] | None = None):
+    """:func:`restore_images` of ``items``, each written atomically to ``out/item.dst``."""
+    from ..image.io import save_image
+
+    by_key = {it.key: it for it in items}
+
+    def write(s: Sample, img) -> None:
+        it = by_key[s.index]
+        save_image(img, out / it.dst)
+        if on_written is not None:
+            on_written(it)
+
     restore_images(model, restore_samples(items, prompt), cfg, batch_size=batch_size, compile=compile,
-                   on_image=lambda s, img: save_image(img, out / by_key[s.index].dst), on_batch=after)
+                   on_image=write, on_batch=on_batch, loader=loader)
+
+
+def failure_reason(e: BaseException, src: str) -> str:
+    """The cause of an image's failure without the ``sample K:`` and ``PATH:`` the message starts
+    with (the path is the ``path`` column of ``failures.csv``)."""
+    import re
+
+    msg = re.sub(r"^sample \d+: ", "", str(e))
+    return msg.removeprefix(f"{src}: ")
+
+
+def _restore_skipping(model, items: Sequence[RestoreItem], out: Path, prompt: str, *, cfg, batch_size: int,
+                      compile: bool, on_batch, on_failure: Callable[[RestoreItem, str], None]) -> None:
+    """:func:`restore_items` leaving out the images that fail on their own.
+
+    The images are restored in the usual batches; when an :class:`LM4LVError` stops them:
+
+    * raised while reading an image (it passed the header check but does not decode): that image
+      fails, and the restoration starts again with the images not yet written;
+    * raised elsewhere (e.g. while bringing a restored image to its input's size): the first
+      ``batch_size`` images not yet written (those of the failing batch) are restored one by one;
+      one whose error names its file fails, any other error stops the restoration (it is not the
+      image's: e.g. a model that cannot paint).
+
+    Written images are never restored again; ``on_batch`` counts each image once (the tiles of a
+    half-restored image count again when it is restored again)."""
+    from ..image.io import load_rgb
+
+    written: set[int] = set()
+    state = {"reading": None, "reported": 0}
+
+    def loader(path: str):
+        state["reading"] = path
+        img = load_rgb(path)
+        state["reading"] = None
+        return img
+
+    def report(tiles: int, images: int) -> None:
+        state["reported"] += images
+        if on_batch is not None:
+            on_batch(tiles, images)
+
+    def attempt(group: Sequence[RestoreItem]) -> None:
+        state["reading"] = None
+        _restore_into(model, group, out, prompt, cfg=cfg, batch_size=batch_size, compile=compile,
+                      on_batch=report, loader=loader, on_written=lambda it: written.add(it.key))
+
+    def catch_up() -> None:
+        """Count the images written in a batch that failed before it was counted."""
+        if len(written) > state["reported"]:
+            report(0, len(written) - state["reported"])
+
+    remaining = list(items)
+    while remaining:
+        try:
+            attempt(remaining)
+            return
+        except LM4LVError as e:
+            catch_up()
+            bad = [it for it in remaining if it.src == state["reading"] and it.key not in written]
+            if bad:  # this image does not decode: leave it out, go on with the rest
+                for it in bad:
+                    on_failure(it, failure_reason(e, it.src))
+                remaining = [it for it in remaining if it.key not in written and it.src != bad[0].src]
+                continue
+        remaining = [it for it in remaining if it.key not in written]
+        suspects, remaining = remaining[:batch_size], remaining[batch_size:]
+        for it in suspects:
+            try:
+                attempt([it])
+            except LM4LVError as e:
+                if it.src not in str(e):
+                    raise  # not this image's own failure
+                on_failure(it, failure_reason(e, it.src))
+            catch_up()
 
 
 @dataclass

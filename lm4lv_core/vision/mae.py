@@ -24,6 +24,11 @@ from .base import PlanShape, TokenSpace, VisionDecoder, VisionEncoder, checkpoin
 from .constants import IMAGENET, IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (IMAGENET_*: public names)
 
 
+# what MAEAutoencoder.save_pretrained writes (a Hugging Face model folder, its weights in one file or
+# in shards), a regular expression of entry names: `ft-mae --overwrite` removes only these from final/
+SAVED_ENTRIES = r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+
+
 def check_mask_ratio(mask_ratio: float) -> float:
     r = float(mask_ratio)
     if not 0.0 <= r < 1.0:
