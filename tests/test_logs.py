@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lm4lv_core.errors import LM4LVError
@@ -41,3 +43,21 @@ def test_launched_workers_log_quietly_and_tracebacks_still_reach_the_user(tmp_pa
     out, err = capfd.readouterr()
     assert "worker rank 1 failed" in err and "Traceback" in err and "RuntimeError: probe crash on rank 1" in err
     assert "RuntimeError: probe crash on rank 1" in log.read_text()
+
+
+def test_capture_ends_with_its_body_even_when_a_library_keeps_a_copy_of_stderr(tmp_path):
+    """DeepSpeed's op probe leaks a dup of fd 2: the capture must not wait for that copy to close
+    (it never does in this process), and keeps everything the body wrote."""
+    import threading
+
+    from lm4lv_core.util import logs
+
+    leaked = []
+    with logs.capture(tmp_path / "run.log"):
+        leaked.append(os.dup(2))
+        os.write(2, b"third-party line\n")
+    try:
+        assert not [t for t in threading.enumerate() if t.name == "lm4lv-log" and t.is_alive()]
+        assert "third-party line" in (tmp_path / "run.log").read_text()
+    finally:
+        os.close(leaked[0])

@@ -73,20 +73,44 @@ def note(log_path: str | os.PathLike, message: str) -> None:
         log.write(f"[lm4lv] {message}\n")
 
 
-def _drain(fd: int, log: BinaryIO | None, echo: TextIO | None) -> None:
-    """Copy everything read from ``fd`` into ``log`` and/or ``echo`` until end of file."""
+def _held_back(data: bytes, end: bytes) -> int:
+    """How many bytes at the end of ``data`` could be the start of ``end`` (kept until the next read)."""
+    for k in range(min(len(end) - 1, len(data)), 0, -1):
+        if end.startswith(data[-k:]):
+            return k
+    return 0
+
+
+def _drain(fd: int, log: BinaryIO | None, echo: TextIO | None, end: bytes | None = None) -> None:
+    """Copy everything read from ``fd`` into ``log`` and/or ``echo`` until end of file, or until the
+    marker ``end`` (which is not copied)."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pending = b""
     try:
         while True:
             chunk = os.read(fd, 65536)
             if not chunk:
-                break
-            if log is not None:
-                log.write(chunk)
+                data, done = pending, True
+            elif end is None:
+                data, done = chunk, False
+            else:
+                data = pending + chunk
+                at = data.find(end)
+                done = at >= 0
+                if done:
+                    data = data[:at]
+                    pending = b""
+                else:
+                    keep = _held_back(data, end)
+                    data, pending = (data[:-keep], data[-keep:]) if keep else (data, b"")
+            if data and log is not None:
+                log.write(data)
                 log.flush()
-            if echo is not None:
-                echo.write(decoder.decode(chunk))
+            if data and echo is not None:
+                echo.write(decoder.decode(data))
                 echo.flush()
+            if done:
+                break
     except (OSError, ValueError):  # the log or the console went away: stop quietly
         pass
     finally:
@@ -126,12 +150,14 @@ def capture(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[Path
     con, opened = _unredirected(orig[1], saved)
     log = open(log_path, "ab")  # noqa: SIM115
     r, w = os.pipe()
-    drain = threading.Thread(target=_drain, args=(r, log, con if verbose else None), daemon=True,
+    # The drain stops at this marker, written once the body is done: it does not wait for every
+    # copy of the pipe to close (a library may keep one: DeepSpeed's op probe leaks a dup of fd 2).
+    end = b"\0lm4lv-capture-end-" + os.urandom(8).hex().encode() + b"\0"
+    drain = threading.Thread(target=_drain, args=(r, log, con if verbose else None, end), daemon=True,
                              name="lm4lv-log")
     drain.start()
     os.dup2(w, 1)
     os.dup2(w, 2)
-    os.close(w)
     # never closed: third-party handlers created meanwhile keep writing to fd 1/2 through them
     sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), encoding="utf-8", errors="replace",  # noqa: SIM115
                                   line_buffering=True)
@@ -159,7 +185,10 @@ def capture(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[Path
             os.close(fd)
         sys.stdout, sys.stderr = orig
         _console, _log_path = None, None
-        drain.join(timeout=10)  # ends when no process holds the pipe any more
+        with contextlib.suppress(OSError):
+            os.write(w, end)  # after everything the body wrote (one write below PIPE_BUF: atomic)
+        os.close(w)
+        drain.join(timeout=10)
         if not drain.is_alive():
             log.close()
         if opened:
