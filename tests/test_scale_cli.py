@@ -193,6 +193,14 @@ def test_overwrite_refuses_a_foreign_file_in_final_or_tensorboard(tmp_path):
         assert code == 2 and len(errors) == 1 and str(foreign) in errors[0] and "Traceback" not in out, out
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and p != foreign) == written
         foreign.unlink()
+    # a resumed run that finishes writes a new final/ and keeps the user's file in it
+    note, before = run / "final" / "NOTES.txt", (run / "final" / "trainable.safetensors").stat().st_ino
+    note.write_text("mine")
+    code, out = lm4lv("train", "--data", data, "--out", run, "--max-steps", "2", "--resume")
+    assert code == 0, out
+    assert (run / "final" / "trainable.safetensors").stat().st_ino != before  # a new save
+    assert note.read_text() == "mine"
+    note.unlink()
     prepare_run_dir(run, overwrite=True)  # what the run wrote is lm4lv's own: all of it goes
     assert sorted(p.name for p in run.iterdir()) == []
 

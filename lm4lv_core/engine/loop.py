@@ -387,6 +387,9 @@ class Trainer:
                 with writing(final):
                     self.task.save_final(self.module, weights, tmp)
                     if final.exists():
+                        for entry in final.iterdir():  # a file the user put there stays in the new final/
+                            if not (tmp / entry.name).exists() and not entry.name.startswith(TEMP_PREFIX):
+                                entry.replace(tmp / entry.name)
                         old = self.run_dir / f"{TEMP_PREFIX}final-old"
                         final.replace(old)
                         shutil.rmtree(old)
