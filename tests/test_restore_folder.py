@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +273,15 @@ def test_restore_folder_api(setup, tmp_path):
     assert sorted(_outputs(out)) == sorted(EXPECTED)
     assert restore_folder(model, setup / "inputs", out).skipped == 3
     assert restore_folder(model, setup / "inputs", out, overwrite=True).restored == 3
+    # a cut-off image among them: stop names it, skip restores the rest and lists it
+    inp = tmp_path / "in"
+    shutil.copytree(setup / "inputs", inp)
+    bad = _cut_jpeg(next(p for p in sorted(inp.rglob("*")) if p.is_file()), inp / "0cut.jpg")
+    with pytest.raises(LM4LVError, match=re.escape(str(bad))):
+        restore_folder(model, inp, tmp_path / "stopped")
+    count = restore_folder(model, inp, tmp_path / "skipped", on_error="skip")
+    assert (count.restored, count.total) == (3, 4) and [p for p, _ in count.failures] == [str(bad)]
+    assert sorted(_outputs(tmp_path / "skipped")) == sorted(EXPECTED)
 
 
 @pytest.mark.slow

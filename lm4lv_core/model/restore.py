@@ -245,26 +245,34 @@ def _restore_skipping(model, items: Sequence[RestoreItem], out: Path, prompt: st
 
 @dataclass
 class RestoreCount:
-    """Images of a restoration: ``restored`` now, ``skipped`` (their outputs existed), ``total``."""
+    """Images of a restoration: ``restored`` now, ``skipped`` (their outputs existed), ``total``;
+    ``failures``: ``(path, reason)`` of the images left out under ``on_error="skip"``."""
 
     restored: int
     skipped: int
     total: int
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def restore_folder(model, src: str | os.PathLike | Sequence[str | os.PathLike], dst: str | os.PathLike, *,
                    prompt: str | None = None, overwrite: bool = False, batch_size: int = GENERATE_BATCH_SIZE,
-                   cfg: GenerationConfig | None = None) -> RestoreCount:
+                   cfg: GenerationConfig | None = None, on_error: str = "stop") -> RestoreCount:
     """Restore the images of ``src`` (a folder, searched recursively, an image, or a list of them)
     into ``dst``, mirroring their relative paths (:func:`lm4lv_core.data.outputs.plan_restore`).
 
     ``prompt``: the human turn (default: :func:`restore_prompt`). Images whose output exists are
     skipped unless ``overwrite``. ``cfg.tile``: restore each image at its own resolution in tiles
-    (``batch_size`` then counts tiles). Returns the counts.
+    (``batch_size`` then counts tiles). ``on_error``: ``stop`` (the first image that fails raises
+    an ``LM4LVError`` naming it) or ``skip`` (it is left out, with no output, and listed in
+    ``RestoreCount.failures``). Returns the counts.
     """
+    if on_error not in ("stop", "skip"):
+        raise ConfigError(f"on_error must be one of stop, skip, got {on_error!r}")
     prompt = restore_prompt(model.config.restore_prompt, prompt)
     sources = [src] if isinstance(src, (str, os.PathLike)) else list(src)
     items = plan_restore(sources, dst)
     todo = items if overwrite else [it for it in items if not (Path(dst) / it.dst).is_file()]
-    restore_items(model, todo, dst, prompt, cfg=image_config(cfg), batch_size=batch_size)
-    return RestoreCount(len(todo), len(items) - len(todo), len(items))
+    failures: list[tuple[str, str]] = []
+    on_failure = (lambda it, reason: failures.append((it.src, reason))) if on_error == "skip" else None
+    restore_items(model, todo, dst, prompt, cfg=image_config(cfg), batch_size=batch_size, on_failure=on_failure)
+    return RestoreCount(len(todo) - len(failures), len(items) - len(todo), len(items), failures)
