@@ -159,9 +159,9 @@ def _single_table(console: Console, report, title: str) -> None:
     table.add_column("max", justify="right")
     table.add_column("count", justify="right")
     for m in report.metrics:
-        vals = [r[m] for r in report.rows]
-        table.add_row(_metric_label(m), f"{report.mean(m):.4f}", f"{min(vals):.4f}",
-                      f"{max(vals):.4f}", str(report.count))
+        vals = report.values(m)
+        table.add_row(_metric_label(m), f"{report.mean(m):.4f}", f"{vals.min():.4f}",
+                      f"{vals.max():.4f}", str(report.count))
     console.print(table)
 
 

@@ -62,6 +62,13 @@ def test_eval_too_small_names_the_file(tmp_path):
     write_pairs(tmp_path / "d", n=2, size=8)
     code, out = lm4lv("eval", "psnr", tmp_path / "d" / "hq", tmp_path / "d" / "lq")
     assert code == 2 and str(tmp_path / "d" / "lq" / "0.png") in out and "Traceback" not in out
+    # every pair failing under --on-error skip is an error naming the first, with nothing written
+    code, out = lm4lv("eval", "psnr", tmp_path / "d" / "hq", tmp_path / "d" / "lq", "--on-error", "skip",
+                      "--csv", tmp_path / "s.csv")
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "every one of the 2 pair(s) failed" in errors[0], out
+    assert str(tmp_path / "d" / "lq" / "0.png") in errors[0] and "Traceback" not in out
+    assert not (tmp_path / "s.csv").exists() and not list(tmp_path.glob("*.partial.jsonl"))
 
 
 def test_eval_resume_scores_only_the_rest(folder, tmp_path):

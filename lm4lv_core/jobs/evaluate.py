@@ -147,6 +147,9 @@ def compare_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Se
                             **kwargs)
             base += len(planned)
             reports.append(rep)
+    if failures and not any(rep.count for rep in reports):
+        raise LM4LVError(f"eval: every one of the {len(failures)} pair(s) failed; the first: {failures[0][0]}: "
+                         f"{failures[0][1]}")
     return Comparison(str(gt), labels, [str(p) for p in preds], reports, list(metrics), failures)
 
 
