@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -120,16 +119,6 @@ def require_images(root: str | os.PathLike, what: str = "") -> list[Path]:
     return files
 
 
-@dataclass
-class Pairing:
-    """Result of :func:`pair_images`: ``pairs`` as (key, a_path, b_path) sorted by key, and
-    the files of each side that found no partner."""
-
-    pairs: list[tuple[str, Path, Path]]
-    only_a: list[Path]
-    only_b: list[Path]
-
-
 def _by_key(root: str | os.PathLike, rels: list[str]) -> dict[str, str]:
     """Relative path without extension → relative path; two files differing only by extension
     are an error."""
@@ -144,9 +133,14 @@ def _by_key(root: str | os.PathLike, rels: list[str]) -> dict[str, str]:
 
 def pair_relative(root_a: str | os.PathLike, root_b: str | os.PathLike
                   ) -> tuple[list[tuple[str, str, str]], list[str], list[str]]:
-    """The pairing of :func:`pair_images` as relative POSIX paths: ``(key, rel_a, rel_b)`` sorted
-    by key (``rel_b`` is the same string object as ``rel_a`` when they are equal), and the
-    unpaired relative paths of each side."""
+    """Pair the images of two folders (recursive): ``(key, rel_a, rel_b)`` relative POSIX paths
+    sorted by key (``rel_b`` is the same string object as ``rel_a`` when they are equal), and the
+    unpaired relative paths of each side.
+
+    Files pair by relative path without extension (``x/a.png`` with ``x/a.jpg``, key ``x/a``); files
+    left over then pair by bare file stem when that stem is unique on both sides (``a.png`` with
+    ``out/a.png``). Two files of one folder that differ only by extension are an error.
+    """
     for r in (root_a, root_b):
         if not Path(r).is_dir():
             raise LM4LVError(f"{r}: not a folder")
@@ -168,19 +162,6 @@ def pair_relative(root_a: str | os.PathLike, root_b: str | os.PathLike
             pairs.append((ka, a.pop(ka), b.pop(kb)))
     pairs.sort(key=lambda t: t[0])
     return pairs, sorted(a.values()), sorted(b.values())
-
-
-def pair_images(root_a: str | os.PathLike, root_b: str | os.PathLike) -> Pairing:
-    """Pair the images of two folders (recursive).
-
-    Files pair by relative path without extension (``x/a.png`` with ``x/a.jpg``); files left
-    over then pair by bare file stem when that stem is unique on both sides (``a.png`` with
-    ``out/a.png``). Two files of one folder that differ only by extension are an error.
-    """
-    root_a, root_b = Path(root_a), Path(root_b)
-    pairs, only_a, only_b = pair_relative(root_a, root_b)
-    return Pairing([(k, root_a / ra, root_b / rb) for k, ra, rb in pairs],
-                   [root_a / r for r in only_a], [root_b / r for r in only_b])
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

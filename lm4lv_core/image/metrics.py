@@ -470,7 +470,7 @@ def validate_metrics(metrics: Sequence[str] | str) -> list[str]:
 
 def plan_pairs(gt: str | os.PathLike, pred: str | os.PathLike) -> tuple[PairPlan, list[str], list[str]]:
     """The pairs of two files or two folders (paired by relative path / stem, see
-    :func:`lm4lv_core.image.io.pair_images`; each named by its pairing key), and the unmatched
+    :func:`lm4lv_core.image.io.pair_relative`; each named by its pairing key), and the unmatched
     relative paths of each folder."""
     gt, pred = Path(gt), Path(pred)
     for p in (gt, pred):
@@ -492,7 +492,7 @@ def plan_pairs(gt: str | os.PathLike, pred: str | os.PathLike) -> tuple[PairPlan
 def evaluate_paths(metrics: Sequence[str] | str, gt: str | os.PathLike, pred: str | os.PathLike,
                    **kwargs: Any) -> EvalReport:
     """Score two files, or two folders paired by relative path / stem (see
-    :func:`lm4lv_core.image.io.pair_images`). Keyword arguments go to :func:`score_pairs`."""
+    :func:`lm4lv_core.image.io.pair_relative`). Keyword arguments go to :func:`score_pairs`."""
     metrics = validate_metrics(metrics)
     plan, only_gt, only_pred = plan_pairs(gt, pred)
     return report_of(metrics, plan, only_gt, only_pred, **kwargs)

@@ -5,8 +5,6 @@ labelled grid of chosen pairs.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,9 +435,5 @@ def evaluate(metrics: Sequence[str] | str, gt: str | os.PathLike, preds: Sequenc
 
 def write_failures(path: str | os.PathLike, failures: Sequence[tuple[str, str]]) -> Path:
     """``failures.csv``: one ``path,reason`` row per image that failed under ``--on-error skip``."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "reason"])
-    w.writerows(failures)
-    write_text_atomic(path, buf.getvalue())
+    write_csv_atomic(path, ["path", "reason"], ({"path": p, "reason": r} for p, r in failures))
     return Path(path)

@@ -307,7 +307,7 @@ def _collect(root: Path, what: str) -> _Sources:
         key = os.path.splitext(r)[0] + ".png"
         if key in by_key:
             raise LM4LVError(f"{root}: {by_key[key]} and {r} would both be written as {key}; rename one")
-        by_key[key] = key if key == r else r
+        by_key[key] = key if key == r else r  # equal: keep one string object for both
     del rels
     keys = sorted(by_key)
     return _Sources(root, keys, [by_key[k] for k in keys])
